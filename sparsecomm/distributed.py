@@ -1,0 +1,51 @@
+"""Small helpers over ``torch.distributed`` shared by the library and the app.
+
+Everything here works without an initialised process group (single process):
+then the world has one rank and every check passes trivially.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(process_group=None) -> int:
+    return dist.get_world_size(process_group) if is_initialized() else 1
+
+
+def rank(process_group=None) -> int:
+    return dist.get_rank(process_group) if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the one process that prints, logs and writes files."""
+    return rank() == 0
+
+
+class RankDisagreement(RuntimeError):
+    """Ranks hold different values of something that must be identical (a mask, a config)."""
+
+
+def gather_strings(value: str, process_group=None) -> list[str]:
+    """All-gather one short string from every rank (over the wire: a pickled string per rank)."""
+    if not is_initialized():
+        return [value]
+    out: list = [None] * world_size(process_group)
+    dist.all_gather_object(out, value, group=process_group)
+    return out
+
+
+def assert_same_on_all_ranks(value: str, what: str, process_group=None, fix: str = "") -> None:
+    """Raise :class:`RankDisagreement` on every rank, listing each rank's value, if any differ.
+
+    ``value`` is a digest or hash; ``what`` names it in the error ("mask digest", "config hash").
+    Collective: every rank of ``process_group`` must call it.
+    """
+    values = gather_strings(value, process_group)
+    if len(set(values)) > 1:
+        listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        msg = f"ranks disagree on the {what}: {listing}"
+        raise RankDisagreement(msg + (f". {fix}" if fix else ""))

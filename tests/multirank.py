@@ -1,0 +1,61 @@
+"""Run a function on N Gloo ranks in forked processes (file:// store: ~0.1 s to start).
+
+    results = run_ranks(fn, world_size=2, arg1, ...)   # fn(rank, world_size, *args) -> picklable
+
+Every rank's return value comes back in rank order; an exception on any rank fails the caller
+with that rank's traceback. A rank that hangs is killed after ``timeout`` seconds.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def _entry(fn, rank, world_size, init_file, queue, args):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        try:
+            out = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0):
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "store")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results: dict[int, object] = {}
+        failures = []
+        try:
+            for _ in range(world_size):
+                rank, ok, out = queue.get(timeout=timeout)
+                if ok:
+                    results[rank] = out
+                else:
+                    failures.append(f"--- rank {rank} failed:\n{out}")
+                    break  # the others may now hang in a collective: stop waiting
+        except Exception as e:  # queue.Empty on timeout
+            failures.append(f"ranks timed out after {timeout}s ({type(e).__name__}); finished: {sorted(results)}")
+        finally:
+            for p in procs:
+                p.join(timeout=5 if not failures else 0.5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return [results[r] for r in range(world_size)]
