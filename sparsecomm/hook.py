@@ -23,7 +23,7 @@ Two ways to send (``fused``):
 Setting ``state.dense = True`` before a backward makes that step a plain averaged all-reduce of
 the whole bucket (the "full" steps of core/full alternation); no re-registration is needed.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: DDP checks the hook's `bucket` annotation at runtime.
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,7 +260,7 @@ def _fused_bucket(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch
     return _allreduce(_to_wire(flat, state), state).then(done)
 
 
-def masked_allreduce_hook(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future:
+def masked_allreduce_hook(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: average only the masked gradient entries across ranks.
 
     Returns the bucket with masked entries set to the cross-rank mean and all other entries zero.
