@@ -55,10 +55,10 @@ def _example_losses(model: nn.Module, loss_fn: Callable, method: str):
 
     # expected Fisher: sum_c p(c|x) (d log p(c|x))^2 = sum_c (d [sqrt(p_c) log p(c|x)])^2 with
     # p_c treated as a constant: one grad per class, weighted by the model's own probability.
-    def nll_class(params, buffers, x, c, weight):
+    def nll_class(params, buffers, x, onehot, weight):
         out = _call(model, params, buffers, tree_map(unsqueeze, x))
         logp = torch.log_softmax(_logits(out).reshape(-1), dim=0)
-        return weight * logp[c]
+        return weight * (logp * onehot).sum()  # one-hot, not logp[c]: vmap cannot index by a tensor
     return nll_class
 
 
@@ -110,7 +110,7 @@ def _accumulate_vmap(scores, per_example, params, buffers, x, y, model, method, 
             scores[n] += g[n].float().pow(2).sum(0)
         return
     weights = _class_weights(model, params, buffers, x)  # (B, C): sqrt p(c|x)
-    classes = torch.arange(weights.shape[1])
+    classes = torch.eye(weights.shape[1], dtype=weights.dtype)
     per_class = vmap(grad(per_example), in_dims=(None, None, None, 0, 0))  # over classes
     g = vmap(per_class, in_dims=(None, None, 0, None, 0), chunk_size=max(1, chunk_size // len(classes)))(
         params, buffers, x, classes, weights)

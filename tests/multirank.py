@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import tempfile
 import traceback
 
@@ -24,7 +25,8 @@ def _entry(fn, rank, world_size, init_file, queue, args):
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        queue.put((rank, True, out))
+        # plain pickle: torch's shared-memory reductions would die with this process
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
 
@@ -44,7 +46,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0):
             for _ in range(world_size):
                 rank, ok, out = queue.get(timeout=timeout)
                 if ok:
-                    results[rank] = out
+                    results[rank] = pickle.loads(out)
                 else:
                     failures.append(f"--- rank {rank} failed:\n{out}")
                     break  # the others may now hang in a collective: stop waiting

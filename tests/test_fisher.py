@@ -1,0 +1,144 @@
+"""fisher_mask against a plain per-example autograd loop written here, independently."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecomm
+from multirank import run_ranks
+from sparsecomm.fisher import fisher_scores
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def model():
+    torch.manual_seed(0)
+    m = Net()
+    m.bn.running_mean.uniform_(-0.1, 0.1)
+    return m
+
+
+def data(n, seed=0, bs=10):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, n, bs)]
+
+
+def reference_scores(m, batches, method="empirical"):
+    m.eval()
+    out = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for x, y in batches:
+        for i in range(len(x)):
+            logits = m(x[i:i + 1])
+            if method == "empirical":
+                terms = [(1.0, nn.functional.cross_entropy(logits, y[i:i + 1]))]
+            else:
+                logp = torch.log_softmax(logits[0], 0)
+                terms = [(logp[c].exp().item(), logp[c]) for c in range(3)]
+            for w, t in terms:
+                m.zero_grad()
+                t.backward(retain_graph=True)
+                for n, p in m.named_parameters():
+                    out[n] += w * p.grad ** 2
+    m.train()
+    return out
+
+
+def reference_mask(scores, k):
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    top = torch.zeros_like(flat, dtype=torch.bool)
+    top[torch.topk(flat, k).indices] = True
+    return top
+
+
+@pytest.mark.parametrize("method", ["empirical", "expected"])
+def test_vmap_scores_equal_per_example_loop(method):
+    m = model()
+    ref = reference_scores(m, data(30), method)
+    got, seen = fisher_scores(m, data(30), nn.functional.cross_entropy, num_samples=30, method=method, chunk_size=7)
+    assert seen == 30
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7)
+    assert m.training, "the model's mode is restored"
+
+
+def test_mask_is_global_topk_of_scores():
+    m = model()
+    n = sum(p.numel() for p in m.parameters())
+    mask = sparsecomm.fisher_mask(m, data(40), nn.functional.cross_entropy, density=0.05, num_samples=40)
+    expected = reference_mask(reference_scores(m, data(40)), round(0.05 * n))
+    got = torch.cat([mask[name].reshape(-1) for name, _ in m.named_parameters()])
+    assert torch.equal(got, expected)
+
+
+def two_rank_fisher(rank, world):
+    m = model()
+    mine = data(40)[rank::world]  # each rank holds different examples
+    mask = sparsecomm.fisher_mask(m, mine, nn.functional.cross_entropy, density=0.05, num_samples=40)
+    return mask.digest(), torch.cat([mask[n].reshape(-1) for n, _ in m.named_parameters()])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_mask_equals_single_process_mask_over_all_data(world):
+    results = run_ranks(two_rank_fisher, world)
+    assert len({d for d, _ in results}) == 1
+    m = model()
+    n = sum(p.numel() for p in m.parameters())
+    expected = reference_mask(reference_scores(m, data(40)), round(0.05 * n))
+    assert torch.equal(results[0][1], expected)
+
+
+def test_always_and_fewer_examples_warns():
+    m = model()
+    with pytest.warns(UserWarning, match="held 20 examples, fewer than its share 1024"):
+        mask = sparsecomm.fisher_mask(m, data(20), nn.functional.cross_entropy, density=0.95, always=["fc.*"])
+    assert mask["fc.weight"].all() and mask["fc.bias"].all()
+    assert mask.num_selected == round(0.95 * sum(p.numel() for p in m.parameters()))
+
+
+def test_bad_inputs():
+    m = model()
+    with pytest.raises(ValueError, match="density=0"):
+        sparsecomm.fisher_mask(m, data(10), nn.functional.cross_entropy, density=0, num_samples=10)
+    with pytest.raises(ValueError, match="method='fancy'"):
+        sparsecomm.fisher_mask(m, data(10), nn.functional.cross_entropy, density=0.1, method="fancy")
+
+
+def test_dict_inputs():
+    """HF-style models take keyword tensors; per-example grads must still work."""
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, input_ids, attention_mask):
+            h = (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+            return self.fc(h)
+
+    torch.manual_seed(0)
+    kw = KW()
+    ids = torch.randint(0, 20, (6, 5))
+    am = torch.ones(6, 5, dtype=torch.long)
+    y = torch.randint(0, 2, (6,))
+    got, _ = fisher_scores(kw, [({"input_ids": ids, "attention_mask": am}, y)], nn.functional.cross_entropy,
+                           num_samples=6)
+    want = {n: torch.zeros_like(p) for n, p in kw.named_parameters()}
+    for i in range(6):
+        kw.zero_grad()
+        nn.functional.cross_entropy(kw(ids[i:i + 1], am[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in kw.named_parameters():
+            want[n] += p.grad ** 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
