@@ -1,0 +1,23 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   # the embedded default job: 2 Gloo workers, FISH mask, digits (ARGS="key=value ..." to override)
+#   make test    # the test suite
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: setup train test
+setup: $(VENV)/.installed
+
+train: $(VENV)/.installed
+	$(VENV)/bin/sparsecomm-train $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q $(ARGS)
