@@ -1,0 +1,361 @@
+"""Communication benchmark: step time and bytes on the wire of sparsecomm against dense DDP, the
+fp16 hook and PowerSGD, on an emulated cluster link (issue 4).
+
+    python benchmarks/comm.py                # 25M MLP: 4 links x 2 ranks, + 4 ranks at 1 Gbit (~15 min)
+    python benchmarks/comm.py --quick        # 25M MLP, 2 ranks, 1 Gbit + unshaped (~5 min)
+    python benchmarks/comm.py --full         # 3 models x 4 links x 2 and 4 ranks (hours on 2 cores)
+    python benchmarks/comm.py --rates 1gbit --ranks 2 4 --models mlp resnet18   # any cross product
+
+For each link rate, a private network namespace is created with its loopback shaped by
+``tc tbf`` (see ``netem.py``); for each rank count and model, torchrun starts the ranks inside it
+and every variant runs in the same processes, on the same model, batch, seed and link:
+
+    floor         forward+backward alone: no DDP, no optimizer
+    dense         DDP + torch.optim.AdamW (what users have today)
+    fp16          DDP fp16_compress_hook + AdamW
+    powersgd-r1/4 PowerSGD rank 1 / 4 (one bucket, start_powerSGD_iter=2, eps 1e-8) + AdamW
+    sc-D%-fp32/bf16   sparsecomm at density D (random mask; step time does not depend on which
+                  entries) with an fp32 / bf16 wire + MaskedAdamW; sc-0.5%-fp32-perbucket: one
+                  all-reduce per bucket instead of the default single fused one
+
+Writes ``comm.md``, ``comm.json``, ``comm_step_time.png`` and ``comm_wire_bytes.png`` to
+``--out`` (default ``benchmarks/results/``), prints every target as HOLDS / MISSED with the
+measured ratio, and (for the default ``--out``) refreshes the table in ``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import netem  # noqa: E402
+import report  # noqa: E402
+import workloads  # noqa: E402
+
+DEFAULT_DENSITIES = (0.001, 0.005, 0.02)
+# (link rate, ranks, model) run by a bare `python benchmarks/comm.py`: ~15 min on 2 cores.
+DEFAULT_MATRIX = [("100mbit", 2, "mlp"), ("1gbit", 2, "mlp"), ("1gbit", 4, "mlp"), ("10gbit", 2, "mlp"),
+                  ("unshaped", 2, "mlp")]
+PER_COLLECTIVE_OVERHEAD = 1024  # bytes per rank per ring message (headers, ACKs): measured ~600
+TCP_FRACTION = 0.01
+BUSY = 0.10  # other processes' share of the CPUs above which a row's timings are marked  # TCP/IP headers on a 64 KiB-MTU loopback: ~0.1%, allowed 1%
+
+
+def variant_list(densities=DEFAULT_DENSITIES, per_bucket: bool = True, psgd_ranks=(1, 4)) -> list[dict]:
+    vs = [{"id": "floor", "kind": "floor"}, {"id": "dense", "kind": "dense"}, {"id": "fp16", "kind": "fp16"}]
+    vs += [{"id": f"powersgd-r{r}", "kind": "powersgd", "rank": r} for r in psgd_ranks]
+    for d in densities:
+        for wire in ("fp32", "bf16"):
+            vs.append({"id": f"sc-{d * 100:g}%-{wire}", "kind": "sparsecomm", "density": d, "wire": wire})
+    if per_bucket and 0.005 in densities:
+        vs.append({"id": "sc-0.5%-fp32-perbucket", "kind": "sparsecomm", "density": 0.005, "wire": "fp32",
+                   "fused": False})
+    return vs
+
+
+# --- derived numbers -------------------------------------------------------------------------------
+def ring_factor(n: int) -> float:
+    """Bytes a rank sends in a ring all-reduce, per payload byte: 2(N-1)/N."""
+    return 2 * (n - 1) / n
+
+
+def collectives_per_step(r: dict) -> float:
+    if r["kind"] == "dense":  # DDP's C++ reducer: one all-reduce per 25 MB bucket
+        return max(1.0, -(-r["payload_bytes"] // (25 * 2**20)) + 1)
+    return r.get("all_reduce_calls_per_step", 0.0)
+
+
+def constant_allowance(r: dict) -> float:
+    """The small per-step constant a rank may send beyond the payload: headers/ACKs per message."""
+    n = r["world_size"]
+    return collectives_per_step(r) * 2 * (n - 1) * PER_COLLECTIVE_OVERHEAD
+
+
+def within(measured: float, expected: float, allowance: float, rel: float = 0.10) -> bool:
+    return abs(measured - expected * (1 + TCP_FRACTION / 2)) <= rel * expected + expected * TCP_FRACTION / 2 + allowance
+
+
+def annotate(rows: list[dict]) -> None:
+    """Add ratios to the floor and to dense of the same configuration, and the counter check."""
+    by_cfg: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_cfg.setdefault((r["model"], r["link"], r["world_size"]), {})[r["variant"]] = r
+    for r in rows:
+        cfg = by_cfg[(r["model"], r["link"], r["world_size"])]
+        floor, dense = cfg.get("floor"), cfg.get("dense")
+        r["x_floor"] = r["step_s"] / floor["step_s"] if floor else None
+        r["dense_speedup"] = dense["step_s"] / r["step_s"] if dense else None
+        r["wire_vs_dense"] = (r["wire_bytes_per_rank"] / dense["wire_bytes_per_rank"]
+                              if dense and dense["wire_bytes_per_rank"] else None)
+        expected = ring_factor(r["world_size"]) * r["payload_bytes"]
+        r["expected_wire"] = expected
+        r["wire_vs_expected"] = r["wire_bytes_per_rank"] / expected if expected else None
+        r["per_step_constant"] = r["wire_bytes_per_rank"] - expected
+        notes = []
+        if r["link_note"]:
+            notes.append("host lo, not isolated")
+        if r["kind"] != "floor" and not r["link_note"] and not within(
+                r["wire_bytes_per_rank"], expected, constant_allowance(r)):
+            notes.append("counters disagree >10%")
+        if r["kind"] == "sparsecomm" and r.get("lib_bytes_sent") != r["payload_bytes"]:
+            notes.append("hook's bytes_sent != all_reduce payload")
+        if (r.get("foreign_cpu_share") or 0) > BUSY:
+            notes.append(f"busy machine: others used {r['foreign_cpu_share']:.0%} of the CPUs")
+        if not r["losses_finite"]:
+            notes.append("non-finite loss")
+        r["notes"] = "; ".join(notes)
+
+
+# --- targets ---------------------------------------------------------------------------------------
+def _find(rows, model, link, n, variant):
+    for r in rows:
+        if (r["model"], r["link"], r["world_size"], r["variant"]) == (model, link, n, variant):
+            return r
+    return None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    out = []
+    cfg = ("mlp", "1gbit", 2)
+    get = lambda v: _find(rows, *cfg, v)  # noqa: E731
+    sc, sc16, floor, dense = get("sc-0.5%-fp32"), get("sc-0.5%-bf16"), get("floor"), get("dense")
+    fp16, psgd4 = get("fp16"), get("powersgd-r4")
+    where = "1 Gbit, 2 ranks, 25M MLP, 0.5%"
+    if sc and floor:
+        x, x16 = sc["step_s"] / floor["step_s"], (sc16["step_s"] / floor["step_s"] if sc16 else float("nan"))
+        msg = (f"{x:.2f}x the floor (bf16 wire {x16:.2f}x); limit 1.3x"
+               + ("" if x <= 1.3 else f", over by {(x / 1.3 - 1) * 100:.0f}%; " + profile(sc, floor))
+               + busy_note(sc, sc16, floor))
+        out.append(report.verdict(f"{where}: step <= 1.3x floor", x <= 1.3, msg))
+    else:
+        out.append(report.verdict(f"{where}: step <= 1.3x floor", None, "not measured (run --rates 1gbit --ranks 2 --models mlp)"))
+    if sc and dense:
+        s = dense["step_s"] / sc["step_s"]
+        out.append(report.verdict(f"{where}: >= 5x faster than dense DDP", s >= 5,
+                                  f"{s:.1f}x faster ({dense['step_s']:.2f} s vs {sc['step_s']:.3f} s)"
+                                  + ("" if s >= 5 else f", short by {(1 - s / 5) * 100:.0f}%") + busy_note(sc, dense)))
+    for other in (fp16, psgd4):
+        if sc and other:
+            s = other["step_s"] / sc["step_s"]
+            out.append(report.verdict(f"{where}: faster than {other['variant']}", s > 1,
+                                      f"{s:.2f}x ({other['step_s']:.3f} s vs {sc['step_s']:.3f} s)"
+                                      + busy_note(sc, other)))
+    # bytes on the wire vs 2(N-1)/N x 4k (2k for bf16)
+    scs = [r for r in rows if r["kind"] == "sparsecomm" and not r["link_note"]]
+    if scs:
+        bad, devs, consts = [], [], []
+        for r in scs:
+            exp = ring_factor(r["world_size"]) * (2 if r["wire"] == "bf16" else 4) * r["k"]
+            allowance = constant_allowance(r)
+            consts.append(r["wire_bytes_per_rank"] - exp)
+            if exp >= 20 * allowance:  # payload-dominated: the relative deviation means something
+                devs.append(r["wire_bytes_per_rank"] / exp - 1)
+            if not within(r["wire_bytes_per_rank"], exp, allowance):
+                bad.append(f"{r['model']}/{r['link']}/N{r['world_size']}/{r['variant']} "
+                           f"{(r['wire_bytes_per_rank'] / exp - 1) * 100:+.1f}%")
+        msg = (f"{len(scs)} rows; measured minus expected {min(consts):.0f}..{max(consts):.0f} B/rank/step"
+               + (f" ({min(devs) * 100:+.1f}%..{max(devs) * 100:+.1f}% where the payload dominates)" if devs else ""))
+        out.append(report.verdict("bytes on the wire within 10% of 2(N-1)/N x 4k (2k bf16) + constant",
+                                  not bad, msg + ("; off: " + ", ".join(bad) if bad else "")))
+    # unshaped: never slower than dense
+    unshaped = [r for r in rows if r["link"].startswith("unshaped") and r["kind"] == "sparsecomm"]
+    if unshaped:
+        ratios = []
+        for r in unshaped:
+            d = _find(rows, r["model"], r["link"], r["world_size"], "dense")
+            if d:
+                ratios.append((r["step_s"] / d["step_s"], r))
+        if ratios:
+            worst, wr = max(ratios, key=lambda t: t[0])
+            out.append(report.verdict(
+                "unshaped link: sparsecomm never slower than dense DDP", worst <= 1.0,
+                f"slowest sparsecomm row at {worst:.2f}x dense's step ({wr['model']}, N={wr['world_size']}, "
+                f"{wr['variant']})" + busy_note(wr, _find(rows, wr["model"], wr["link"], wr["world_size"], "dense"))))
+    return out
+
+
+def busy_note(*rows) -> str:
+    shares = [r.get("foreign_cpu_share") or 0 for r in rows if r]
+    worst = max(shares, default=0)
+    return f" [timed while other processes used up to {worst:.0%} of the CPUs]" if worst > BUSY else ""
+
+
+def profile(r: dict, floor: dict) -> str:
+    p, f = r["phases_s"], floor["phases_s"]
+    return (f"time goes to forward {p['forward']:.3f} s (floor {f['forward']:.3f}), backward+all-reduce "
+            f"{p['backward']:.3f} s (floor {f['backward']:.3f}), optimizer {p['optimizer']:.3f} s")
+
+
+# --- output ----------------------------------------------------------------------------------------
+COLUMNS: list[report.Column] = [
+    ("model", lambda r: r["model"]),
+    ("link", lambda r: r["link"]),
+    ("N", lambda r: r["world_size"]),
+    ("variant", lambda r: r["variant"]),
+    ("step s", lambda r: report.fmt(r["step_s"])),
+    ("x floor", lambda r: report.fmt(r["x_floor"])),
+    ("dense / this", lambda r: report.fmt(r["dense_speedup"])),
+    ("fwd / bwd+comm / opt s", lambda r: "/".join(report.fmt(r["phases_s"][k], 2) or "0"
+                                                  for k in ("forward", "backward", "optimizer"))),
+    ("wire MB/rank/step", lambda r: report.mb(r["wire_bytes_per_rank"])),
+    ("payload MB (ours)", lambda r: report.mb(r["payload_bytes"])),
+    ("wire / 2(N-1)/N payload", lambda r: report.fmt(r["wire_vs_expected"])),
+    ("wire vs dense", lambda r: report.fmt(r["wire_vs_dense"])),
+    ("peak RSS MiB steps / set-up", lambda r: f"{r['peak_rss_bytes'] / 2**20:.0f} / {r['setup_peak_rss_bytes'] / 2**20:.0f}"
+     if r["peak_rss_bytes"] else None),
+    ("opt state MB", lambda r: report.mb(r["opt_state_bytes"])),
+    ("hook state MB", lambda r: report.mb(r["hook_state_bytes"])),
+    ("notes", lambda r: r["notes"] or ""),
+]
+
+
+def plots(rows: list[dict], out: str) -> list[str]:
+    plt = report.pyplot()
+    if plt is None or not rows:
+        return []
+    cfgs = sorted({(r["model"], r["world_size"]) for r in rows})
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    written = []
+    for key, ylabel, fname in (("step_s", "median step time (s)", "comm_step_time.png"),
+                               ("wire_bytes_per_rank", "bytes on the wire per rank per step", "comm_wire_bytes.png")):
+        fig, axes = plt.subplots(len(cfgs), 1, figsize=(max(8, len(variants) * 0.9), 3.6 * len(cfgs)), squeeze=False)
+        for ax, (model, n) in zip(axes[:, 0], cfgs):
+            width = 0.8 / max(1, len(links))
+            for j, link in enumerate(links):
+                vals = []
+                for v in variants:
+                    r = _find(rows, model, link, n, v)
+                    vals.append(r[key] if r and r[key] > 0 else float("nan"))
+                ax.bar([i + j * width for i in range(len(variants))], vals, width, label=link)
+            ax.set_xticks([i + width * (len(links) - 1) / 2 for i in range(len(variants))])
+            ax.set_xticklabels(variants, rotation=35, ha="right", fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{model}, {n} ranks", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render(result: dict) -> str:
+    rows, env = result["rows"], result["environment"]
+    parts = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {env['cpus']} CPUs, torch {env['torch']}, {env['date']}; {result['elapsed_s']:.0f} s. "
+        f"Median of {result['steps']} timed steps after {result['warmup']} warm-up (PowerSGD: +2, its dense "
+        f"start); per-step time is the slowest rank's. Links are shared by all ranks (one shaped loopback).",
+        "",
+        report.md_table(rows, COLUMNS),
+        "",
+        report.verdicts_md(result["verdicts"]),
+    ]
+    if result["failures"]:
+        parts += ["", "Failed variants:", ""]
+        parts += [f"- `{k}`: {v.splitlines()[0]}" for k, v in result["failures"].items()]
+    if result.get("fallback"):
+        parts += ["", f"Rows marked `unshaped*`: {result['fallback']}"]
+    return "\n".join(parts)
+
+
+# --- driver ----------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="25M MLP, 2 ranks, 1gbit and unshaped")
+    p.add_argument("--full", action="store_true", help="3 models x 100mbit/1gbit/10gbit/unshaped x 2 and 4 ranks")
+    p.add_argument("--rates", nargs="+", help="tc rates, e.g. 100mbit 1gbit 10gbit unshaped (default: all four)")
+    p.add_argument("--ranks", nargs="+", type=int, help="ranks per run, e.g. 2 4 (default: 2)")
+    p.add_argument("--models", nargs="+", help=f"workloads: {', '.join(workloads.WORKLOADS)} (default: mlp)")
+    p.add_argument("--densities", nargs="+", type=float, default=list(DEFAULT_DENSITIES))
+    p.add_argument("--variants", nargs="+", help="only these variant ids (default: all)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (>= 5 for the report)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="per rank (default: the workload's)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default=report.RESULTS, help="output directory (default benchmarks/results)")
+    p.add_argument("--launch-timeout", type=float, default=1800, help="seconds per torchrun launch")
+    p.add_argument("--no-namespace", action="store_true", help="run on the host loopback, unshaped (testing)")
+    a = p.parse_args(argv)
+    if a.full:
+        defaults = (["mlp", "resnet18", "gpt2"], ["100mbit", "1gbit", "10gbit", "unshaped"], [2, 4])
+    elif a.quick:
+        defaults = (["mlp"], ["1gbit", "unshaped"], [2])
+    else:
+        defaults = None
+    if defaults is None and not (a.models or a.rates or a.ranks):
+        a.configs = list(DEFAULT_MATRIX)
+    else:
+        defaults = defaults or (["mlp"], ["100mbit", "1gbit", "10gbit", "unshaped"], [2])
+        a.configs = [(rate, n, m) for rate in (a.rates or defaults[1]) for n in (a.ranks or defaults[2])
+                     for m in (a.models or defaults[0])]
+    for rate, n, m in a.configs:
+        workloads.get(m)
+        netem.parse_rate(rate)
+        if n < 2:
+            raise SystemExit(f"--ranks {n}: a communication benchmark needs at least 2 ranks")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    t_start = time.monotonic()
+    os.makedirs(a.out, exist_ok=True)
+    workdir = os.path.join(a.out, "tmp")
+    stale = netem.remove_stale()
+    if stale:
+        print(f"removed namespaces left by earlier runs: {', '.join(stale)}")
+    vs = variant_list(a.densities)
+    if a.variants:
+        vs = [v for v in vs if v["id"] in set(a.variants)]
+    rows, failures, fallback = [], {}, None
+    for rate in dict.fromkeys(rate for rate, _, _ in a.configs):
+        with netem.Link(rate, isolate=not a.no_namespace) as link:
+            if link.fallback:
+                if fallback:
+                    print(f"link {rate}: skipped, no namespace (the unshaped host loopback was measured once)")
+                    continue
+                fallback = link.fallback
+                print(f"WARNING: {link.fallback}")
+            print(f"link {link.label}" + (f" ({link.qdisc()})" if link.isolated else ""))
+            for _, n, model in [c for c in a.configs if c[0] == rate]:
+                wl = workloads.get(model)
+                spec = {"model": model, "batch_size": a.batch_size or wl.default_batch, "warmup": a.warmup,
+                        "steps": a.steps, "seed": 0, "lr": a.lr, "variants": vs,
+                        "tx_path": "/sys/class/net/lo/statistics/tx_bytes"}
+                print(f"  {model} on {n} ranks, batch {spec['batch_size']}/rank", flush=True)
+                got, failed = harness.launch(link, n, spec, workdir=workdir, timeout=a.launch_timeout,
+                                             echo=lambda s: print(s, flush=True))
+                rows += got
+                failures.update({f"{model}/{link.label}/N{n}/{k}": v for k, v in failed.items()})
+    annotate(rows)
+    result = {"command": report.command_line(__file__, argv), "environment": report.environment(),
+              "elapsed_s": time.monotonic() - t_start, "steps": a.steps, "warmup": a.warmup,
+              "rows": rows, "failures": failures, "fallback": fallback}
+    result["verdicts"] = targets(rows)
+    report.write_json(os.path.join(a.out, "comm.json"), result)
+    text = render(result)
+    report.write_text(os.path.join(a.out, "comm.md"), "# Communication benchmark\n\n" + text)
+    result["plots"] = plots(rows, a.out)
+    try:
+        os.rmdir(workdir)  # empty unless a launch left something behind
+    except OSError:
+        pass
+    if report.is_default_out(a.out):
+        report.update_readme("comm", text)
+    print()
+    print(report.md_table(rows, COLUMNS))
+    print()
+    report.print_verdicts(result["verdicts"])
+    print(f"\nwrote {a.out}/comm.md, comm.json" + "".join(f", {os.path.basename(p)}" for p in result["plots"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

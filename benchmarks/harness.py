@@ -1,0 +1,137 @@
+"""Launch the per-rank worker with torchrun inside an emulated link and collect rank 0's rows.
+
+    with netem.Link("1gbit") as link:
+        rows, failures = launch(link, nproc=2, spec={...}, workdir="benchmarks/results/tmp")
+
+A run that crashes keeps the rows of the variants finished before the crash; the variant that
+was running is recorded as failed (with the output's tail) and the remaining ones are launched
+again, so one broken variant costs one row, not the run. Every launch is bounded by
+``timeout`` seconds; on expiry its process group (the torchrun we started and its ranks) is
+killed.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "worker.py")
+_ports = itertools.count(29500)
+
+
+def torchrun_cmd(nproc: int, port: int, script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(link, threads: int) -> dict:
+    env = link.env(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               LOGLEVEL="WARNING")
+    root = os.path.dirname(HERE)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int, timeout: float,
+                 echo=print) -> tuple[int, str]:
+    """Run ``script`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
+
+    Lines starting with ``[worker]`` are echoed live. Exit code 124 means it was killed after
+    ``timeout`` seconds.
+    """
+    port = next(_ports) if link.isolated else _free_port()
+    cmd = link.wrap(torchrun_cmd(nproc, port, script, *args))
+    tail: deque[str] = deque(maxlen=60)
+    proc = subprocess.Popen(cmd, env=worker_env(link, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            if line.startswith("[worker]"):
+                echo("    " + line[len("[worker] "):].rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        rc = 124
+        tail.append(f"[harness] killed after {timeout:.0f} s")
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    reader.join(timeout=5)
+    return rc, "\n".join(tail)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop the torchrun we started (its own session) and its ranks: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0, threads: int | None = None,
+           echo=print) -> tuple[list[dict], dict[str, str]]:
+    """Run ``spec['variants']`` on ``nproc`` ranks; returns (rows, {variant id: failure text})."""
+    os.makedirs(workdir, exist_ok=True)
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    remaining = list(spec["variants"])
+    rows: list[dict] = []
+    failures: dict[str, str] = {}
+    for attempt in range(len(spec["variants"])):
+        if not remaining:
+            break
+        tag = f"{spec['model']}-{link.rate}-n{nproc}-{os.getpid()}-{attempt}"
+        spec_path = os.path.join(workdir, f"spec-{tag}.json")
+        out_path = os.path.join(workdir, f"rows-{tag}.json")
+        run_spec = dict(spec, variants=remaining, out=out_path, threads=threads)
+        with open(spec_path, "w") as f:
+            json.dump(run_spec, f)
+        t0 = time.monotonic()
+        rc, tail = run_torchrun(link, nproc, WORKER, [spec_path], threads=threads, timeout=timeout, echo=echo)
+        got = []
+        if os.path.exists(out_path):
+            with open(out_path) as f:
+                got = json.load(f)["rows"]
+            os.unlink(out_path)
+        os.unlink(spec_path)
+        for r in got:
+            r["link"] = link.label
+            r["link_note"] = link.fallback or ""
+            r["threads"] = threads
+        rows.extend(got)
+        done = {r["variant"] for r in got}
+        remaining = [v for v in remaining if v["id"] not in done]
+        if rc == 0 and not remaining:
+            break
+        if remaining:
+            failed = remaining.pop(0)
+            failures[failed["id"]] = f"exit {rc} after {time.monotonic() - t0:.0f} s:\n{tail}"
+            echo(f"    {failed['id']}: FAILED (exit {rc}); last lines:\n" +
+                 "\n".join("      " + line for line in tail.splitlines()[-8:]))
+    return rows, failures

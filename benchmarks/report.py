@@ -1,0 +1,139 @@
+"""Report writing shared by the benchmarks: markdown tables, JSON, verdicts, plots, the README.
+
+Every benchmark writes ``<name>.md`` (tables + verdicts + the command), ``<name>.json`` (all
+measurements) and its PNG plots into one output directory (``benchmarks/results/`` by default).
+When it writes to the default directory it also replaces its own block in
+``benchmarks/README.md`` (between ``<!-- BEGIN name -->`` and ``<!-- END name -->``), so the README
+always quotes the latest table and the command that produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(HERE, "README.md")
+
+
+# --- verdicts --------------------------------------------------------------------------------------
+def verdict(target: str, holds: bool | None, measured: str) -> dict:
+    """One target's outcome: HOLDS / MISSED (or N/A when it could not be measured)."""
+    status = "N/A" if holds is None else ("HOLDS" if holds else "MISSED")
+    return {"target": target, "status": status, "measured": measured}
+
+
+def print_verdicts(verdicts: Sequence[dict], echo=print) -> None:
+    for v in verdicts:
+        echo(f"  [{v['status']:>6}] {v['target']}: {v['measured']}")
+
+
+def verdicts_md(verdicts: Sequence[dict]) -> str:
+    lines = ["| target | status | measured |", "|---|---|---|"]
+    lines += [f"| {v['target']} | **{v['status']}** | {v['measured']} |" for v in verdicts]
+    return "\n".join(lines)
+
+
+# --- tables ----------------------------------------------------------------------------------------
+Column = tuple[str, Callable[[dict], object]]
+
+
+def md_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = []
+        for _, fn in columns:
+            try:
+                val = fn(r)
+            except (KeyError, TypeError, ZeroDivisionError, ValueError):
+                val = None
+            cells.append("-" if val is None else str(val))
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def fmt(x: float | None, digits: int = 3) -> str | None:
+    if x is None or x != x:
+        return None
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:,.0f}"
+    if ax >= 1:
+        return f"{x:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".") if ax < 10 else f"{x:.1f}"
+    return f"{x:.{digits}g}"
+
+
+def mb(nbytes: float | None) -> str | None:
+    return None if nbytes is None else fmt(nbytes / 1e6)
+
+
+# --- files -----------------------------------------------------------------------------------------
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run, from the repository root."""
+    args = [os.path.relpath(os.path.abspath(script), os.path.dirname(HERE))]
+    args += list(sys.argv[1:] if argv is None else argv)
+    return "python " + " ".join(shlex.quote(a) for a in args)
+
+
+def environment() -> dict:
+    import torch
+    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
+            "kernel": platform.release()}
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text.rstrip() + "\n")
+
+
+def update_readme(section: str, text: str, readme: str = README) -> bool:
+    """Replace the README block ``section``; False (README untouched) if its markers are absent."""
+    if not os.path.exists(readme):
+        return False
+    with open(readme) as f:
+        doc = f.read()
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(section)} -->\n).*?(<!-- END {re.escape(section)} -->)", re.S)
+    if not pattern.search(doc):
+        return False
+    doc = pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), doc)
+    with open(readme, "w") as f:
+        f.write(doc)
+    return True
+
+
+def is_default_out(out: str) -> bool:
+    return os.path.abspath(out) == os.path.abspath(RESULTS)
+
+
+# --- plots -----------------------------------------------------------------------------------------
+def pyplot():
+    """matplotlib with the file-only backend, or None (and a hint) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is missing: no plots written (install it: pip install matplotlib, "
+              "or pip install -e '.[bench]')", file=sys.stderr)
+        return None

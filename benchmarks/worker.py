@@ -1,0 +1,330 @@
+"""Per-rank step loop of the communication benchmark; torchrun starts one per rank inside the link.
+
+    python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1 --master_port P \\
+        benchmarks/worker.py SPEC.json
+
+``SPEC.json`` (written by ``harness.launch``)::
+
+    {"model": "mlp", "batch_size": 16, "warmup": 2, "steps": 5, "seed": 0, "lr": 1e-3,
+     "threads": 1, "tx_path": "/sys/class/net/lo/statistics/tx_bytes", "out": "rows.json",
+     "variants": [{"id": "dense", "kind": "dense"}, {"id": "sc-0.5%-bf16", "kind": "sparsecomm",
+                  "density": 0.005, "wire": "bf16"}, ...]}
+
+Variant kinds: ``floor`` (forward+backward of the bare model: no DDP, no optimizer), ``dense``
+(DDP + AdamW), ``fp16`` (DDP ``fp16_compress_hook`` + AdamW), ``powersgd`` (``rank``; one bucket,
+``start_powerSGD_iter=2``, ``orthogonalization_epsilon=1e-8``, + AdamW), ``sparsecomm``
+(``density``, ``wire`` fp32/bf16, ``fused``; random mask + ``MaskedAdamW``).
+
+Per variant, every rank builds the same model (same seed) and its own fixed batch, runs
+``warmup`` steps, then ``steps`` timed steps between two barriers. Rank 0 reads the link's
+``tx_bytes`` (the namespace's ``lo``: all ranks' traffic) right after the first barrier and
+right after the second, and writes one row per finished variant to ``out`` (rewritten after
+each variant, so a crash keeps the rows before it).
+
+Payload counters ("ours"): every ``torch.distributed.all_reduce`` call is counted (tensor bytes)
+during the timed steps, which covers the fp16, PowerSGD and sparsecomm hooks; plain DDP reduces
+inside its C++ reducer, so its payload is the gradient bytes (exact: every parameter is in a
+bucket). For sparsecomm the hook's own ``state.bytes_sent`` is reported as well.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workloads  # noqa: E402
+
+SINGLE_BUCKET_MB = 1 << 16  # PowerSGD on Gloo needs one bucket (see PITFALLS.md)
+
+
+# --- measurement helpers -----------------------------------------------------------------------
+class PayloadCounter:
+    """Counts the bytes of every tensor handed to ``dist.all_reduce`` while ``active``."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+        self.active = False
+        self._orig = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            if self.active:
+                self.bytes += tensor.numel() * tensor.element_size()
+                self.calls += 1
+            return self._orig(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where it cannot.
+
+    Freed heap pages are handed back first (glibc ``malloc_trim``), so a variant's peak is not
+    inflated by memory the previous variant freed but the allocator kept.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors inside nested dicts/lists/tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of the optimizer's state tensors (moments; Adam's step counters are 4 bytes each)."""
+    if opt is None:
+        return 0
+    return sum(tensor_bytes(st) for st in opt.state.values())
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds used by every process on the machine so far (/proc/stat, first line)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def foreign_share(busy0, busy1, ours: float, wall: float) -> float | None:
+    """Share of the machine's CPUs that processes other than our ranks used during a window.
+
+    Timings on a shared machine are as good as its quiet; rows with a large share are marked.
+    """
+    if busy0 is None or busy1 is None or wall <= 0:
+        return None
+    return max(0.0, busy1 - busy0 - ours) / (wall * (os.cpu_count() or 1))
+
+
+class TxReader:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self) -> int:
+        with open(self.path) as f:
+            return int(f.read().strip())
+
+
+# --- one variant ---------------------------------------------------------------------------------
+def build_variant(v: dict, model: nn.Module, lr: float):
+    """Wrap ``model`` as variant ``v`` wants; returns (net, optimizer, hook_state, extra facts)."""
+    import sparsecomm
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    kind = v["kind"]
+    facts: dict = {}
+    if kind == "floor":
+        return model, None, None, facts
+    bucket_mb = SINGLE_BUCKET_MB if kind == "powersgd" else 25
+    # broadcast_buffers=False: BatchNorm buffers would otherwise travel from rank 0 every forward,
+    # the same bytes for every variant; they are left out so the rows compare gradient traffic.
+    ddp = DDP(model, bucket_cap_mb=bucket_mb, broadcast_buffers=False)
+    state = None
+    if kind == "dense":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    elif kind == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    elif kind == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(v["rank"]), start_powerSGD_iter=2,
+            orthogonalization_epsilon=1e-8, use_error_feedback=True, warm_start=True)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    elif kind == "sparsecomm":
+        mask = sparsecomm.random_mask(model, density=float(v["density"]), seed=0)
+        wire = None if v.get("wire", "fp32") == "fp32" else v["wire"]
+        state = sparsecomm.register_masked_allreduce(ddp, mask, wire_dtype=wire, fused=v.get("fused", True))
+        opt = sparsecomm.MaskedAdamW(model, mask, lr=lr)
+        facts["k"] = mask.num_selected
+    else:
+        raise ValueError(f"unknown variant kind {kind!r}")
+    return ddp, opt, state, facts
+
+
+def hook_state_bytes(kind: str, state) -> int:
+    """Memory the communication hook keeps between steps (PowerSGD: error feedback, P, Q;
+    sparsecomm: its packing plans' int64 indices)."""
+    if state is None:
+        return 0
+    if kind == "powersgd":
+        return sum(tensor_bytes(getattr(state, a, {})) for a in ("error_dict", "p_memory_dict", "q_memory_dict"))
+    plans = getattr(state, "_plans", {}) or {}
+    return sum(tensor_bytes(getattr(p, "index", None)) for p in plans.values())
+
+
+def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barrier_bytes: float) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    wl = workloads.get(spec["model"])
+    gc.collect()
+    reset_ok = reset_peak_rss()
+    torch.manual_seed(spec["seed"])
+    model = wl.build()
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    x, y = wl.batch(spec["batch_size"], torch.Generator().manual_seed(spec["seed"] * 1000 + rank))
+    net, opt, state, facts = build_variant(v, model, spec["lr"])
+    loss_fn = nn.CrossEntropyLoss()
+    warmup = spec["warmup"] + (2 if v["kind"] == "powersgd" else 0)  # its first 2 steps are dense
+
+    phases = {"forward": [], "backward": [], "optimizer": []}
+    losses = []
+
+    def step(record: bool):
+        t0 = time.perf_counter()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+        loss = loss_fn(workloads.logits_of(net(x)), y)
+        t1 = time.perf_counter()
+        loss.backward()  # DDP: includes the all-reduce of the last bucket
+        t2 = time.perf_counter()
+        if opt is not None:
+            opt.step()
+        t3 = time.perf_counter()
+        if record:
+            phases["forward"].append(t1 - t0)
+            phases["backward"].append(t2 - t1)
+            phases["optimizer"].append(t3 - t2)
+            losses.append(float(loss.detach()))
+        return t3 - t0
+
+    for _ in range(warmup):
+        step(False)
+    setup_peak = peak_rss_bytes() if reset_ok else None  # building, mask, first steps
+    gc.collect()
+    reset_ok = reset_ok and reset_peak_rss()  # from here: the steady state of the timed steps
+    lib0 = state.bytes_sent if v["kind"] == "sparsecomm" else 0
+    dist.barrier()
+    tx0 = tx() if rank == 0 else 0
+    busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    counter.bytes = counter.calls = 0
+    counter.active = True
+    times = [step(True) for _ in range(spec["steps"])]
+    counter.active = False
+    dist.barrier()
+    tx1 = tx() if rank == 0 else 0
+    busy1, cpu1, wall1 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    steps = spec["steps"]
+
+    if v["kind"] == "dense":
+        payload, source = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), "grad bytes"
+    elif v["kind"] == "floor":
+        payload, source = 0, "none"
+    else:
+        payload, source = counter.bytes / steps, "all_reduce calls"
+    mine = {
+        "times": times, "phases": {k: statistics.median(t) for k, t in phases.items()},
+        "peak_rss": peak_rss_bytes() if reset_ok else None, "setup_peak_rss": setup_peak, "payload": payload,
+        "cpu_s": cpu1 - cpu0,
+        "finite": all(map(lambda f: f == f and abs(f) != float("inf"), losses)),
+    }
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    per_step = [max(r["times"][i] for r in everyone) for i in range(steps)]
+    row = {
+        "variant": v["id"], "kind": v["kind"], "model": spec["model"], "params": n_params,
+        "world_size": world, "batch_size": spec["batch_size"], "warmup": warmup, "steps": steps,
+        "step_s": statistics.median(per_step), "step_s_all": per_step,
+        "step_s_rank0": statistics.median(times),
+        "phases_s": {k: max(r["phases"][k] for r in everyone) for k in phases},
+        "wire_bytes_per_rank": max(0.0, (tx1 - tx0 - barrier_bytes) / world / steps),
+        "tx_bytes_total": tx1 - tx0,
+        "payload_bytes": max(r["payload"] for r in everyone), "payload_source": source,
+        "peak_rss_bytes": max(r["peak_rss"] for r in everyone) if reset_ok else None,
+        "setup_peak_rss_bytes": max(r["setup_peak_rss"] for r in everyone) if reset_ok else None,
+        "opt_state_bytes": optimizer_state_bytes(opt),
+        "hook_state_bytes": hook_state_bytes(v["kind"], state),
+        "losses_finite": all(r["finite"] for r in everyone),
+        "foreign_cpu_share": foreign_share(busy0, busy1, sum(r["cpu_s"] for r in everyone), wall1 - wall0),
+        "all_reduce_calls_per_step": counter.calls / steps,
+    }
+    row.update({k: v[k] for k in ("density", "wire", "rank", "fused") if k in v})
+    row.update(facts)
+    if v["kind"] == "sparsecomm":
+        row["lib_bytes_sent"] = (state.bytes_sent - lib0) / steps
+        row["density_actual"] = state.mask.density
+    del net, opt, state, model
+    gc.collect()
+    return row
+
+
+def barrier_cost(tx: TxReader, n: int = 8) -> float:
+    """Bytes on the link per barrier (all ranks together), to subtract from a timed window."""
+    dist.barrier()
+    a = tx() if dist.get_rank() == 0 else 0
+    for _ in range(n):
+        dist.barrier()
+    b = tx() if dist.get_rank() == 0 else 0
+    return (b - a) / n
+
+
+def main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    counter = PayloadCounter()
+    tx = TxReader(spec.get("tx_path", "/sys/class/net/lo/statistics/tx_bytes"))
+    per_barrier = barrier_cost(tx)
+    rows = []
+    try:
+        for v in spec["variants"]:
+            t = time.perf_counter()
+            rows.append(run_variant(v, spec, counter, tx, per_barrier))
+            if rank == 0:
+                r = rows[-1]
+                print(f"[worker] {v['id']:>16}: {r['step_s']:.3f} s/step, "
+                      f"{r['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step on the wire "
+                      f"({time.perf_counter() - t:.1f} s)", flush=True)
+                _write(spec["out"], rows, per_barrier)
+    finally:
+        dist.destroy_process_group()
+
+
+def _write(path: str, rows: list, per_barrier: float) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rows": rows, "barrier_bytes": per_barrier}, f)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,251 @@
+"""Tasks stored as sparse diffs against one shared base model.
+
+A model fine-tuned with a fixed mask differs from its base only at the mask's ``k`` entries
+(the masked optimizers leave every other entry bit-identical). :func:`save` stores just those::
+
+    sparsecomm.diff.save(model, base, mask, "sst2.diff.safetensors")   # k x (8 + 4) bytes + header
+    model = sparsecomm.diff.apply(base, "sst2.diff.safetensors")        # bit-exact, a new module
+    sparsecomm.diff.size_report("sst2.diff.safetensors")                # diff bytes vs full model
+
+File layout (safetensors): per parameter with selected entries, ``<name>::indices`` (int64 flat
+positions, ascending) and ``<name>::values`` (the FINE-TUNED values at those positions, in the
+parameter's dtype: not differences, since ``base + (tuned - base)`` need not round back to
+``tuned`` in floating point, and :func:`apply` must be bit-exact). Persistent buffers that
+changed (BatchNorm running statistics, ...) are stored whole as ``<name>::buffer``: they are
+not trained through the mask, they are small, and without them the rebuilt model would not be
+the fine-tuned one. Metadata: format version, the SHA-256 of the base weights (every parameter
+and persistent buffer: name, dtype, shape, bytes), the mask's digest, the SHA-256 of the stored
+tensors (corruption check) and the full model's size (for :func:`size_report`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .mask import Mask, _unwrap
+
+DIFF_FORMAT = "sparsecomm-diff-v1"
+_SEP = "::"
+
+
+class BaseMismatch(ValueError):
+    """The diff was made against other base weights than the ones it is applied to."""
+
+
+class LossyDiff(ValueError):
+    """The fine-tuned model changed entries outside the mask: a sparse diff cannot hold them."""
+
+
+# --- hashing -------------------------------------------------------------------------------------
+
+def _as_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(parameters, persistent buffers) by name; tied parameters once, under their first name."""
+    sd_keys = set(model.state_dict().keys())
+    params = dict(model.named_parameters())
+    buffers = {n: b for n, b in model.named_buffers() if n in sd_keys}
+    return params, buffers
+
+
+def base_hash(model: nn.Module) -> str:
+    """Hex SHA-256 over the sorted names, dtypes, shapes and raw bytes of every parameter and
+    persistent buffer: the identity of a base model, independent of device."""
+    params, buffers = _state(_unwrap(model))
+    h = hashlib.sha256()
+    for kind, tensors in (("param", params), ("buffer", buffers)):
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{kind}:{name}:{str(t.dtype)}:{list(t.shape)}\n".encode())
+            h.update(_as_bytes(t))
+    return h.hexdigest()
+
+
+def _tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{str(t.dtype)}:{list(t.shape)}\n".encode())
+        h.update(_as_bytes(t))
+    return h.hexdigest()
+
+
+def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Entry-wise "not the same bits" (so -0.0 vs 0.0 and NaN payloads count as changes)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    if a.dtype.is_floating_point and a.element_size() in ints:
+        return a.view(ints[a.element_size()]) != b.view(ints[b.element_size()])
+    return a != b
+
+
+def _check_same_layout(model: dict, base: dict, what: str) -> None:
+    fix = "save needs the fine-tuned model and the base it started from (same architecture)"
+    if set(model) != set(base):
+        diff = sorted(set(model) ^ set(base))
+        raise ValueError(f"model and base have different {what}s (first difference: {diff[0]!r}); {fix}")
+    for n, t in model.items():
+        if t.shape != base[n].shape or t.dtype != base[n].dtype:
+            raise ValueError(f"{what} {n!r} is {t.dtype}{tuple(t.shape)} in the model but "
+                             f"{base[n].dtype}{tuple(base[n].shape)} in the base; {fix}")
+
+
+# --- save / apply --------------------------------------------------------------------------------
+
+def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike) -> dict:
+    """Write ``model``'s changes against ``base`` at the entries ``mask`` selects; returns the metadata.
+
+    Refuses (:class:`LossyDiff`) when ``model`` differs from ``base`` in any bit outside the
+    mask, naming the first such parameter: the file would silently not rebuild ``model``.
+    ``model`` and ``base`` may be DDP-wrapped. Writes atomically (temp file + rename).
+    """
+    from safetensors.torch import save_file
+
+    model, base = _unwrap(model), _unwrap(base)
+    mask.validate(base)
+    m_params, m_bufs = _state(model)
+    b_params, b_bufs = _state(base)
+    _check_same_layout(m_params, b_params, "parameter")
+    _check_same_layout(m_bufs, b_bufs, "buffer")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in m_params.items():
+        changed = _bits_differ(p, b_params[name])
+        outside = changed & ~mask[name]
+        if outside.any():
+            n_out = int(outside.sum())
+            first = outside.reshape(-1).nonzero()[0].item()
+            raise LossyDiff(
+                f"parameter {name!r} differs from the base at {n_out} entries outside the mask "
+                f"(first at flat index {first}); a sparse diff would lose them. Train with the "
+                f"masked optimizer (MaskedAdamW/MaskedSGD with this mask) so unselected entries stay "
+                f"bit-identical, or save with a mask that covers every changed entry")
+        idx = mask.flat_indices(name)
+        if idx.numel():
+            tensors[f"{name}{_SEP}indices"] = idx.to(torch.int64).contiguous()
+            tensors[f"{name}{_SEP}values"] = p.detach().cpu().contiguous().reshape(-1)[idx].clone()
+    for name, b in m_bufs.items():
+        if b.shape != b_bufs[name].shape or _bits_differ(b, b_bufs[name]).any():
+            tensors[f"{name}{_SEP}buffer"] = b.detach().cpu().contiguous().clone()
+
+    full_bytes = sum(t.numel() * t.element_size() for t in (*m_params.values(), *m_bufs.values()))
+    meta = {
+        "format": DIFF_FORMAT,
+        "base_sha256": base_hash(base),
+        "mask_digest": mask.digest(),
+        "tensors_sha256": _tensors_hash(tensors),
+        "num_selected": str(mask.num_selected),
+        "numel": str(sum(p.numel() for p in m_params.values())),
+        "full_model_bytes": str(full_bytes),
+        "params": json.dumps(sorted(m_params)),
+    }
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".diff-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return meta
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"diff file {path!r} does not exist; write it with sparsecomm.diff.save or fix the path")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != DIFF_FORMAT:
+        raise ValueError(f"{path!r} is not a sparsecomm diff file (format {meta.get('format')!r}, "
+                         f"expected {DIFF_FORMAT!r})")
+    if _tensors_hash(tensors) != meta.get("tensors_sha256"):
+        raise ValueError(f"diff file {path!r} is corrupted: its contents do not match the hash in its header")
+    return meta, tensors
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header of a diff file (format, base_sha256, mask_digest, sizes), contents verified."""
+    return _read(path)[0]
+
+
+def apply(base: nn.Module, path: str | os.PathLike, *, inplace: bool = False) -> nn.Module:
+    """Rebuild the fine-tuned model from ``base`` and the diff at ``path``, bit-exactly.
+
+    Returns a NEW module (a deep copy of ``base`` with the diff written in), leaving ``base``
+    untouched so several task diffs can be applied to one shared base; ``inplace=True`` writes
+    into ``base`` itself and returns it (saves a copy of the model's memory; ``base`` is then
+    the task model, and its hash no longer matches other diffs). Raises :class:`BaseMismatch`,
+    naming the expected and actual base hashes, when ``base`` is not the model the diff was
+    saved against.
+    """
+    meta, tensors = _read(path)
+    base = _unwrap(base)
+    actual = base_hash(base)
+    expected = meta["base_sha256"]
+    if actual != expected:
+        raise BaseMismatch(
+            f"diff {os.fspath(path)!r} was saved against base weights with sha256 {expected}, but the "
+            f"model given as base has sha256 {actual}; apply it to the same pretrained model it was "
+            f"fine-tuned from (same checkpoint, unmodified: a base already patched in place by "
+            f"apply(..., inplace=True) no longer matches)")
+    model = base if inplace else copy.deepcopy(base)
+    params, buffers = _state(model)
+    with torch.no_grad():
+        for key, t in tensors.items():
+            name, _, kind = key.rpartition(_SEP)
+            if kind == "indices":
+                p = params[name]
+                values = tensors[f"{name}{_SEP}values"]
+                flat = p.data.view(-1) if p.data.is_contiguous() else p.data.contiguous().view(-1)
+                flat[t.to(p.device)] = values.to(device=p.device, dtype=p.dtype)
+                if flat.data_ptr() != p.data.data_ptr():
+                    p.data.copy_(flat.view(p.shape))
+            elif kind == "buffer":
+                buffers[name].copy_(t.to(buffers[name].device))
+    return model
+
+
+def size_report(path: str | os.PathLike) -> dict[str, float]:
+    """Bytes of the diff file vs the full model it rebuilds.
+
+    Keys: ``file_bytes`` (on disk, header included), ``index_bytes``, ``value_bytes``,
+    ``buffer_bytes``, ``full_model_bytes`` (every parameter and persistent buffer of the model,
+    raw), ``ratio`` (file / full), ``num_selected``, ``numel``.
+    """
+    meta, tensors = _read(path)
+
+    def nbytes(kind):
+        return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(_SEP + kind))
+
+    file_bytes = os.path.getsize(path)
+    full = int(meta["full_model_bytes"])
+    return {
+        "file_bytes": file_bytes,
+        "index_bytes": nbytes("indices"),
+        "value_bytes": nbytes("values"),
+        "buffer_bytes": nbytes("buffer"),
+        "full_model_bytes": full,
+        "ratio": file_bytes / full if full else float("nan"),
+        "num_selected": int(meta["num_selected"]),
+        "numel": int(meta["numel"]),
+    }

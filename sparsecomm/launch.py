@@ -1,0 +1,308 @@
+"""Start the workers, or join the world a launcher started (config group ``cluster/``).
+
+A process running the app is in one of three situations, told apart by its environment:
+
+* ``join`` from torchrun (or any elastic agent, including ours): ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` are set. Nothing is started.
+* ``join`` from Slurm, one task per process (``srun`` without torchrun, the submitit launcher):
+  ``SLURM_PROCID`` and ``SLURM_NTASKS`` > 1 are set; :func:`export_slurm_env` turns them into
+  the variables above (head node from ``scontrol``), as submitit's
+  ``TorchDistributedEnvironment().export()`` does. Nothing is started.
+* bare (``sparsecomm-train`` typed at a shell): :func:`launch_workers` starts
+  ``cluster.nproc_per_node`` workers on this node with torch's elastic launch API (c10d
+  rendezvous), or, for a world of one process, the run happens in place.
+
+:func:`init_process_group` is what every worker calls: backend and device per ``cluster``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("gloo", "nccl", "mpi")
+DEVICES = ("cpu", "cuda")
+START_METHODS = ("spawn", "fork", "forkserver")
+ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
+
+
+class ClusterError(ValueError):
+    """The cluster config does not fit this machine or environment; the message names the field."""
+
+
+class WorkerUserError(ValueError):
+    """A worker stopped on a user error (bad config, missing data); ``str`` is its one-line message."""
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died of something other than a user error (its traceback is in its output)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this process takes part: ``mode`` join | single | launch, ``source`` of the ranks."""
+
+    mode: str
+    source: str
+    nnodes: int
+    nproc_per_node: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+def _positive_int(value: Any, field: str) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = 0
+    if v < 1 or str(v) != str(value).strip():
+        raise ClusterError(f"{field}={value!r} must be a whole number >= 1")
+    return v
+
+
+def resolve_nproc(cluster: Mapping) -> int:
+    """``cluster.nproc_per_node`` as a number; ``auto`` is one per visible GPU."""
+    n = cluster.get("nproc_per_node", 1)
+    if str(n) == "auto":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ClusterError(
+                "cluster.nproc_per_node=auto counts GPUs, and torch sees none; set "
+                "cluster.nproc_per_node=N or use cluster=local_cpu")
+        return n
+    return _positive_int(n, "cluster.nproc_per_node")
+
+
+def check_cluster(cluster: Mapping) -> None:
+    """Fail early, naming the field, on a cluster config this machine cannot run."""
+    backend = cluster.get("backend", "gloo")
+    device = cluster.get("device", "cpu")
+    if backend not in BACKENDS:
+        raise ClusterError(f"cluster.backend={backend!r} is unknown; use gloo (CPU) or nccl (GPUs)")
+    if device not in DEVICES:
+        raise ClusterError(f"cluster.device={device!r} is unknown; use cpu or cuda")
+    method = cluster.get("start_method", "spawn")
+    if method not in START_METHODS:
+        raise ClusterError(f"cluster.start_method={method!r} is unknown; use one of {', '.join(START_METHODS)}")
+    _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
+    if backend == "nccl" or device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            field, value = ("cluster.backend", backend) if backend == "nccl" else ("cluster.device", device)
+            raise ClusterError(
+                f"{field}={value} needs CUDA GPUs, but torch sees none on this machine; use "
+                f"cluster=local_cpu (or cluster.backend=gloo cluster.device=cpu)")
+    resolve_nproc(cluster)
+
+
+def _slurm_world(environ: Mapping[str, str]) -> int:
+    try:
+        return int(environ.get("SLURM_NTASKS", "1"))
+    except ValueError:
+        return 1
+
+
+def env_rank(environ: Mapping[str, str] | None = None) -> int | None:
+    """This process's global rank if a launcher (torchrun, Slurm) set one, else ``None``."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return int(environ["RANK"])
+    if "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
+        return int(environ["SLURM_PROCID"])
+    return None
+
+
+def plan(cluster: Mapping, environ: Mapping[str, str] | None = None) -> Plan:
+    """Decide join / single / launch from the environment and ``cluster`` (see module doc)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        world = int(environ["WORLD_SIZE"])
+        local = int(environ.get("LOCAL_WORLD_SIZE", world))
+        return Plan("join", "torchrun", max(world // max(local, 1), 1), local)
+    if "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
+        world = _slurm_world(environ)
+        nnodes = int(environ.get("SLURM_NNODES", "1"))
+        return Plan("join", "slurm", nnodes, max(world // nnodes, 1))
+    nnodes = _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
+    nproc = resolve_nproc(cluster)
+    return Plan("single" if nnodes * nproc == 1 else "launch", "bare", nnodes, nproc)
+
+
+def slurm_head_node(environ: Mapping[str, str] | None = None) -> str:
+    """First host of ``SLURM_JOB_NODELIST`` per ``scontrol``; never a silent localhost fallback."""
+    environ = os.environ if environ is None else environ
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ClusterError("SLURM_JOB_NODELIST is not set: cannot find the head node for the rendezvous")
+    if shutil.which("scontrol") is None:
+        raise ClusterError(
+            "scontrol is not on PATH: cannot find the head node of SLURM_JOB_NODELIST; run inside the "
+            "Slurm job (or export MASTER_ADDR yourself)")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=False)
+    hosts = out.stdout.split()
+    if out.returncode != 0 or not hosts:
+        raise ClusterError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip() or 'no host'}")
+    return hosts[0]
+
+
+def export_slurm_env(cluster: Mapping, environ: dict | None = None) -> None:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from SLURM_*.
+
+    For one Slurm task per process (srun without torchrun, hydra's submitit launcher). The port
+    is ``cluster.master_port``, or derived from the job id so two jobs on a node do not collide.
+    """
+    env = os.environ if environ is None else environ
+    world = _slurm_world(env)
+    nnodes = int(env.get("SLURM_NNODES", "1"))
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", str(world))
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    env.setdefault("LOCAL_WORLD_SIZE", str(max(world // nnodes, 1)))
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = slurm_head_node(env)
+    if "MASTER_PORT" not in env:
+        port = cluster.get("master_port")
+        if port is None:
+            port = 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000
+        env["MASTER_PORT"] = str(port)
+
+
+def init_process_group(cluster: Mapping):
+    """Join the default process group per ``cluster``; returns this rank's torch device.
+
+    Uses ``env://`` when a launcher set the variables, else a one-process world in memory.
+    Threads per process: ``cluster.num_threads`` or this node's cores / local processes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    check_cluster(cluster)
+    environ = os.environ
+    if "RANK" not in environ and "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
+        export_slurm_env(cluster)
+    backend = cluster.get("backend", "gloo")
+    local_rank = int(environ.get("LOCAL_RANK", 0))
+    local_world = int(environ.get("LOCAL_WORLD_SIZE", 1))
+    threads = cluster.get("num_threads")
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) // max(local_world, 1))
+    torch.set_num_threads(int(threads))
+    if cluster.get("device", "cpu") == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ClusterError(
+                f"local rank {local_rank} has no GPU: torch sees {torch.cuda.device_count()}; set "
+                f"cluster.nproc_per_node to at most the GPU count")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" in environ:
+            dist.init_process_group(backend, init_method="env://",
+                                    device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_elastic_logs():
+    """Silence torch elastic's own log lines while we launch (we report failures ourselves).
+
+    ``LOGLEVEL`` in the environment (torch's convention) turns them back on.
+    """
+    if "LOGLEVEL" in os.environ:
+        yield
+        return
+    names = [n for n in logging.root.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing"))]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
+    """torch's ``LaunchConfig`` for this node: c10d rendezvous per ``cluster``."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    endpoint = cluster.get("rdzv_endpoint") or "localhost:0"
+    rdzv_id = cluster.get("rdzv_id") or run_id
+    if plan_.nnodes > 1:
+        host, _, port = str(endpoint).rpartition(":")
+        if host in ("", "localhost", "127.0.0.1") or port in ("", "0"):
+            raise ClusterError(
+                f"cluster.rdzv_endpoint={endpoint!r}: with cluster.nnodes={plan_.nnodes} every node must "
+                f"reach the same rendezvous; set it to <head node host>:<port>, e.g. node001:29500")
+        if not cluster.get("rdzv_id"):
+            raise ClusterError(
+                f"cluster.rdzv_id is not set: with cluster.nnodes={plan_.nnodes} all nodes must pass the "
+                f"same run id, e.g. cluster.rdzv_id=$SLURM_JOB_ID")
+    return LaunchConfig(
+        min_nodes=plan_.nnodes, max_nodes=plan_.nnodes, nproc_per_node=plan_.nproc_per_node,
+        run_id=str(rdzv_id or uuid.uuid4().hex), rdzv_backend=str(cluster.get("rdzv_backend", "c10d")),
+        rdzv_endpoint=str(endpoint), max_restarts=int(cluster.get("max_restarts", 0)),
+        monitor_interval=0.1, start_method=str(cluster.get("start_method", "spawn")))
+
+
+def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: Any,
+                   run_id: str | None = None) -> dict[int, Any]:
+    """Run ``entrypoint(*args)`` in ``plan_.nproc_per_node`` workers here; their results by rank.
+
+    A worker that stops on a user error leaves its one-line message in
+    ``$SPARSECOMM_ERROR_DIR/rank<N>`` (:func:`record_worker_error`); the lowest rank's is raised
+    here as :class:`WorkerUserError`, so the parent prints one line. Any other failure raises
+    :class:`WorkerFailed` with torch elastic's report.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    config = launch_config(cluster, plan_, run_id)
+    with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
+        os.environ[ERROR_DIR_ENV] = errors
+        try:
+            with _quiet_elastic_logs():
+                return elastic_launch(config, entrypoint)(*args)
+        except ChildFailedError as e:
+            messages = read_worker_errors(errors)
+            if messages:
+                raise WorkerUserError(messages[min(messages)]) from None
+            raise WorkerFailed(e.format_msg()) from None
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+
+
+def record_worker_error(message: str) -> bool:
+    """In a worker of :func:`launch_workers`: leave ``message`` for the parent. False elsewhere."""
+    errors = os.environ.get(ERROR_DIR_ENV)
+    if not errors or not os.path.isdir(errors):
+        return False
+    rank = os.environ.get("RANK", "0")
+    with open(os.path.join(errors, f"rank{rank}"), "w") as f:
+        f.write(message)
+    return True
+
+
+def read_worker_errors(errors: str) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(errors):
+        if name.startswith("rank"):
+            with open(os.path.join(errors, name)) as f:
+                out[int(name[4:])] = f.read().strip()
+    return out

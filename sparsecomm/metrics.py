@@ -1,0 +1,149 @@
+"""What a run reports (config group ``logging/``): rank 0 logs, every other rank gets a no-op.
+
+* a tqdm progress bar on stderr: loss, steps/s, bytes the hook sent per step;
+* ``<run dir>/metrics.jsonl``: one JSON object per line, ``{"event": "train"|"eval"|"mask"|
+  "summary", "step": ..., "time": seconds since start, ...}``;
+* optionally Weights & Biases (``logging=wandb``), offline by default, imported lazily.
+
+Usage::
+
+    logger = make_logger(cfg.logging, run_dir, total_steps=cfg.steps, config=container)
+    logger.log("train", step, loss=0.3, bytes_sent=1234)
+    logger.close()
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from . import distributed as sdist
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class MetricsError(ValueError):
+    """A logging setting cannot be honoured (e.g. wandb is not installed)."""
+
+
+def check_wandb(cfg: Any) -> None:
+    """Raise a one-line :class:`MetricsError` unless ``logging.wandb`` is off or usable."""
+    wb = cfg.get("wandb") if cfg is not None else None
+    if not wb:
+        return
+    mode = wb.get("mode", "offline")
+    if mode not in WANDB_MODES:
+        raise MetricsError(f"logging.wandb.mode={mode!r} is unknown; use one of {', '.join(WANDB_MODES)}")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise MetricsError(
+            "logging=wandb needs the wandb package, which is not installed: "
+            "pip install 'sparsecomm[wandb]', or use logging=default") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / Infinity
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+class NullLogger:
+    """The logger of every rank but 0: accepts everything, does nothing."""
+
+    def log(self, event: str, step: int, **fields: Any) -> None:
+        pass
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsLogger(NullLogger):
+    """Rank 0's logger: progress bar, JSONL file, wandb (each optional)."""
+
+    def __init__(self, run_dir: str, total_steps: int, *, progress: bool = True, jsonl: bool = True,
+                 wandb_cfg: Any = None, config: dict | None = None, stream=None):
+        self.start = time.perf_counter()
+        self.stream = stream or sys.stderr
+        self._file = None
+        self._bar = None
+        self._wandb = None
+        if jsonl:
+            os.makedirs(run_dir, exist_ok=True)
+            self.path = os.path.join(run_dir, "metrics.jsonl")
+            self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True,
+                             mininterval=0.5, leave=True)
+        if wandb_cfg:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=wandb_cfg.get("project", "sparsecomm"), entity=wandb_cfg.get("entity"),
+                name=wandb_cfg.get("name") or os.path.basename(os.path.abspath(run_dir)),
+                mode=wandb_cfg.get("mode", "offline"), dir=run_dir, config=config,
+                tags=list(wandb_cfg.get("tags") or []))
+
+    def log(self, event: str, step: int, **fields: Any) -> None:
+        record = {"event": event, "step": step, "time": round(time.perf_counter() - self.start, 4)}
+        record.update({k: _jsonable(v) for k, v in fields.items()})
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            numbers = {f"{event}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step", "time")}
+            self._wandb.log(numbers, step=step)
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        """Move the bar to ``step`` (steps done) and show ``postfix`` (e.g. loss, sent/step)."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def info(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def make_logger(cfg: Any, run_dir: str, total_steps: int, config: dict | None = None) -> NullLogger:
+    """Rank 0: a :class:`MetricsLogger` per the ``logging`` config; other ranks: a :class:`NullLogger`."""
+    if not sdist.is_main_process():
+        return NullLogger()
+    check_wandb(cfg)
+    return MetricsLogger(run_dir, total_steps, progress=bool(cfg.get("progress", True)),
+                         jsonl=bool(cfg.get("jsonl", True)), wandb_cfg=cfg.get("wandb"), config=config)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000.0
+    return f"{n} B"

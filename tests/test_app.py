@@ -1,0 +1,115 @@
+"""End to end: the real console entry `sparsecomm-train` in a subprocess, 2 Gloo workers on digits."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = Path(sys.executable).with_name("sparsecomm-train")
+# A launcher's variables in the test's own environment would make the app join instead of launch.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID", "SPARSECOMM_TRACEBACK")
+SMALL = ["steps=10", "batch_size=16", "eval_every=5", "logging.log_every=2", "mask.num_samples=64"]
+
+
+def app_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_app(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    if not APP.exists():
+        pytest.fail(f"{APP} is missing: install the package first (pip install -e .)")
+    return subprocess.run([str(APP), *args], cwd=cwd, env=app_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_job_two_workers(tmp_path):
+    """Bare launch: 2 workers, 3 dense steps then the FISH mask; files, mask digest and bytes."""
+    import torch
+    from safetensors.torch import load_model
+
+    from sparsecomm import Mask, models
+    from sparsecomm.mask import count_for_density
+
+    proc = run_app([*SMALL, "schedule.dense_steps=3", f"out_dir={tmp_path}", "run_id=e2e"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "e2e"
+    for name in ("config.yaml", "metrics.jsonl", "mask.safetensors", "model.safetensors", "summary.json", ".hydra"):
+        assert (run_dir / name).exists(), name
+    assert proc.stdout.count("== sparsecomm summary") == 1  # rank 0 alone reports
+    assert "step/s" in proc.stderr  # rank 0's progress bar
+
+    records = read_metrics(run_dir)
+    by_event = {e: [r for r in records if r["event"] == e] for e in ("train", "eval", "mask", "summary")}
+    assert [r["step"] for r in by_event["train"]] == [2, 4, 6, 8, 10]
+    assert [r["step"] for r in by_event["eval"]] == [5, 10]
+    assert [r["step"] for r in by_event["mask"]] == [3]
+    (summary,) = by_event["summary"]
+    assert summary == {**json.loads((run_dir / "summary.json").read_text()), "event": "summary", "step": 10,
+                       "time": summary["time"]}
+    assert summary["world_size"] == 2 and 0.0 <= summary["test_acc"] <= 1.0
+
+    model = models.small_cnn(10)
+    mask = Mask.load(run_dir / "mask.safetensors", model)  # verifies the stored digest, fits the model
+    assert mask.digest() == summary["mask_digest"] == by_event["mask"][0]["digest"]
+    n = summary["numel"]
+    assert n == sum(p.numel() for p in model.parameters())
+    k = count_for_density(0.005, n)
+    assert mask.num_selected == summary["k"] == k
+    assert all(mask[name].all() for name in mask if name.startswith("head."))  # the head is kept whole
+
+    # 3 dense steps send all n fp32 entries, 7 masked steps send the k selected ones.
+    assert summary["bytes_sent"] == 3 * n * 4 + 7 * k * 4
+    assert summary["dense_bytes"] == 10 * n * 4
+    assert summary["bytes_sent"] < summary["dense_bytes"]
+    assert summary["ratio"] == pytest.approx(summary["bytes_sent"] / summary["dense_bytes"])
+    assert [r["bytes_per_step"] for r in by_event["train"]][-1] == k * 4
+
+    load_model(model, str(run_dir / "model.safetensors"))
+    assert torch.isfinite(torch.cat([p.reshape(-1) for p in model.parameters()])).all()
+
+
+def test_torchrun_ranks_join_and_share_one_run_dir(tmp_path):
+    """cluster/torchrun_local.sh: torchrun starts the ranks, the app starts none; one run dir."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "cluster" / "torchrun_local.sh"), "steps=4", "batch_size=16", "schedule=fish_fixed", "mask=random", "eval_every=0", "logging.progress=false", f"out_dir={out}"],
+        cwd=tmp_path, env={**app_env(), "PYTHON": sys.executable, "NPROC": "2"},
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir,) = list(out.iterdir())  # both ranks agreed on TORCHELASTIC_RUN_ID
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["bytes_sent"] == 4 * summary["k"] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # rank 1 wrote nothing elsewhere
+    assert proc.stdout.count("== sparsecomm summary") == 1
+
+
+@pytest.mark.parametrize("args,field", [
+    (["mask=nope"], "mask=nope"),
+    (["mask.density=0"], "mask.density"),
+    (["task=cifar10"], "task.data_dir"),
+    (["cluster.backend=nccl"], "cluster.backend"),
+    # Found by the workers (building the task), reported once by the launching process:
+    (["task=cifar10", "task.data_dir=/nonexistent/cifar", "cluster.start_method=fork"], "task.data_dir"),
+])
+def test_bad_input_is_one_line(tmp_path, args, field):
+    import torch
+
+    if "cluster.backend=nccl" in args and torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    proc = run_app([*args, f"out_dir={tmp_path}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

