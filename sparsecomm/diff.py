@@ -23,7 +23,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -109,7 +108,9 @@ def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike)
     mask, naming the first such parameter: the file would silently not rebuild ``model``.
     ``model`` and ``base`` may be DDP-wrapped. Writes atomically (temp file + rename).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .checkpoint import write_atomic
 
     model, base = _unwrap(model), _unwrap(base)
     mask.validate(base)
@@ -149,19 +150,7 @@ def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike)
         "full_model_bytes": str(full_bytes),
         "params": json.dumps(sorted(m_params)),
     }
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".diff-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(os.fspath(path), save(tensors, metadata=meta))
     return meta
 
 

@@ -10,7 +10,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
@@ -160,22 +159,12 @@ class Mask(Mapping[str, torch.Tensor]):
     # Persistence -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
         """Write a safetensors file (bool tensors + digest in the metadata), atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
+        from .checkpoint import write_atomic
+
         digest = self.digest()
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".mask-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(dict(self._bits), tmp, metadata={"format": MASK_FORMAT, "digest": digest})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(os.fspath(path), save(dict(self._bits), metadata={"format": MASK_FORMAT, "digest": digest}))
         return digest
 
     @classmethod
