@@ -63,14 +63,20 @@ def encode(payload: dict[str, Any]) -> bytes:
     return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
-def decode(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
-    """Verify the header and hash, then unpickle tensors and plain values only."""
+def verify(data: bytes, name: str = "checkpoint") -> bytes:
+    """Check the header and the SHA-256 of ``data``; return the payload bytes."""
     if not data.startswith(MAGIC):
         raise CorruptCheckpoint(f"{name} is not a sparsecomm checkpoint (bad header)")
     header_end = len(MAGIC) + 64
     digest, body = data[len(MAGIC):header_end].decode(errors="replace"), data[header_end + 1:]
     if hashlib.sha256(body).hexdigest() != digest:
         raise CorruptCheckpoint(f"{name} is truncated or corrupted: its SHA-256 does not match its contents")
+    return body
+
+
+def decode(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
+    """Verify the header and hash, then unpickle tensors and plain values only."""
+    body = verify(data, name)
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
 
 
@@ -105,12 +111,23 @@ class CheckpointManager:
     def load_latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that verifies, or None if there is none. Damaged ones are skipped
         with a warning naming them (they are left on disk for inspection)."""
+        found = self.latest_verified()
+        return decode(found[1], found[0]) if found is not None else None
+
+    def latest_verified(self) -> tuple[str, bytes] | None:
+        """``(path, raw bytes)`` of the newest checkpoint whose hash verifies, or None.
+
+        The bytes are what :func:`decode` takes (a trainer broadcasts them to ranks that may not
+        share this file system). Damaged files are skipped loudly (stderr and a warning).
+        """
         for step in reversed(self.steps()):
             path = self.path(step)
             try:
                 with open(path, "rb") as f:
-                    return decode(f.read(), path)
-            except (CorruptCheckpoint, EOFError, RuntimeError, OSError) as e:
+                    data = f.read()
+                verify(data, path)
+                return path, data
+            except (CorruptCheckpoint, EOFError, RuntimeError, OSError, ValueError) as e:
                 msg = f"sparsecomm: skipping checkpoint {path}: {e}; falling back to the one before"
                 print(msg, file=sys.stderr, flush=True)
                 warnings.warn(msg, stacklevel=2)

@@ -1,9 +1,24 @@
 """FISH mask: keep the k entries with the largest empirical Fisher information.
 
 Score of an entry = sum over examples of its squared per-example gradient (Sung, Nair, Raffel,
-2021). Per-example gradients come from ``torch.func`` (``vmap`` over ``grad`` of a functional
-call), in chunks, with the model in eval mode (dropout off, BatchNorm using running statistics:
-``vmap`` cannot batch BatchNorm's training-mode statistics).
+2021), with the model in eval mode (dropout off, BatchNorm using running statistics). Two exact
+engines compute it:
+
+- ``"layers"``: one batched forward and one backward to the layers' OUTPUTS (no weight
+  gradients), then each layer's per-example weight gradient from its input ``a_i`` and output
+  gradient ``g_i``: a Linear applied once per example has ``grad_i = g_i a_i^T``, so
+  ``sum_i grad_i**2 = (g**2)^T (a**2)``, one matmul, nothing per example materialised; a Linear
+  over a sequence and a Conv2d (``unfold``) materialise ``grad_i = sum_t g_it a_it^T`` per chunk
+  of examples with one ``bmm``; BatchNorm (eval) and LayerNorm from ``g * x_hat``. Used when every
+  module holding a trainable parameter is a Linear, Conv2d (groups 1, zero padding), BatchNorm
+  (running statistics) or LayerNorm, no parameter is shared, each such module runs once per
+  forward and nothing it read or wrote is changed in place; the model must treat the examples
+  of a batch independently in eval mode (true of models built from these layers).
+- ``"vmap"``: ``torch.func`` ``vmap`` over ``grad`` of a functional call, in chunks: any model,
+  but it materialises every per-example gradient, and on CPU a convolution's per-example weight
+  gradient runs as a grouped convolution, so it is barely faster than a batch-size-1 loop.
+
+``engine="auto"`` (default) uses ``"layers"`` when the model qualifies, else ``"vmap"``.
 
 Distributed: each rank scores its own share of ``num_samples`` from its own ``data``; the
 per-entry scores are summed with ONE all-reduce (n x 8 bytes, float64), so every rank ranks
@@ -18,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
@@ -26,6 +42,7 @@ from . import distributed as sdist
 from .mask import Mask, _unwrap, count_for_density, topk_mask
 
 METHODS = ("empirical", "expected")
+ENGINES = ("auto", "layers", "vmap")
 
 
 def _logits(outputs: Any) -> torch.Tensor:
@@ -63,17 +80,32 @@ def _example_losses(model: nn.Module, loss_fn: Callable, method: str):
 
 
 def fisher_scores(model: nn.Module, data: Iterable, loss_fn: Callable, *, num_samples: int,
-                  method: str = "empirical", chunk_size: int = 32, vectorized: bool = True) -> tuple[dict, int]:
+                  method: str = "empirical", chunk_size: int = 32, vectorized: bool = True,
+                  engine: str = "auto", stats: dict | None = None) -> tuple[dict, int]:
     """Local (this rank's) Fisher scores of the trainable parameters and the number of examples used.
 
     ``data`` yields ``(inputs, targets)`` batches (inputs: a tensor or a dict of tensors with a
     leading batch dimension); at most ``num_samples`` examples are used. Returns float32 scores
-    shaped like each parameter. ``vectorized=False`` runs the reference batch-size-1 loop with
-    plain autograd (slow; for comparison).
+    shaped like each parameter. ``engine``: ``"auto"``, ``"layers"`` or ``"vmap"`` (module
+    docstring); ``chunk_size`` bounds the examples whose per-example gradients are materialised
+    at once. ``vectorized=False`` runs the reference batch-size-1 loop with plain autograd (slow;
+    for comparison). ``stats``, if given, receives ``engine`` (the one that ran) and, when
+    ``"auto"`` fell back to vmap, ``fallback_reason``.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not a Fisher method; use one of {METHODS}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not a Fisher engine; use one of {ENGINES}")
     model = _unwrap(model)
+    stats = {} if stats is None else stats
+    plan = None
+    if vectorized and engine != "vmap":
+        plan, reason = _layer_plan(model)
+        if plan is None:
+            if engine == "layers":
+                raise ValueError(f"engine='layers' cannot score this model: {reason}; use engine='vmap'")
+            stats["fallback_reason"] = reason
+    stats["engine"] = ("layers" if plan is not None else "vmap") if vectorized else "loop"
     was_training = model.training
     model.eval()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -88,9 +120,17 @@ def fisher_scores(model: nn.Module, data: Iterable, loss_fn: Callable, *, num_sa
                 break
             x = tree_map(lambda t: t[:take], inputs)
             y = targets[:take]
-            if vectorized:
+            if plan is not None:
+                try:
+                    _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size)
+                except _Unsupported as e:  # found out only while running: no partial sums were added
+                    if engine == "layers":
+                        raise ValueError(f"engine='layers' cannot score this model: {e}; use engine='vmap'") from None
+                    plan = None
+                    stats.update(engine="vmap", fallback_reason=str(e))
+            if plan is None and vectorized:
                 _accumulate_vmap(scores, per_example, params, buffers, x, y, model, method, chunk_size)
-            else:
+            elif not vectorized:
                 _accumulate_loop(scores, loss_fn, x, y, model, method)
             seen += take
     finally:
@@ -118,6 +158,158 @@ def _accumulate_vmap(scores, per_example, params, buffers, x, y, model, method, 
         scores[n] += g[n].float().pow(2).sum((0, 1))
 
 
+# ---------------------------------------------------------------------------- the "layers" engine
+
+class _Unsupported(Exception):
+    """The model does something the layers engine cannot score exactly; use vmap."""
+
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _layer_plan(model: nn.Module) -> tuple[dict | None, str]:
+    """{module: [(param attribute, full name), ...]} for the layers engine, or (None, why not)."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    plan = {}
+    for mname, mod in model.named_modules():
+        own = [(attr, p) for attr, p in mod.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        kind = type(mod).__name__
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                return None, f"{mname} ({kind}) has groups/padding the layers engine does not unfold"
+        elif isinstance(mod, _BN):
+            if mod.running_mean is None or mod.running_var is None:
+                return None, f"{mname} ({kind}) has no running statistics (batch statistics mix examples)"
+        elif not isinstance(mod, (nn.Linear, nn.LayerNorm)):
+            return None, f"{mname} holds parameters in a {kind}, which the layers engine does not handle"
+        for attr, p in own:
+            if counts[id(p)] > 1:
+                return None, f"{mname}.{attr} is shared between modules"
+            if attr not in ("weight", "bias"):
+                return None, f"{mname}.{attr} is not a weight or bias"
+        plan[mod] = [(attr, f"{mname}.{attr}" if mname else attr) for attr, _ in own]
+    return plan, ""
+
+
+def _per_example_losses(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """loss_fn on each example alone (a batch of one), as the vmap and loop paths compute it."""
+    one = lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0))  # noqa: E731
+    try:
+        return vmap(one)(out, y)
+    except Exception:  # a loss vmap cannot batch: call it per example (cheap next to the model)
+        return torch.stack([loss_fn(out[i:i + 1], y[i:i + 1]) for i in range(out.shape[0])])
+
+
+def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -> None:
+    """Add this batch's summed per-example squared gradients to ``scores`` (all or nothing)."""
+    seen: dict[nn.Module, tuple] = {}
+
+    def hook(mod, args, out):
+        if mod in seen:
+            raise _Unsupported(f"{type(mod).__name__} runs more than once per forward")
+        a = args[0] if args else None
+        if not isinstance(a, torch.Tensor) or not isinstance(out, torch.Tensor):
+            raise _Unsupported(f"{type(mod).__name__} is called with non-tensor input/output")
+        seen[mod] = (a, out, a._version, out._version)
+
+    handles = [m.register_forward_hook(hook) for m in plan]
+    try:
+        out = model(**x) if isinstance(x, Mapping) else model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = _logits(out)
+    if not isinstance(logits, torch.Tensor):
+        raise _Unsupported("the model's output is not a tensor")
+    if method == "empirical":
+        targets = [_per_example_losses(loss_fn, out if isinstance(out, torch.Tensor) else logits, y).sum()]
+    else:
+        if logits.dim() != 2:
+            raise _Unsupported("expected Fisher needs (batch, classes) logits")
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        w = logp.detach().exp().sqrt()  # sqrt p(c|x), a constant
+        targets = [(w[:, c] * logp[:, c]).sum() for c in range(logp.shape[1])]
+    for a, o, va, vo in seen.values():
+        if a._version != va or o._version != vo:
+            raise _Unsupported("a layer's input or output is modified in place (e.g. ReLU(inplace=True))")
+    mods = list(seen)
+    outs = [seen[m][1] for m in mods]
+    add = {n: torch.zeros_like(scores[n]) for m in mods for _, n in plan[m]}
+    for i, t in enumerate(targets):
+        grads = torch.autograd.grad(t, outs, retain_graph=i < len(targets) - 1, allow_unused=True)
+        with torch.no_grad():
+            for m, g in zip(mods, grads):
+                if g is not None:
+                    _layer_squares(m, plan[m], seen[m][0].detach().float(), g.float(), add, chunk_size)
+    for n, v in add.items():
+        scores[n] += v
+
+
+def _sum_sq_bmm(left: torch.Tensor, right: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """sum_i (left_i @ right_i)**2 over the batch, chunk_size products at a time, in one reused buffer."""
+    B = left.shape[0]
+    buf = torch.empty(min(B, chunk_size), left.shape[1], right.shape[2], dtype=left.dtype)
+    total = torch.zeros(left.shape[1], right.shape[2], dtype=left.dtype)
+    for s in range(0, B, chunk_size):
+        out = buf[:min(chunk_size, B - s)]
+        torch.bmm(left[s:s + chunk_size], right[s:s + chunk_size], out=out)
+        total += out.square_().sum(0)  # in place: no second chunk-sized buffer
+    return total
+
+
+def _layer_squares(mod, names, a, g, add, chunk_size) -> None:
+    """add[name] += sum_i (d loss_i / d param)**2 from the layer input a and output gradient g."""
+    B = g.shape[0]
+    want = dict(names)
+    wsq = bsq = None
+    if isinstance(mod, nn.Linear):
+        if a.dim() == 2:  # grad_i = g_i a_i^T: the square of an outer product is the outer product of squares
+            if "weight" in want:
+                wsq = g.square().t().mm(a.square())
+            if "bias" in want:
+                bsq = g.square().sum(0)
+        else:  # applied per token: grad_i = sum_t g_it a_it^T, materialised per chunk
+            a3, g3 = a.reshape(B, -1, a.shape[-1]), g.reshape(B, -1, g.shape[-1])
+            if "weight" in want:
+                wsq = _sum_sq_bmm(g3.transpose(1, 2), a3, chunk_size)
+            if "bias" in want:
+                bsq = g3.sum(1).square().sum(0)
+    elif isinstance(mod, nn.Conv2d):
+        g3 = g.reshape(B, g.shape[1], -1)  # (B, out, L)
+        if "weight" in want:
+            wsq = torch.zeros(g3.shape[1], mod.weight[0].numel(), dtype=g3.dtype)
+            for s in range(0, B, chunk_size):  # unfold per chunk: (c, in*kh*kw, L) is kh*kw x the input
+                cols = F.unfold(a[s:s + chunk_size], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+                wsq += _sum_sq_bmm(g3[s:s + chunk_size], cols.transpose(1, 2), chunk_size)
+        if "bias" in want:
+            bsq = g3.sum(2).square().sum(0)
+    elif isinstance(mod, _BN):  # eval: y = (x - mean) / sqrt(var + eps) * weight + bias
+        shape = [1, -1] + [1] * (a.dim() - 2)
+        xhat = (a - mod.running_mean.float().view(shape)) / (mod.running_var.float().view(shape) + mod.eps).sqrt()
+        dims = tuple(range(2, a.dim()))
+        if "weight" in want:
+            wsq = ((g * xhat).sum(dims) if dims else g * xhat).square().sum(0)
+        if "bias" in want:
+            bsq = (g.sum(dims) if dims else g).square().sum(0)
+    else:  # LayerNorm over the last len(normalized_shape) dims
+        red = tuple(range(a.dim() - len(mod.normalized_shape), a.dim()))
+        mean, var = a.mean(red, keepdim=True), a.var(red, unbiased=False, keepdim=True)
+        xhat = (a - mean) / (var + mod.eps).sqrt()
+        mid = tuple(range(1, a.dim() - len(red)))
+        if "weight" in want:
+            wsq = ((g * xhat).sum(mid) if mid else g * xhat).square().sum(0)
+        if "bias" in want:
+            bsq = (g.sum(mid) if mid else g).square().sum(0)
+    if wsq is not None:
+        add[want["weight"]] += wsq.reshape(add[want["weight"]].shape)
+    if bsq is not None:
+        add[want["bias"]] += bsq.reshape(add[want["bias"]].shape)
+
+
 def _accumulate_loop(scores, loss_fn, x, y, model, method) -> None:
     """The reference: one example at a time with plain autograd (the paper's code path)."""
     named = dict(model.named_parameters())
@@ -138,7 +330,7 @@ def _accumulate_loop(scores, loss_fn, x, y, model, method) -> None:
 
 def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density: float, num_samples: int = 1024,
                 method: str = "empirical", always: Iterable[str] = (), process_group=None,
-                chunk_size: int = 32) -> Mask:
+                chunk_size: int = 32, engine: str = "auto") -> Mask:
     """The FISH mask: global top-k of summed squared per-example gradients, identical on all ranks.
 
     Args:
@@ -151,6 +343,7 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
         always: glob patterns of parameter names kept whole (e.g. the classifier head); they
             count toward k.
         process_group: the group to sum scores over (collective on every rank of it).
+        chunk_size, engine: how per-example gradients are computed (``fisher_scores``); exact either way.
 
     Over the network: one all-reduce of n float64 scores, one all-gather of the digests.
     """
@@ -159,7 +352,8 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
     k = count_for_density(density, sum(p.numel() for p in all_params.values()))
     world, rank = sdist.world_size(process_group), sdist.rank(process_group)
     share = num_samples // world + (1 if rank < num_samples % world else 0)
-    scores, seen = fisher_scores(model, data, loss_fn, num_samples=share, method=method, chunk_size=chunk_size)
+    scores, seen = fisher_scores(model, data, loss_fn, num_samples=share, method=method, chunk_size=chunk_size,
+                                 engine=engine)
     if seen < share:
         warnings.warn(
             f"fisher_mask: rank {rank}'s data held {seen} examples, fewer than its share {share} of "

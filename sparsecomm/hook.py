@@ -212,17 +212,20 @@ def _masked_bucket(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torc
     """One all-reduce of this bucket's k masked values. Sends ``k x wire_bytes``; nothing if k = 0."""
     buffer = bucket.buffer()
     plan = state.plan_for(bucket)
-    packed = pack(buffer, plan)
-    buffer.zero_()  # unmasked entries leave the hook as zeros; overlaps with the all-reduce
     if plan.k == 0:
+        buffer.zero_()
         return _completed(buffer)
+    sent = _allreduce(_to_wire(pack(buffer, plan), state), state)
+    # Unmasked entries leave the hook as zeros. Zeroing (O(n)) runs while the all-reduce of the
+    # packed copy is on the wire; the callback is attached after it, so unpack_ always runs later.
+    buffer.zero_()
 
     def done(fut: torch.futures.Future) -> torch.Tensor:
         reduced = fut.value()[0]
         state._check_finite(reduced)
         return unpack_(buffer, plan, reduced)
 
-    return _allreduce(_to_wire(packed, state), state).then(done)
+    return sent.then(done)
 
 
 def _fused_bucket(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -233,18 +236,24 @@ def _fused_bucket(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch
     buffer = bucket.buffer()
     plan = state.plan_for(bucket)
     packed = pack(buffer, plan)
-    buffer.zero_()
     fut = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
     state._pending.append(_PendingBucket(buffer, plan, packed, fut))
     if not bucket.is_last():
-        return fut
+        return fut  # its buffer is zeroed below, while the step's all-reduce is on the wire
 
     pending, state._pending = state._pending, []
     flat = torch.cat([p.packed for p in pending])
     if flat.numel() == 0:
+        for p in pending:
+            p.buffer.zero_()
         for p in pending[:-1]:
             p.future.set_result(p.buffer)
         return _completed(buffer)
+    sent = _allreduce(_to_wire(flat, state), state)
+    # Unmasked entries leave the hook as zeros. The O(n) zeroing of every bucket runs while the
+    # packed copy is on the wire; `done` is attached after it, so unpack_ always runs later.
+    for p in pending:
+        p.buffer.zero_()
 
     def done(all_fut: torch.futures.Future) -> torch.Tensor:
         reduced = all_fut.value()[0]
@@ -257,7 +266,7 @@ def _fused_bucket(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch
             p.future.set_result(p.buffer)
         return buffer
 
-    return _allreduce(_to_wire(flat, state), state).then(done)
+    return sent.then(done)
 
 
 def masked_allreduce_hook(state: MaskedAllReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -209,12 +209,35 @@ def init_process_group(cluster: Mapping):
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        if "RANK" in environ:
-            dist.init_process_group(backend, init_method="env://",
-                                    device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        if "RANK" in environ and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=elastic_attempt_store(environ), rank=int(environ["RANK"]),
+                                    world_size=int(environ["WORLD_SIZE"]), device_id=device_id)
+        elif "RANK" in environ:
+            dist.init_process_group(backend, init_method="env://", device_id=device_id)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
+
+
+def elastic_attempt_store(environ: Mapping[str, str]):
+    """The torch elastic agent's shared store, under a prefix per restart attempt.
+
+    torchrun's c10d rendezvous hands every restart attempt the SAME TCPStore server (the agent's,
+    ``TORCHELASTIC_USE_AGENT_STORE=True``) and ``env://`` adds no per-attempt prefix: restarted
+    ranks can read the previous attempt's Gloo addresses and fail with "connectFullMesh ...
+    Connection refused" (pytorch/pytorch#135712). Keys here live under
+    ``sparsecomm/attempt-<TORCHELASTIC_RESTART_COUNT>/``: consistent on one node, where one agent
+    restarts every worker. Across nodes restart counts can differ: export
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun there (a fresh store per attempt).
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host_name=environ["MASTER_ADDR"], port=int(environ["MASTER_PORT"]),
+                          world_size=int(environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"sparsecomm/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @contextlib.contextmanager
@@ -274,6 +297,8 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     from torch.distributed.launcher.api import elastic_launch
 
     config = launch_config(cluster, plan_, run_id)
+    # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:

@@ -186,6 +186,10 @@ class LRSchedule:
 
 
 def set_lr(optimizer, lr: float) -> None:
-    """Set every param group's learning rate (the schedule is a pure function of the step)."""
+    """Set every param group's learning rate (the schedule is a pure function of the step).
+
+    A group with an ``lr_scale`` entry gets ``lr x lr_scale`` (diff pruning's gate group runs at
+    ``mask.alpha_lr``, a fixed multiple of the diff's ``optim.dense_lr``).
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -5,7 +5,9 @@ Components, each small and usable alone::
     check_config(cfg)            every field checked up front; errors name the field and the fix
     ShardedData                  this rank's shard of the training set (DistributedSampler), its
                                  Fisher batches, its slice of the test set
-    MaskSource                   mask/: fisher (on the rank's own shard) | random | dense (None)
+    MaskSource                   mask/: fisher (on the rank's own shard) | random | width_core |
+                                 file | dense (None); diff_pruning's comes from its L0 phase
+                                 (sparsecomm/phases.py, as do the task diff and width-core report)
     GradientSync                 the masked all-reduce hook (or plain DDP for mask=dense); bytes
     build_optimizer              optim/: masked AdamW/SGD over the mask, or torch's dense one
     evaluate                     test accuracy: each rank its slice, counts all-reduced
@@ -16,7 +18,31 @@ trainer adds one all-reduce of a few float64 numbers per log line and per evalua
 Fisher mask costs one all-reduce of n float64 scores (counted as ``mask_score_bytes``).
 
 Rank 0 alone writes, into the run directory: ``config.yaml`` (resolved), ``metrics.jsonl``,
-``mask.safetensors`` (with its digest), ``model.safetensors`` and ``summary.json``.
+``mask.safetensors`` (with its digest), ``model.safetensors``, ``summary.json`` and, for masked
+runs, ``task_diff.safetensors`` (``sparsecomm.diff``; with ``base.safetensors`` when the base is
+the model after a dense warm-up).
+
+Checkpoints and restarts (issue 6; :mod:`sparsecomm.fault`). With ``checkpoint.every=N`` rank 0
+writes ``<checkpoint.dir>/step-NNNNNNNN.ckpt`` after every N-th step and after the last one
+(temporary file, fsync, rename; SHA-256 header; the last ``checkpoint.keep`` kept). One holds
+(:meth:`Trainer.state_dict`): the step (the schedule and the LR are pure functions of it); the
+model's full state dict (weights and buffers, not a sparse diff); the mask's bits and digest;
+the dense optimizer's and the masked optimizer's state dicts (the latter carries the mask
+digest); the gradient sync's counters (hook steps, bytes sent, dense bytes; plain-DDP steps);
+the mask source's rounds and Fisher score bytes; the data position (epoch, batch) and batch
+size; the non-finite counters; the last log mark and EVERY rank's RNG states (torch, NumPy,
+Python; all-gathered) and loss window; the world size, the model's tensor names and shapes, the
+training config (all but :data:`sparsecomm.fault.RESUME_FREE`) and its hash; and ``extra``, the
+state dicts of :attr:`Trainer.extra_state` (components added later, e.g. the task diff).
+
+``checkpoint.resume=auto`` (default) makes :meth:`Trainer.fit` start from the newest checkpoint
+that verifies (a damaged one is skipped, loudly); rank 0 reads it and broadcasts its bytes. With
+the same world size and config a resumed run is bit-identical to an uninterrupted one on CPU
+(tests/test_fault.py, tests/test_elastic.py); with another world size the mask and optimizer
+state carry over, the data is re-sharded and the RNG reseeded, and a log line says so. Ranks
+compare the config hash and mask digest at start, after a resume and after every mask
+(re)computation. A step whose all-reduced gradient holds NaN/Inf is skipped on every rank
+(``skipped_steps``); ``nonfinite.max_in_a_row`` in a row stop the run.
 """
 from __future__ import annotations
 
@@ -36,11 +62,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils._pytree import tree_map
 
 from . import distributed as sdist
-from . import launch
+from . import fault, launch
 from .metrics import check_wandb, human_bytes, make_logger
-from .schedule import LRSchedule, Schedule, set_lr
+from .phases import L0Phase, TaskDiffRecorder, build_schedule, check_mask_config, run_outputs, summary_lines
+from .schedule import LRSchedule, set_lr
 
-MASK_KINDS = ("fisher", "random", "dense")
+MASK_KINDS = ("fisher", "random", "dense", "file", "diff_pruning", "width_core")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -85,9 +112,15 @@ def check_config(cfg: DictConfig) -> None:
 
     mask = cfg.mask
     if mask.get("name") not in MASK_KINDS:
-        raise ConfigError(f"mask.name={mask.get('name')!r} is unknown; use mask=fisher, mask=random or mask=dense")
-    if mask.name != "dense":
+        raise ConfigError(f"mask.name={mask.get('name')!r} is unknown; use mask=fisher, mask=random, mask=file, "
+                          f"mask=diff_pruning, mask=width_core or mask=dense")
+    if mask.name == "file":
+        if not os.path.isfile(str(mask.get("path"))):
+            raise ConfigError(f"mask.path={mask.get('path')!r} is not a file; point it at a saved mask, e.g. "
+                              f"mask.path=outputs/<run>/mask.safetensors")
+    elif mask.name not in ("dense", "width_core"):
         check_density(mask.get("density"), field="mask.density")
+    check_mask_config(mask, cfg.steps, cfg.schedule)  # diff_pruning / width_core fields
     if mask.name == "fisher":
         from .fisher import METHODS
 
@@ -96,7 +129,7 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("num_samples", "batch_size", "chunk_size"):
             _positive(mask, key, "mask.")
 
-    schedule = Schedule.from_config(cfg.schedule, cfg.steps, cfg.get("seed", 0), masked=mask.name != "dense")
+    schedule = build_schedule(cfg)
     LRSchedule.from_config(cfg.schedule.get("lr", {}), schedule.steps)
 
     optim = cfg.optim
@@ -111,6 +144,7 @@ def check_config(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"comm.{e}") from None
     check_wandb(cfg.get("logging"))
+    fault.check_config(cfg)
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -204,6 +238,24 @@ class MaskSource:
         self.always = tuple(task.head if always is None else ([always] if isinstance(always, str) else always))
         if self.kind == "dense":
             return
+        if self.kind == "file":  # loaded and checked now: a mask for another model stops the run here
+            from . import Mask
+
+            path = str(cfg.get("path"))
+            try:
+                self.file_mask = Mask.load(path, model)
+            except ValueError as e:
+                raise ConfigError(f"mask.path={path!r}: {e}") from None
+            self.k = self.file_mask.num_selected
+            return
+        if self.kind == "width_core":  # checked now: a model that is not one chain of layers stops here
+            from .width_core import width_core_mask
+
+            try:
+                self.k = width_core_mask(model, cfg.fraction).num_selected
+            except TypeError as e:
+                raise ConfigError(f"mask=width_core on task {task.name}: {e}") from None
+            return
         params = dict(model.named_parameters())
         numel = sum(p.numel() for p in params.values())
         self.k = count_for_density(cfg.density, numel, field="mask.density")
@@ -223,6 +275,14 @@ class MaskSource:
         from . import fisher_mask, random_mask
 
         round_, self.rounds = self.rounds, self.rounds + 1
+        if self.kind == "file":
+            return self.file_mask
+        if self.kind == "width_core":
+            from .width_core import width_core_mask
+
+            return width_core_mask(model, self.cfg.fraction)
+        if self.kind == "diff_pruning":
+            raise RuntimeError("the diff-pruning mask comes from the L0 phase (Trainer._leave_l0), not MaskSource")
         if self.kind == "random":
             return random_mask(model, density=self.cfg.density, seed=int(self.cfg.get("seed", self.seed)) + round_,
                                always=self.always)
@@ -244,9 +304,14 @@ class GradientSync:
     (dense steps send all n entries), switched to the real mask by :meth:`set_mask` and between
     masked and dense per step by :meth:`set_dense`, never re-registered. Otherwise plain DDP
     (mask=dense): every step sends all n entries, counted here.
+
+    A run that swaps its model (mask=diff_pruning: model -> L0 wrapper -> plain model) builds a
+    new one per model with ``previous=`` the old one: the counters go on. ``dense_bytes_per_step``
+    counts each step as dense DDP of the plain model (the L0 wrapper all-reduces about 2x that).
     """
 
-    def __init__(self, ddp: DistributedDataParallel, *, masked: bool, comm: Mapping):
+    def __init__(self, ddp: DistributedDataParallel, *, masked: bool, comm: Mapping,
+                 previous: GradientSync | None = None, dense_bytes_per_step: int | None = None):
         from . import Mask, register_masked_allreduce
 
         self.state = None
@@ -256,6 +321,10 @@ class GradientSync:
             self.state = register_masked_allreduce(ddp, Mask.full(ddp.module), wire_dtype=comm.get("wire_dtype"),
                                                    fused=bool(comm.get("fused", True)))
             self.state.dense = True
+            if previous is not None:
+                self.state.bytes_sent, self.state.dense_bytes = previous.bytes_sent, previous.dense_bytes
+                self.state.steps = previous.state.steps if previous.state is not None else previous._plain_steps
+        self._dense_per_step = dense_bytes_per_step
 
     def set_mask(self, mask) -> None:
         self.state.set_mask(mask)
@@ -267,6 +336,29 @@ class GradientSync:
     def after_backward(self) -> None:
         if self.state is None:
             self._plain_steps += 1
+        elif self._dense_per_step is not None:  # the hook counted this module's n_w x 4; count the plain model's
+            self.state.dense_bytes += self._dense_per_step - self._plain_bytes
+
+    def found_nonfinite(self, model: torch.nn.Module) -> bool:
+        """Whether the step's all-reduced gradient holds NaN/Inf; every rank reaches the same verdict.
+
+        Masked hook: its flag over the reduced values (k entries, or n on dense steps), no extra
+        traffic. Plain DDP: the reduced gradients are identical on every rank, checked locally
+        (one pass over n entries, nothing sent).
+        """
+        if self.state is not None:
+            return self.state.found_nonfinite()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hook": self.state.state_dict() if self.state is not None else None, "plain_steps": self._plain_steps}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Counters (and the hook's step/bytes); call after :meth:`set_mask` with the checkpoint's mask."""
+        self._plain_steps = int(sd["plain_steps"])
+        if self.state is not None and sd["hook"] is not None:
+            self.state.load_state_dict(sd["hook"])
 
     @property
     def bytes_sent(self) -> int:
@@ -332,7 +424,7 @@ class Trainer:
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
         sdist.assert_same_on_all_ranks(config_hash(cfg), "config hash",
                                        fix="Start every rank with the same config and overrides.")
-        self.schedule = Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=cfg.mask.name != "dense")
+        self.schedule = build_schedule(cfg)  # mask=diff_pruning: the L0 phase is part of the dense phase
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.get("lr", {}), cfg.steps)
 
         torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP broadcasts rank 0's anyway)
@@ -342,9 +434,7 @@ class Trainer:
                                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=device,
                                 num_workers=cfg.num_workers)
         self.masks = MaskSource(cfg.mask, self.task, self.data, self.model, cfg.seed)
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=cfg.comm.bucket_cap_mb, **_buffer_sync_kwargs(bool(cfg.comm.sync_buffers)))
+        self.ddp = self._wrap(self.model)
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every training forward.
         self.buffer_bytes_per_step = sum(b.numel() * b.element_size() for b in self.model.buffers()) \
             if cfg.comm.sync_buffers and self.world > 1 else 0
@@ -352,9 +442,36 @@ class Trainer:
         self.mask = None
         self.dense_opt, self.dense_lr = build_optimizer(cfg.optim, self.model)
         self.sparse_opt, self.sparse_lr = None, None
+        # Issue 5 (sparsecomm/phases.py): diff pruning's L0 phase; the task diff of masked runs; the
+        # width core's initial weights for mask.compare_alone.
+        self.l0 = L0Phase(cfg.mask, self.task.head, start=self.schedule.dense_steps - int(cfg.mask.l0_steps)) \
+            if cfg.mask.name == "diff_pruning" else None
+        self.task_diff = None if self.masks.dense else TaskDiffRecorder(template=self.model)
+        self.initial_core, self.nested = None, None
+        if cfg.mask.name == "width_core":
+            from .width_core import NestedCore, export_core
+
+            if cfg.mask.get("nested", True):  # the core stays a standalone subnetwork (core steps: its own loss)
+                self.nested = NestedCore(self.model, cfg.mask.fraction)
+            if cfg.mask.get("compare_alone"):
+                self.initial_core = export_core(self.model, cfg.mask.fraction)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout etc. differ per rank from here on
 
         self.step = 0
+        # Fault tolerance (sparsecomm/fault.py): checkpoints, resume, non-finite steps.
+        self.checkpoints = fault.Checkpoints(cfg.get("checkpoint"), self.run_dir)
+        self.nonfinite = fault.NonFiniteGuard((cfg.get("nonfinite") or {}).get("max_in_a_row", 5))
+        self.training_hash = fault.training_hash(cfg)
+        # Extension point: name -> object with state_dict()/load_state_dict() (e.g. a diff-pruning
+        # phase); saved in every checkpoint under "extra" and restored on resume, after the model.
+        self.extra_state: dict[str, Any] = {}
+        if self.task_diff is not None:
+            self.extra_state["task_diff"] = self.task_diff  # its base weights and the union of the masks so far
+        if self.l0 is not None:
+            self.extra_state["l0_phase"] = self.l0
+        self.resumed_from: str | None = None
+        self._window = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's summed loss, steps since the last log
+        self._mark = (0, 0)  # (step, bytes sent) at the last train log
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps,
                                config=OmegaConf.to_container(cfg, resolve=True))
         if sdist.is_main_process():
@@ -371,16 +488,25 @@ class Trainer:
         """Apply the schedule before ``step``: mask (re)computation, dense or masked sync."""
         if self.masks.dense:
             return self.dense_opt, self.dense_lr
+        if self.l0 is not None and step == self.l0.start and not self.l0.active:
+            self._enter_l0(step)
         if self.schedule.mask_due(step):
             self._new_mask(step)
         dense = self.schedule.sends_dense(step)
+        if self.task_diff is not None and self.schedule.is_full_step(step):
+            self.task_diff.full_step(step)
         self.sync.set_dense(dense)
         return (self.dense_opt, self.dense_lr) if dense else (self.sparse_opt, self.sparse_lr)
 
     def _new_mask(self, step: int) -> None:
         t = time.perf_counter()
-        mask = self.masks.build(self.model)
+        mask = self._leave_l0() if self.l0 is not None and self.l0.active else self.masks.build(self.model)
         self.sync.set_mask(mask)  # checks every rank holds this mask
+        if self.task_diff is not None:
+            self.task_diff.set_base(self.model, step)  # the first time only: the weights masked training starts from
+            self.task_diff.add_mask(mask)
+        sdist.assert_same_on_all_ranks(self.training_hash, "config hash",
+                                       fix="Start every rank with the same config and overrides.")
         if self.sparse_opt is None:
             self.sparse_opt, self.sparse_lr = build_optimizer(self.cfg.optim, self.model, mask)
         else:
@@ -392,35 +518,198 @@ class Trainer:
         self.log.info(f"step {step}: {self.masks.kind} mask, k={mask.num_selected:,} of {mask.numel:,} "
                       f"(density {mask.density:.4g}), digest {digest[:12]}, {time.perf_counter() - t:.1f} s")
 
+    def _wrap(self, module: torch.nn.Module) -> DistributedDataParallel:
+        cfg, device = self.cfg, self.device
+        return DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=cfg.comm.bucket_cap_mb, **_buffer_sync_kwargs(bool(cfg.comm.sync_buffers)))
+
+    # -- mask=diff_pruning: model -> L0 wrapper -> plain model (sparsecomm/phases.py) -----------
+    def _swap_model(self, module: torch.nn.Module, **sync_kw) -> None:
+        """Train ``module`` from now on: a new DDP and hook; the byte counters go on."""
+        self.model, self.ddp = module, self._wrap(module)
+        self.sync = GradientSync(self.ddp, masked=True, comm=self.cfg.comm, previous=self.sync, **sync_kw)
+
+    def _enter_l0(self, step: int) -> None:
+        self.task_diff.set_base(self.model, step)  # the frozen base, before the L0 phase moves its buffers
+        plain_bytes = self.sync._plain_bytes  # what dense DDP of the plain model sends per step
+        self._swap_model(self.l0.wrap(self.model, self.sync.bytes_sent), dense_bytes_per_step=plain_bytes)
+        self.dense_opt, self.dense_lr = self.l0.optimizer(self.cfg.optim)
+        w = self.model
+        self.log.info(f"step {step}: diff pruning L0 phase for {self.l0.l0_steps} steps: base frozen, "
+                      f"{w.comm_numel:,} gradient entries (w + log_alpha) all-reduced per step")
+
+    def _leave_l0(self):
+        mask, model = self.l0.finish(list(self.masks.always), self.sync.bytes_sent)
+        self._swap_model(model)
+        self.dense_opt, self.dense_lr = build_optimizer(self.cfg.optim, self.model)
+        s = self.l0.summary()
+        self.log.log("l0", self.step, **s)
+        self.log.info(f"step {self.step}: L0 phase done ({human_bytes(s['l0_bytes_sent'])} sent), E[L0] "
+                      f"{s['l0_expected_l0']:.4g}, gates open {s['l0_gates_open']:.4f}; projected to the mask below")
+        return mask
+
     def train_step(self, step: int) -> torch.Tensor:
         """One step: forward, backward (the hook syncs), optimizer update. Returns the local loss."""
         optimizer, base_lr = self._prepare(step)
         set_lr(optimizer, base_lr * self.lr_schedule.factor(step))
         inputs, targets = self.data.next_batch()
+        if self.nested is not None:  # width core: a core step's forward is the standalone core's
+            self.nested.begin_step(full=self.schedule.sends_dense(step))
         loss = self.task.loss_fn(forward(self.ddp, inputs), targets)
-        loss.backward()
+        (loss + self.l0.penalty() if self.l0 is not None and self.l0.active else loss).backward()
         self.sync.after_backward()
-        optimizer.step()
+        if self.nonfinite.check(self.sync.found_nonfinite(self.model), step):
+            self.log.log("nonfinite", step + 1, skipped=self.nonfinite.skipped, in_a_row=self.nonfinite.in_a_row)
+            self.log.info(f"step {step}: the all-reduced gradient holds NaN/Inf; step skipped on every rank "
+                          f"({self.nonfinite.in_a_row} in a row, {self.nonfinite.skipped} in all)")
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.nested is not None:
+            self.nested.end_step()
         self.step = step + 1
         return loss.detach()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds (see the module doc). Collective: gathers every rank's RNG state."""
+        from .checkpoint import rng_state
+
+        mine = {"rng": rng_state(), "window": self._window.detach().cpu().clone()}
+        ranks = [mine]
+        if sdist.is_initialized() and self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, mine)
+        mask = self.mask
+        return {
+            "format": fault.FORMAT, "step": self.step, "world_size": self.world,
+            "config": fault.training_config(self.cfg), "config_hash": self.training_hash,
+            "model_signature": fault.model_signature(self.model),
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "mask": {n: mask[n] for n in mask} if mask is not None else None,
+            "mask_digest": mask.digest() if mask is not None else None,
+            "dense_opt": self.dense_opt.state_dict(),
+            "sparse_opt": self.sparse_opt.state_dict() if self.sparse_opt is not None else None,
+            "sync": self.sync.state_dict(),
+            "masks": {"rounds": self.masks.rounds, "score_bytes": self.masks.score_bytes},
+            "data": {**self.data.state_dict(), "batch_size": int(self.cfg.batch_size)},
+            "nonfinite": self.nonfinite.state_dict(),
+            "log_mark": list(self._mark),
+            "ranks": ranks,
+            "extra": {name: part.state_dict() for name, part in self.extra_state.items()},
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any], source: str = "checkpoint") -> None:
+        """Restore :meth:`state_dict` (collective: ranks check they agree on the mask and config).
+
+        Same world size: each rank gets back its own RNG state and data position, so the run
+        continues bit for bit. Another world size: the data is re-sharded at the same epoch and
+        example count, RNG reseeded from (seed, step, rank), and a log line says so.
+        """
+        from . import Mask
+        from .checkpoint import set_rng_state
+
+        fix = "point checkpoint.dir / checkpoint.resume at this run's checkpoints, or set checkpoint.resume=never"
+        if sd.get("format") != fault.FORMAT:
+            raise fault.CheckpointError(f"{source} has format {sd.get('format')!r}, not {fault.FORMAT}; {fix}")
+        if self.l0 is not None and self.l0.start <= int(sd["step"]) < self.schedule.dense_steps and not self.l0.active:
+            self._enter_l0(self.l0.start)  # a checkpoint inside diff pruning's L0 phase holds the wrapper
+        why = fault.signature_difference(sd["model_signature"], fault.model_signature(self.model))
+        if why is not None:
+            raise fault.CheckpointError(f"{source} is a checkpoint of another model: {why}; {fix}")
+        if sd["config_hash"] != self.training_hash:
+            diffs = fault.config_differences(sd["config"], fault.training_config(self.cfg))
+            raise fault.CheckpointError(
+                f"{source} was written with another config: {'; '.join(diffs[:3]) or 'hash differs'}; rerun with "
+                f"the checkpoint's values, or {fix}")
+        self.model.load_state_dict(sd["model"])
+        self.dense_opt.load_state_dict(sd["dense_opt"])
+        if sd["mask"] is not None:
+            mask = Mask(sd["mask"])
+            if mask.digest() != sd["mask_digest"]:
+                raise fault.CheckpointError(f"{source}: its mask does not match its stored digest; {fix}")
+            mask.validate(self.model)
+            self.sync.set_mask(mask)  # collective: every rank holds this mask, or an error lists the digests
+            self.sparse_opt, self.sparse_lr = build_optimizer(self.cfg.optim, self.model, mask)
+            self.sparse_opt.load_state_dict(sd["sparse_opt"])
+            self.mask = mask
+        self.sync.load_state_dict(sd["sync"])
+        self.masks.rounds, self.masks.score_bytes = int(sd["masks"]["rounds"]), int(sd["masks"]["score_bytes"])
+        self.nonfinite.load_state_dict(sd["nonfinite"])
+        for name, part in self.extra_state.items():
+            if name in sd.get("extra", {}):
+                part.load_state_dict(sd["extra"][name])
+        self.step = int(sd["step"])
+        saved_world = int(sd["world_size"])
+        if saved_world == self.world:
+            self.data.load_state_dict(sd["data"])  # replays this epoch's batches (consumes RNG: restore after)
+            mine = sd["ranks"][self.rank]
+            set_rng_state(mine["rng"])
+            self._window.copy_(mine["window"])
+            self._mark = tuple(int(v) for v in sd["log_mark"])
+        else:
+            data = sd["data"]
+            examples = int(data["batch"]) * int(data["batch_size"]) * saved_world  # this epoch, all ranks
+            batch = examples // (int(self.cfg.batch_size) * self.world)
+            self.data.load_state_dict({"epoch": int(data["epoch"]), "batch": min(batch, len(self.data.train_loader))})
+            torch.manual_seed(int(self.cfg.seed) + 1 + self.rank + 1_000_003 * self.step)
+            self._window.zero_()
+            self._mark = (self.step, self.sync.bytes_sent)
+            self.log.info(
+                f"resuming a {saved_world}-rank checkpoint on {self.world} ranks: the mask and the optimizer "
+                f"state are global and carry over; the data is re-sharded (epoch {data['epoch']}, ~{examples} "
+                f"examples in) and the RNG reseeded, so this run is not bit-identical to an uninterrupted one")
+        sdist.assert_same_on_all_ranks(self.training_hash, "config hash",
+                                       fix="Start every rank with the same config and overrides.")
+        sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
+                                       fix="Every rank must load the same checkpoint.")
+
+    def save_checkpoint(self) -> str | None:
+        """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
+        t = time.perf_counter()
+        path = self.checkpoints.save(self.step, self.state_dict())
+        if path is not None:
+            self.log.log("checkpoint", self.step, path=path, seconds=round(time.perf_counter() - t, 3))
+        return path
+
+    def resume(self) -> bool:
+        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest valid one), if any."""
+        found = self.checkpoints.fetch()
+        if found is None:
+            return False
+        path, sd = found
+        self.load_state_dict(sd, source=path)
+        self.resumed_from = path
+        if self.mask is not None and sdist.is_main_process():
+            self.mask.save(os.path.join(self.run_dir, "mask.safetensors"))  # the run dir may be a new one
+        self.log.log("resume", self.step, path=path, world_size=self.world, saved_world_size=int(sd["world_size"]),
+                     resharded=int(sd["world_size"]) != self.world)
+        self.log.info(f"resumed from {path} at step {self.step} (written by {sd['world_size']} ranks)")
+        return True
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.resume()  # per checkpoint.resume; a no-op when there is no checkpoint
         log_every = max(int(cfg.logging.get("log_every", 10)), 1)
-        window = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, steps
-        mark = (time.perf_counter(), self.step, self.sync.bytes_sent)  # time, step, bytes at the last log
+        window = self._window  # summed loss, steps (this rank's, since the last log)
+        mark = (time.perf_counter(), *self._mark)  # time, step, bytes at the last log
         start = time.perf_counter()
         for step in range(self.step, self.schedule.steps):
-            window += torch.stack([self.train_step(step).double(), window.new_ones(())])
+            loss = self.train_step(step)
+            if not self.nonfinite.last_skipped:
+                window += torch.stack([loss.double(), window.new_ones(())])
             done = step + 1
             self.log.progress(done)
             if done % log_every == 0 or done == self.schedule.steps:
                 mark = self._log_train(done, window, mark)
+                self._mark = mark[1:]
                 window.zero_()
             if cfg.eval_every and done % cfg.eval_every == 0 and done != self.schedule.steps:
                 self._log_eval(done)
+            if self.checkpoints.due(done, self.schedule.steps):
+                self.save_checkpoint()
         train_s = time.perf_counter() - start
         final = self._log_eval(self.schedule.steps)
         return self._finish(final, train_s)
@@ -435,7 +724,8 @@ class Trainer:
         lr = self.lr_schedule.factor(done - 1)
         self.log.log("train", done, loss=loss, steps_per_s=steps / max(now - mark[0], 1e-9),
                      bytes_per_step=per_step, bytes_sent=sent, dense_bytes=self.sync.dense_bytes,
-                     lr_factor=lr, dense=self.masks.dense or self.schedule.sends_dense(done - 1))
+                     lr_factor=lr, dense=self.masks.dense or self.schedule.sends_dense(done - 1),
+                     skipped_steps=self.nonfinite.skipped)
         self.log.progress(done, loss=f"{loss:.4f}", sent=f"{human_bytes(per_step)}/step")
         return now, done, sent
 
@@ -462,7 +752,9 @@ class Trainer:
             "mask_score_bytes": self.masks.score_bytes,
             "buffer_bytes": self.buffer_bytes_per_step * self.schedule.steps,
             "wire_dtype": cfg.comm.wire_dtype, "run_dir": self.run_dir,
+            "skipped_steps": self.nonfinite.skipped, "resumed_from": self.resumed_from,
         }
+        summary.update(run_outputs(self))  # L0-phase bytes, the task diff, the width core alone (collective)
         self.log.log("summary", self.schedule.steps, **summary)
         self.log.close()
         if sdist.is_main_process():
@@ -528,6 +820,7 @@ def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:
         ring = 2 * (s["world_size"] - 1) / s["world_size"] / (link * 1e9 / 8)
         lines.append(f"  at {link:g} Gbit/s    ~{s['bytes_sent'] * ring:.3g} s on the wire "
                      f"(dense DDP ~{s['dense_bytes'] * ring:.3g} s), ring all-reduce estimate")
+    lines += summary_lines(s)  # diff pruning, task diff, width core
     lines.append(f"  outputs          {s['run_dir']}")
     return "\n".join(lines)
 

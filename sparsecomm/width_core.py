@@ -153,6 +153,66 @@ def width_core_mask(model: nn.Module, fraction: float) -> Mask:
     return Mask(bits).validate(model)
 
 
+@torch.no_grad()
+def isolate_core(model: nn.Module, fraction: float) -> nn.Module:
+    """Zero, in place, every weight from a non-core unit into a core unit (and the head's
+    non-core input columns); returns ``model``.
+
+    Afterwards the full model's output IS the exported core's output (``export_core``), and it
+    stays so while only the core's entries train (core steps: the zeroed weights are outside the
+    width-core mask, so the masked optimizer never moves them): core-only training then trains
+    exactly the standalone core. Full steps (core/full) train the zeroed weights like any other.
+    Non-core units still compute; nothing reads them until a full step grows those weights.
+    """
+    for layer in _chain(model, fraction)[1:]:   # the first layer reads the inputs, all in the core
+        layer.module.weight[:layer.keep_out, layer.keep_in:] = 0
+    return model
+
+
+class NestedCore:
+    """Keep the width core a standalone subnetwork of the full model during core/full training.
+
+    * At construction, :func:`isolate_core`: weights from non-core into core units start at 0.
+    * Core steps (``begin_step(full=False)`` ... ``end_step()``): the head reads the core's units
+      only (its non-core columns are 0 for the forward and backward and restored bit-exactly at
+      ``end_step``), so a core step's loss is the standalone core's: core steps train exactly
+      ``export_core(model)``.
+    * Full steps (``begin_step(full=True)`` ... ``end_step()``): everything trains; afterwards the
+      hidden layers' non-core -> core weights go back to 0, so core units never read non-core
+      units (a nested model, as in HeteroFL / ordered dropout). The head's non-core columns DO
+      train, so the full model uses all its units.
+
+    The exported core is then the full model's own core view. Nothing travels; every rank applies
+    the same in-place edits to identical weights. Call ``end_step`` after the optimizer step
+    (the masked optimizer never writes the head's non-core columns, being outside the core).
+    """
+
+    def __init__(self, model: nn.Module, fraction: float):
+        self.layers = _chain(model, fraction)
+        isolate_core(model, fraction)
+        self._saved: torch.Tensor | None = None
+        self._full = False
+
+    @torch.no_grad()
+    def begin_step(self, full: bool) -> None:
+        self._full = bool(full)
+        if not full:
+            head = self.layers[-1]
+            w = head.module.weight
+            self._saved = w[:, head.keep_in:].clone()
+            w[:, head.keep_in:] = 0
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        if self._saved is not None:
+            head = self.layers[-1]
+            head.module.weight[:, head.keep_in:] = self._saved
+            self._saved = None
+        if self._full:
+            for layer in self.layers[1:-1]:
+                layer.module.weight[:layer.keep_out, layer.keep_in:] = 0
+
+
 def _narrow_linear(m: nn.Linear, o: int, i: int) -> nn.Linear:
     new = nn.Linear(i, o, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
     with torch.no_grad():

@@ -84,6 +84,31 @@ def test_table_json_and_plots_written(tiny_run):
     assert not (out / "tmp").exists()
 
 
+def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
+    """--merge: rows of (model, link, ranks) not re-measured are kept, re-measured ones replaced;
+    --render-only rebuilds the table from comm.json alone."""
+    out, result = tiny_run
+    with open(out / "comm.json") as f:
+        saved = json.load(f)
+    other = [dict(r, model="othermodel", run={"command": "python benchmarks/comm.py --models othermodel",
+                                              "date": "2026-01-01T00:00:00"}) for r in saved["rows"]]
+    prev = dict(saved, rows=other + saved["rows"])
+    (tmp_path / "comm.json").write_text(json.dumps(prev))
+    fresh = [dict(r, step_s=r["step_s"] * 2) for r in saved["rows"]]  # "re-measured" tiny rows
+    rows, failures = comm.merge_previous(str(tmp_path / "comm.json"), fresh, {})
+    assert len(rows) == 2 * len(saved["rows"]) and failures == {}
+    assert [r["model"] for r in rows].count("othermodel") == len(other)
+    tiny = [r for r in rows if r["model"] == "tiny"]
+    assert [r["step_s"] for r in tiny] == [r["step_s"] for r in fresh]  # replaced, not duplicated
+    assert comm.merge_previous(str(tmp_path / "missing.json"), fresh, {})[0] == fresh
+    prev["rows"] = rows
+    (tmp_path / "comm.json").write_text(json.dumps(prev))
+    res = comm.main(["--render-only", "--out", str(tmp_path)])
+    md = (tmp_path / "comm.md").read_text()
+    assert "Rows merged from several runs" in md and "othermodel/unshaped/N2" in md
+    assert md.count("| othermodel |") == len(other) and len(res["rows"]) == len(rows)
+
+
 def test_time_to_accuracy_smoke(tmp_path):
     import time_to_accuracy
 
@@ -114,7 +139,8 @@ def test_small_benchmarks_run(tmp_path):
     import workloads
 
     r = fisher_speed.measure("tiny", samples=16, repeats=1, chunk_size=8)
-    assert r["max_rel_diff"] < 1e-4 and r["vmap_s"] > 0 and r["loop_s"] > 0
+    assert r["engine"] == "layers" and r["max_rel_diff"] < 1e-4 and r["vec_s"] > 0 and r["loop_s"] > 0
+    assert r["vmap_s"] > 0 and r["vmap_max_rel_diff"] < 1e-4 and r["fwd_bwd_s"] > 0
     rows = optimizer_state.measure("tiny", [0.1])
     assert rows[0]["masked_bytes"] == rows[0]["independent_bytes"]
     assert 0.9 < rows[0]["ratio_over_density"] < 1.1

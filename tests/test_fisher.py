@@ -62,12 +62,15 @@ def reference_mask(scores, k):
     return top
 
 
+@pytest.mark.parametrize("engine", ["layers", "vmap"])
 @pytest.mark.parametrize("method", ["empirical", "expected"])
-def test_vmap_scores_equal_per_example_loop(method):
+def test_vmap_scores_equal_per_example_loop(method, engine):
     m = model()
     ref = reference_scores(m, data(30), method)
-    got, seen = fisher_scores(m, data(30), nn.functional.cross_entropy, num_samples=30, method=method, chunk_size=7)
-    assert seen == 30
+    stats = {}
+    got, seen = fisher_scores(m, data(30), nn.functional.cross_entropy, num_samples=30, method=method, chunk_size=7,
+                              engine=engine, stats=stats)
+    assert seen == 30 and stats["engine"] == engine
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7)
     assert m.training, "the model's mode is restored"
@@ -132,8 +135,10 @@ def test_dict_inputs():
     ids = torch.randint(0, 20, (6, 5))
     am = torch.ones(6, 5, dtype=torch.long)
     y = torch.randint(0, 2, (6,))
+    stats = {}
     got, _ = fisher_scores(kw, [({"input_ids": ids, "attention_mask": am}, y)], nn.functional.cross_entropy,
-                           num_samples=6)
+                           num_samples=6, stats=stats)
+    assert stats["engine"] == "vmap" and "Embedding" in stats["fallback_reason"]
     want = {n: torch.zeros_like(p) for n, p in kw.named_parameters()}
     for i in range(6):
         kw.zero_grad()
@@ -142,3 +147,98 @@ def test_dict_inputs():
             want[n] += p.grad ** 2
     for n in want:
         torch.testing.assert_close(got[n], want[n])
+
+
+# ---- the "layers" engine on every layer kind it handles, and its fall-backs to vmap ----------------
+
+def loop_scores(m, x, y):
+    """Independent reference: one example at a time, plain autograd, eval mode."""
+    m.eval()
+    out = {n: torch.zeros_like(p) for n, p in m.named_parameters() if p.requires_grad}
+    for i in range(len(x)):
+        m.zero_grad()
+        nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                out[n] += p.grad ** 2
+    m.train()
+    return out
+
+
+class Seq(nn.Module):
+    """Linear per token (not once per example), LayerNorm, BatchNorm1d, a strided dilated conv with bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2)
+        self.ln = nn.LayerNorm(6)
+        self.tok = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.conv(x)                              # (B, 3, 4, 4)
+        h = h.flatten(2)[:, :, :12].reshape(len(x), 6, 6)  # 6 "tokens" of width 6
+        h = torch.tanh(self.tok(self.ln(h)))          # (B, 6, 5): Linear applied per token
+        return self.head(torch.relu(self.bn(h.mean(1))))
+
+
+def test_layers_engine_exact_on_sequences_layernorm_batchnorm1d_strided_conv():
+    torch.manual_seed(0)
+    m = Seq()
+    m.bn.running_mean.uniform_(-0.5, 0.5)
+    m.bn.running_var.uniform_(0.5, 2)
+    m.tok.bias.requires_grad_(False)  # frozen entries are not scored
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(13, 2, 8, 8, generator=g), torch.randint(0, 3, (13,), generator=g)
+    stats = {}
+    got, _ = fisher_scores(m, [(x[:9], y[:9]), (x[9:], y[9:])], nn.functional.cross_entropy, num_samples=13,
+                           chunk_size=4, engine="layers", stats=stats)
+    want = loop_scores(m, x, y)
+    assert stats == {"engine": "layers"} and set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7)
+
+
+class Inplace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(x)))
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.back, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.back.weight = self.fc.weight
+
+    def forward(self, x):
+        return self.head(self.back(torch.tanh(self.fc(x))))
+
+
+@pytest.mark.parametrize("cls, why", [(Inplace, "in place"), (Twice, "more than once"), (Tied, "shared")])
+def test_auto_falls_back_to_vmap_and_stays_exact(cls, why):
+    torch.manual_seed(0)
+    m = cls()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(7, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    stats = {}
+    got, _ = fisher_scores(m, [(x, y)], nn.functional.cross_entropy, num_samples=7, stats=stats)
+    assert stats["engine"] == "vmap" and why in stats["fallback_reason"]
+    want = loop_scores(m, x, y)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="engine='layers' cannot score this model"):
+        fisher_scores(m, [(x, y)], nn.functional.cross_entropy, num_samples=7, engine="layers")

@@ -1,0 +1,113 @@
+"""Elastic restart, for real: the app under ``torchrun --max-restarts``, rank 1 SIGKILLed mid-run.
+
+torchrun restarts both workers, they resume from the last checkpoint, and the run ends with
+exactly the parameters of an uninterrupted run (2 Gloo ranks, digits, CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from test_app import app_env
+
+ARGS = ["steps=240", "batch_size=16", "eval_every=0", "logging.progress=false", "logging.log_every=10",
+        "mask.num_samples=64", "schedule.dense_steps=20", "cluster.num_threads=1", "cluster.nproc_per_node=2",
+        "checkpoint.every=40"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(out: Path, run_id: str, max_restarts: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", run_id, "--monitor-interval", "0.1",
+           "-m", "sparsecomm.train", *ARGS, f"out_dir={out}", f"run_id={run_id}"]
+    return subprocess.Popen(cmd, cwd=out, env={**app_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def worker_pid(run_id: str, rank: int) -> int | None:
+    """The pid of the worker of this torchrun run with this RANK, from /proc/<pid>/environ."""
+    want = {f"TORCHELASTIC_RUN_ID={run_id}".encode(), f"RANK={rank}".encode()}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= env:
+            return int(entry)
+    return None
+
+
+def load_params(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sigkill_one_rank_restarts_and_matches_the_uninterrupted_run(tmp_path):
+    run_id = f"cut{os.getpid()}"
+    full = torchrun(tmp_path, "full", max_restarts=0)  # the reference, at the same time (start-up dominates)
+    cut = torchrun(tmp_path, run_id, max_restarts=2)
+    run_dir = tmp_path / run_id
+    killed = None
+    deadline = time.time() + 120
+    try:
+        while killed is None and time.time() < deadline and cut.poll() is None:
+            evs = events(run_dir)
+            ckpts = [e["step"] for e in evs if e["event"] == "checkpoint"]
+            trained = [e["step"] for e in evs if e["event"] == "train"]
+            if ckpts and trained and trained[-1] > ckpts[-1] and trained[-1] < 200:
+                pid = worker_pid(run_id, 1)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = (pid, ckpts[-1], trained[-1])
+            time.sleep(0.02)
+        _, err = cut.communicate(timeout=200)
+        _, full_err = full.communicate(timeout=200)
+    finally:
+        for proc in (cut, full):
+            if proc.poll() is None:
+                proc.kill()
+    assert full.returncode == 0, full_err[-4000:]
+    assert killed is not None, f"the run ended before a kill was possible:\n{err[-3000:]}"
+    assert cut.returncode == 0, err[-4000:]
+
+    evs = events(run_dir)
+    resumes = [e for e in evs if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= killed[1] and not resumes[0]["resharded"], resumes
+    summary = json.loads((run_dir / "summary.json").read_text())
+    full_summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["resumed_from"] and full_summary["resumed_from"] is None
+    for key in ("bytes_sent", "dense_bytes", "test_acc", "test_loss", "mask_digest"):
+        assert summary[key] == full_summary[key], key
+
+    a, b = load_params(tmp_path / "full" / "model.safetensors"), load_params(run_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
