@@ -21,5 +21,9 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     export OMP_NUM_THREADS
 fi
 
+# A fresh rendezvous store per restart attempt: with the shared one, restarted ranks can read
+# the previous attempt's Gloo/NCCL addresses (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 exec "$python" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
     -m sparsecomm.train "cluster.nproc_per_node=$nproc" "$@"
