@@ -296,7 +296,7 @@ def width_core_report(trainer, initial_core: torch.nn.Module | None) -> dict[str
     number of steps on the same batches under plain DDP (dense optimizer at ``mask.alone_lr``,
     default ``optim.dense_lr``, same lr schedule) and evaluate it: the paper's comparison.
     """
-    from .trainer import evaluate
+    from .data import evaluate
     from .width_core import export_core
 
     cfg, fraction = trainer.cfg, float(trainer.cfg.mask.fraction)
@@ -322,7 +322,8 @@ def train_alone(model: torch.nn.Module, trainer, lr: float | None = None) -> dic
     from torch.nn.parallel import DistributedDataParallel
 
     from .schedule import set_lr
-    from .trainer import ShardedData, build_optimizer, evaluate, forward
+    from .data import ShardedData, evaluate, forward
+    from .trainer import build_optimizer
 
     cfg, device = trainer.cfg, trainer.device
     model = copy.deepcopy(model).to(device).train()

@@ -132,8 +132,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
 
     from . import launch, trainer
+    from .config import check_config
 
-    trainer.check_config(cfg)
+    check_config(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
     plan = launch.plan(cfg.cluster)
     if plan.mode in ("join", "single"):
@@ -154,7 +155,7 @@ def preflight(config_name: str, overrides: list[str]) -> None:
     """Compose and check the config before Hydra runs, so bad overrides fail in one line."""
     from hydra import compose, initialize_config_module
 
-    from .trainer import check_config
+    from .config import check_config
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides)

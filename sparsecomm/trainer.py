@@ -1,17 +1,17 @@
 """The trainer: one config builds every component; the trainer wires them and runs the steps.
 
-Components, each small and usable alone::
+Components, each small and usable alone, each in its own module::
 
-    check_config(cfg)            every field checked up front; errors name the field and the fix
-    ShardedData                  this rank's shard of the training set (DistributedSampler), its
-                                 Fisher batches, its slice of the test set
+    config.check_config(cfg)     every field checked up front; errors name the field and the fix
+    data.ShardedData             this rank's shard of the training set (DistributedSampler), its
+                                 Fisher batches, its slice of the test set; data.evaluate
     MaskSource                   mask/: fisher (on the rank's own shard) | random | width_core |
                                  file | dense (None); diff_pruning's comes from its L0 phase
                                  (sparsecomm/phases.py, as do the task diff and width-core report)
-    GradientSync                 the masked all-reduce hook (or plain DDP for mask=dense); bytes
+    gradient_sync.GradientSync   the masked all-reduce hook (or plain DDP for mask=dense); bytes
     build_optimizer              optim/: masked AdamW/SGD over the mask, or torch's dense one
-    evaluate                     test accuracy: each rank its slice, counts all-reduced
-    Trainer                      schedule/ decides, per step, dense or sparse and when to mask
+    Trainer                      schedule/ decides, per step, dense or sparse and when to mask;
+                                 checkpoints and resume (sparsecomm/fault.py)
 
 What crosses the network per step is the hook's business (see :mod:`sparsecomm.hook`); the
 trainer adds one all-reduce of a few float64 numbers per log line and per evaluation, and a
@@ -46,177 +46,25 @@ compare the config hash and mask digest at start, after a resume and after every
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torch.utils._pytree import tree_map
 
 from . import distributed as sdist
 from . import fault, launch
-from .metrics import check_wandb, human_bytes, make_logger
-from .phases import L0Phase, TaskDiffRecorder, build_schedule, check_mask_config, run_outputs, summary_lines
+from .config import ConfigError, config_hash
+from .data import ShardedData, build_task, evaluate, forward
+from .gradient_sync import GradientSync
+from .metrics import human_bytes, make_logger
+from .phases import L0Phase, TaskDiffRecorder, build_schedule, run_outputs, summary_lines
 from .schedule import LRSchedule, set_lr
-
-MASK_KINDS = ("fisher", "random", "dense", "file", "diff_pruning", "width_core")
-OPTIMIZERS = ("adamw", "sgd")
-
-
-class ConfigError(ValueError):
-    """A config value the app cannot run with; the message names the field and the fix."""
-
-
-# --- configuration --------------------------------------------------------------------------
-
-def _positive(cfg: Mapping, key: str, prefix: str = "", minimum: float = 1, kind=int) -> Any:
-    value = cfg.get(key)
-    field = f"{prefix}{key}"
-    try:
-        v = kind(value)
-        if kind is int and v != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field}={value!r} is not a {'whole number' if kind is int else 'number'}") from None
-    if v < minimum:
-        raise ConfigError(f"{field}={value!r} must be >= {minimum}")
-    return v
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` (or the library's ValueError) naming the first bad field."""
-    from .hook import resolve_wire_dtype
-    from .mask import check_density
-
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key} is required but not set; add {e.full_key}=... to the command line") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}") from None
-    for key in ("steps", "batch_size", "eval_batch_size"):
-        _positive(cfg, key)
-    _positive(cfg, "eval_every", minimum=0)
-    _positive(cfg, "num_workers", minimum=0)
-    launch.check_cluster(cfg.cluster)
-    if not cfg.get("task") or "_target_" not in cfg.task:
-        raise ConfigError("task has no _target_; pick a task config, e.g. task=digits")
-
-    mask = cfg.mask
-    if mask.get("name") not in MASK_KINDS:
-        raise ConfigError(f"mask.name={mask.get('name')!r} is unknown; use mask=fisher, mask=random, mask=file, "
-                          f"mask=diff_pruning, mask=width_core or mask=dense")
-    if mask.name == "file":
-        if not os.path.isfile(str(mask.get("path"))):
-            raise ConfigError(f"mask.path={mask.get('path')!r} is not a file; point it at a saved mask, e.g. "
-                              f"mask.path=outputs/<run>/mask.safetensors")
-    elif mask.name not in ("dense", "width_core"):
-        check_density(mask.get("density"), field="mask.density")
-    check_mask_config(mask, cfg.steps, cfg.schedule)  # diff_pruning / width_core fields
-    if mask.name == "fisher":
-        from .fisher import METHODS
-
-        if mask.get("method") not in METHODS:
-            raise ConfigError(f"mask.method={mask.get('method')!r} is unknown; use one of {', '.join(METHODS)}")
-        for key in ("num_samples", "batch_size", "chunk_size"):
-            _positive(mask, key, "mask.")
-
-    schedule = build_schedule(cfg)
-    LRSchedule.from_config(cfg.schedule.get("lr", {}), schedule.steps)
-
-    optim = cfg.optim
-    if optim.get("name") not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={optim.get('name')!r} is unknown; use optim=adamw or optim=sgd")
-    for key in ("lr", "dense_lr"):
-        value = optim.get(key)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"optim.{key}={value!r} must be a positive number, e.g. optim.{key}=0.01")
-    try:
-        resolve_wire_dtype(cfg.comm.get("wire_dtype"))
-    except ValueError as e:
-        raise ConfigError(f"comm.{e}") from None
-    check_wandb(cfg.get("logging"))
-    fault.check_config(cfg)
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True, sort_keys=True).encode()).hexdigest()
-
-
-# --- data -------------------------------------------------------------------------------------
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
-
-
-def forward(model: torch.nn.Module, inputs: Any):
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-
-
-class ShardedData:
-    """This rank's data: a different shard of the training set per rank, and of the test set.
-
-    Training batches come from a ``DistributedSampler`` (reshuffled every epoch, seed shared by
-    the ranks, so shards never overlap within an epoch); the stream is endless and knows its
-    position (``epoch``, ``batch``) for checkpoints.
-    """
-
-    def __init__(self, task, rank: int, world: int, *, batch_size: int, eval_batch_size: int, seed: int,
-                 device: torch.device, num_workers: int = 0):
-        self.task, self.rank, self.world, self.seed, self.device = task, rank, world, seed, device
-        self.sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        shard = len(self.sampler)
-        if shard < batch_size:
-            raise ConfigError(
-                f"batch_size={batch_size} is larger than this rank's shard of {shard} training examples "
-                f"({len(task.train_set)} over {world} ranks); lower batch_size")
-        pin = device.type == "cuda"
-        self.train_loader = DataLoader(task.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                       collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)
-        test_slice = Subset(task.test_set, range(rank, len(task.test_set), world))  # no padding: exact counts
-        self.test_loader = DataLoader(test_slice, batch_size=eval_batch_size, shuffle=False,
-                                      collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)
-        self.epoch, self.batch = 0, 0
-        self._it: Iterator | None = None
-
-    def next_batch(self) -> tuple[Any, Any]:
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                self._it = iter(self.train_loader)
-            try:
-                inputs, targets = next(self._it)
-                self.batch += 1
-                return to_device(inputs, self.device), to_device(targets, self.device)
-            except StopIteration:
-                self._it, self.epoch, self.batch = None, self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Resume the stream: same epoch, skipping the batches already trained on."""
-        self.epoch, self._it, self.batch = int(state["epoch"]), None, 0
-        for _ in range(int(state["batch"])):
-            self.next_batch()
-
-    def fisher_batches(self, round_: int, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        """This rank's own shard, in an order that changes with ``round_`` (one per mask)."""
-        sampler = DistributedSampler(self.task.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.seed + 7919 * (round_ + 1))
-        loader = DataLoader(self.task.train_set, batch_size=batch_size, sampler=sampler,
-                            collate_fn=self.task.collate_fn)
-        for inputs, targets in loader:
-            yield to_device(inputs, self.device), to_device(targets, self.device)
-
 
 # --- masks ------------------------------------------------------------------------------------
 
@@ -295,81 +143,7 @@ class MaskSource:
         return mask
 
 
-# --- communication ----------------------------------------------------------------------------
-
-class GradientSync:
-    """How gradients cross the network, and how many bytes that took.
-
-    ``masked``: the masked all-reduce hook, registered once with a full mask in dense mode
-    (dense steps send all n entries), switched to the real mask by :meth:`set_mask` and between
-    masked and dense per step by :meth:`set_dense`, never re-registered. Otherwise plain DDP
-    (mask=dense): every step sends all n entries, counted here.
-
-    A run that swaps its model (mask=diff_pruning: model -> L0 wrapper -> plain model) builds a
-    new one per model with ``previous=`` the old one: the counters go on. ``dense_bytes_per_step``
-    counts each step as dense DDP of the plain model (the L0 wrapper all-reduces about 2x that).
-    """
-
-    def __init__(self, ddp: DistributedDataParallel, *, masked: bool, comm: Mapping,
-                 previous: GradientSync | None = None, dense_bytes_per_step: int | None = None):
-        from . import Mask, register_masked_allreduce
-
-        self.state = None
-        self._plain_steps = 0
-        self._plain_bytes = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
-        if masked:
-            self.state = register_masked_allreduce(ddp, Mask.full(ddp.module), wire_dtype=comm.get("wire_dtype"),
-                                                   fused=bool(comm.get("fused", True)))
-            self.state.dense = True
-            if previous is not None:
-                self.state.bytes_sent, self.state.dense_bytes = previous.bytes_sent, previous.dense_bytes
-                self.state.steps = previous.state.steps if previous.state is not None else previous._plain_steps
-        self._dense_per_step = dense_bytes_per_step
-
-    def set_mask(self, mask) -> None:
-        self.state.set_mask(mask)
-
-    def set_dense(self, dense: bool) -> None:
-        if self.state is not None:
-            self.state.dense = dense
-
-    def after_backward(self) -> None:
-        if self.state is None:
-            self._plain_steps += 1
-        elif self._dense_per_step is not None:  # the hook counted this module's n_w x 4; count the plain model's
-            self.state.dense_bytes += self._dense_per_step - self._plain_bytes
-
-    def found_nonfinite(self, model: torch.nn.Module) -> bool:
-        """Whether the step's all-reduced gradient holds NaN/Inf; every rank reaches the same verdict.
-
-        Masked hook: its flag over the reduced values (k entries, or n on dense steps), no extra
-        traffic. Plain DDP: the reduced gradients are identical on every rank, checked locally
-        (one pass over n entries, nothing sent).
-        """
-        if self.state is not None:
-            return self.state.found_nonfinite()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"hook": self.state.state_dict() if self.state is not None else None, "plain_steps": self._plain_steps}
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        """Counters (and the hook's step/bytes); call after :meth:`set_mask` with the checkpoint's mask."""
-        self._plain_steps = int(sd["plain_steps"])
-        if self.state is not None and sd["hook"] is not None:
-            self.state.load_state_dict(sd["hook"])
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.state.bytes_sent if self.state is not None else self._plain_steps * self._plain_bytes
-
-    @property
-    def dense_bytes(self) -> int:
-        return self.state.dense_bytes if self.state is not None else self._plain_steps * self._plain_bytes
-
-
-# --- optimizers, evaluation -------------------------------------------------------------------
+# --- optimizers -------------------------------------------------------------------
 
 def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask=None) -> tuple[torch.optim.Optimizer, float]:
     """``(optimizer, base lr)``: masked over ``mask`` at ``optim.lr``, else dense at ``optim.dense_lr``."""
@@ -388,28 +162,6 @@ def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask=None) -> tuple[to
         return dense([p for p in model.parameters() if p.requires_grad], lr=lr, **kw), lr
     lr = float(cfg.lr)
     return masked(model, mask, lr=lr, **kw), lr
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, loss_fn, device: torch.device) -> dict[str, float]:
-    """Accuracy and mean loss over the test set: each rank its slice, one all-reduce of 3 float64."""
-    from .tasks import logits_of
-
-    was_training = model.training
-    model.eval()
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, examples, summed loss
-    for inputs, targets in loader:
-        inputs, targets = to_device(inputs, device), to_device(targets, device)
-        outputs = forward(model, inputs)
-        n = targets.shape[0]
-        stats[0] += (logits_of(outputs).argmax(-1) == targets).sum()
-        stats[1] += n
-        stats[2] += loss_fn(outputs, targets).double() * n
-    model.train(was_training)
-    if sdist.is_initialized():
-        dist.all_reduce(stats)
-    correct, count, loss = stats.tolist()
-    return {"test_acc": correct / max(count, 1), "test_loss": loss / max(count, 1), "test_examples": int(count)}
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -779,19 +531,6 @@ def _buffer_sync_kwargs(sync: bool) -> dict[str, bool]:
         return {}  # DDP's default
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def build_task(task_cfg: DictConfig):
-    """``hydra.utils.instantiate(cfg.task)``, unwrapping Hydra's error to the task's own."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(task_cfg, _convert_="all")
-    except InstantiationException as e:
-        if e.__cause__ is not None:
-            raise e.__cause__ from None
-        raise
 
 
 def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
-from sparsecomm.trainer import check_config
+from sparsecomm.config import check_config
 
 CONF = importlib.resources.files("sparsecomm.conf")
 GROUPS = ["cluster", "task", "mask", "schedule", "optim", "logging", "schedule/lr"]
@@ -34,12 +34,12 @@ def compose_train(*overrides: str, hydra_config: bool = False):
 
 def test_every_group_has_its_options():
     assert set(options("cluster")) >= {"local_cpu", "single_node_gpu", "slurm"}
-    assert set(options("schedule")) >= {"dense_warmup", "fish_fixed", "refresh"}
-    assert set(options("mask")) >= {"dense", "fisher", "random"}
+    assert set(options("schedule")) >= {"dense_warmup", "fish_fixed", "refresh", "core_full"}
+    assert set(options("mask")) >= {"dense", "fisher", "random", "diff_pruning", "width_core", "file"}
     assert set(options("optim")) >= {"adamw", "sgd"}
     assert set(options("logging")) >= {"default", "wandb"}
     assert set(options("schedule/lr")) >= {"constant", "cosine", "linear"}
-    assert "digits" in options("task")
+    assert set(options("task")) >= {"digits", "cifar10", "glue", "synthetic"}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

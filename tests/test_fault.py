@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from multirank import run_ranks
 
 import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
-from sparsecomm import trainer
+from sparsecomm import config, trainer
 
 TINY = ["task=synthetic", "task.in_features=32", "task.hidden=32", "task.depth=2", "task.num_train=256",
         "task.num_test=64", "batch_size=8", "eval_every=4", "logging.progress=false", "logging.log_every=3",
@@ -191,7 +191,7 @@ def test_mask_file_for_another_model_names_mask_path(tmp_path):
     path = str(tmp_path / "mask.safetensors")
     random_mask(models.mlp(32, 16, 2, 10), density=0.2).save(path)
     cfg = compose_cfg("mask=file", f"mask.path={path}", "schedule=fish_fixed", "steps=2")
-    trainer.check_config(cfg)  # the file exists; the model does not fit it
+    config.check_config(cfg)  # the file exists; the model does not fit it
     (res,) = run_ranks(_run, 1, cfg, str(tmp_path / "r"), timeout=120)
     assert res["error"].startswith(f"ConfigError: mask.path='{path}': ") and "another model" in res["error"]
     # a mask for this model trains
@@ -213,7 +213,7 @@ def test_mask_file_for_another_model_names_mask_path(tmp_path):
 ])
 def test_fault_config_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        trainer.check_config(compose_cfg(*override.split()))
+        config.check_config(compose_cfg(*override.split()))
 
 
 def _start(rank, world, cfgs, run_dir):
@@ -226,7 +226,7 @@ def _start(rank, world, cfgs, run_dir):
 
 def test_ranks_with_different_configs_stop_listing_each_hash(tmp_path):
     cfgs = [compose_cfg("mask=random", "steps=4"), compose_cfg("mask=random", "steps=4", "optim.lr=0.5")]
-    hashes = [trainer.config_hash(c) for c in cfgs]
+    hashes = [config.config_hash(c) for c in cfgs]
     for msg in run_ranks(_start, 2, cfgs, str(tmp_path), timeout=120):
         assert msg.startswith("RankDisagreement: ranks disagree on the config hash")
         assert f"rank 0: {hashes[0]}" in msg and f"rank 1: {hashes[1]}" in msg

@@ -16,7 +16,7 @@ from multirank import run_ranks
 
 import sparsecomm.diff as sdiff
 import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
-from sparsecomm import trainer
+from sparsecomm import config, data, trainer
 from sparsecomm.width_core import export_core, isolate_core, width_core_mask
 
 TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2", "task.num_train=256",
@@ -73,7 +73,7 @@ def records(tmp_path, event):
 def initial_model(cfg):
     """The task's initial model, rebuilt the way the trainer builds it (same seed)."""
     torch.manual_seed(cfg.seed)
-    return trainer.build_task(cfg.task).model
+    return data.build_task(cfg.task).model
 
 
 def assert_same_state(a: dict, b: dict):
@@ -184,7 +184,7 @@ def test_width_core_exported_and_evaluated_alone_and_trained_alone(tmp_path, cor
     for name, keep_out, keep_in in (("body.2.weight", 32, 32),):
         assert not final.get_parameter(name)[:keep_out, keep_in:].any()
     core = export_core(final, 0.5)
-    task = trainer.build_task(compose_cfg().task)
+    task = data.build_task(compose_cfg().task)
     x = torch.stack([task.test_set[i][0] for i in range(len(task.test_set))])
     y = torch.stack([task.test_set[i][1] for i in range(len(task.test_set))])
     with torch.no_grad():
@@ -268,13 +268,13 @@ def test_refresh_every_m_steps_ranks_agree_and_state_carries(tmp_path):
 ])
 def test_bad_fields_are_named(overrides, field):
     with pytest.raises(ValueError, match=field):
-        trainer.check_config(compose_cfg("steps=400", *overrides))
+        config.check_config(compose_cfg("steps=400", *overrides))
 
 
 def test_good_configs_pass():
-    trainer.check_config(compose_cfg("mask=diff_pruning"))  # the defaults: 100 L0 steps of 400
-    trainer.check_config(compose_cfg("mask=diff_pruning", "schedule=dense_warmup", "schedule.core_full=3:1"))
-    trainer.check_config(compose_cfg("mask=width_core", "schedule=core_full", "mask.compare_alone=true"))
+    config.check_config(compose_cfg("mask=diff_pruning"))  # the defaults: 100 L0 steps of 400
+    config.check_config(compose_cfg("mask=diff_pruning", "schedule=dense_warmup", "schedule.core_full=3:1"))
+    config.check_config(compose_cfg("mask=width_core", "schedule=core_full", "mask.compare_alone=true"))
 
 
 # --- the app, end to end --------------------------------------------------------------------------
