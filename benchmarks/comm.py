@@ -295,23 +295,23 @@ def render(result: dict) -> str:
 
 
 def merge_previous(path: str, rows: list[dict], failures: dict) -> tuple[list[dict], dict]:
-    """Rows of an earlier ``comm.json`` for the configurations (model, link, ranks) not in ``rows``,
+    """Rows of an earlier ``comm.json`` for the (model, link, ranks, variant) not in ``rows``,
     followed by ``rows``; each kept row keeps its own ``run`` (command, date)."""
     try:
         with open(path) as f:
             old = json.load(f)
     except FileNotFoundError:
         return rows, failures
-    fresh = {(r["model"], r["link"], r["world_size"]) for r in rows}
+    fresh = {(r["model"], r["link"], r["world_size"], r["variant"]) for r in rows}
     kept = []
     for r in old.get("rows", []):
-        if (r["model"], r["link"], r["world_size"]) in fresh:
+        if (r["model"], r["link"], r["world_size"], r["variant"]) in fresh:
             continue
         r.setdefault("run", {"command": old.get("command"), "date": old.get("environment", {}).get("date"),
                              "elapsed_s": old.get("elapsed_s")})
         kept.append(r)
     merged_failures = {k: v for k, v in old.get("failures", {}).items()
-                       if tuple(k.split("/")[:2]) not in {(m, link) for m, link, _ in fresh}}
+                       if tuple(k.split("/")[:2]) not in {(m, link) for m, link, _, _ in fresh}}
     merged_failures.update(failures)
     return kept + rows, merged_failures
 
@@ -337,8 +337,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure nothing: rebuild comm.md, the verdicts, the plots and the README block from "
                         "--out/comm.json")
     p.add_argument("--merge", action="store_true",
-                   help="keep the rows of --out/comm.json whose (model, link, ranks) this run does not measure, "
-                        "so runs of different models add up to one table")
+                   help="keep the rows of --out/comm.json whose (model, link, ranks, variant) this run does not "
+                        "measure, so runs of different models (or a re-run of some variants) add up to one table")
     a = p.parse_args(argv)
     if a.full:
         defaults = (["mlp", "resnet18", "gpt2"], ["100mbit", "1gbit", "10gbit", "unshaped"], [2, 4])

@@ -236,6 +236,8 @@ def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -
     for a, o, va, vo in seen.values():
         if a._version != va or o._version != vo:
             raise _Unsupported("a layer's input or output is modified in place (e.g. ReLU(inplace=True))")
+        if not o.requires_grad:
+            raise _Unsupported("a layer runs without autograd (e.g. under torch.no_grad())")
     mods = list(seen)
     outs = [seen[m][1] for m in mods]
     add = {n: torch.zeros_like(scores[n]) for m in mods for _, n in plan[m]}
