@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from . import fault, launch
+from .fields import whole_number
 from .metrics import check_wandb
 from .phases import build_schedule, check_mask_config
 from .schedule import LRSchedule
@@ -25,20 +24,6 @@ OPTIMIZERS = ("adamw", "sgd")
 
 class ConfigError(ValueError):
     """A config value the app cannot run with; the message names the field and the fix."""
-
-
-def _positive(cfg: Mapping, key: str, prefix: str = "", minimum: float = 1, kind=int) -> Any:
-    value = cfg.get(key)
-    field = f"{prefix}{key}"
-    try:
-        v = kind(value)
-        if kind is int and v != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field}={value!r} is not a {'whole number' if kind is int else 'number'}") from None
-    if v < minimum:
-        raise ConfigError(f"{field}={value!r} must be >= {minimum}")
-    return v
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -52,10 +37,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"{e.full_key} is required but not set; add {e.full_key}=... to the command line") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{getattr(e, 'full_key', '') or 'config'}: {str(e).splitlines()[0]}") from None
-    for key in ("steps", "batch_size", "eval_batch_size"):
-        _positive(cfg, key)
-    _positive(cfg, "eval_every", minimum=0)
-    _positive(cfg, "num_workers", minimum=0)
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("eval_batch_size", 1), ("eval_every", 0),
+                         ("num_workers", 0)):
+        whole_number(cfg.get(key), key, minimum, ConfigError)
     launch.check_cluster(cfg.cluster)
     if not cfg.get("task") or "_target_" not in cfg.task:
         raise ConfigError("task has no _target_; pick a task config, e.g. task=digits")
@@ -77,7 +61,7 @@ def check_config(cfg: DictConfig) -> None:
         if mask.get("method") not in METHODS:
             raise ConfigError(f"mask.method={mask.get('method')!r} is unknown; use one of {', '.join(METHODS)}")
         for key in ("num_samples", "batch_size", "chunk_size"):
-            _positive(mask, key, "mask.")
+            whole_number(mask.get(key), f"mask.{key}", 1, ConfigError)
 
     schedule = build_schedule(cfg)
     LRSchedule.from_config(cfg.schedule.get("lr", {}), schedule.steps)

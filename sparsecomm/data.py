@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from . import distributed as sdist
 from .config import ConfigError
 
+
 def to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
 

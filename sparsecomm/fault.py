@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as sdist
 from .checkpoint import CheckpointManager, CorruptCheckpoint, decode, verify
+from .fields import whole_number
 
 FORMAT = 1
 RESUME_MODES = ("auto", "never")
@@ -47,23 +48,11 @@ class NonFiniteGradients(ValueError):
 
 # --- config ---------------------------------------------------------------------------------
 
-def _whole(value: Any, field: str, minimum: int) -> int:
-    try:
-        v = int(value)
-        if isinstance(value, bool) or v != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise CheckpointError(f"{field}={value!r} is not a whole number; use an integer >= {minimum}") from None
-    if v < minimum:
-        raise CheckpointError(f"{field}={value!r} must be >= {minimum}")
-    return v
-
-
 def check_config(cfg: Mapping) -> None:
     """Check ``checkpoint.*`` and ``nonfinite.*``; errors name the field and the fix."""
     ck = cfg.get("checkpoint") or {}
-    _whole(ck.get("every", 0), "checkpoint.every", 0)
-    _whole(ck.get("keep", 3), "checkpoint.keep", 1)
+    whole_number(ck.get("every", 0), "checkpoint.every", 0, error=CheckpointError)
+    whole_number(ck.get("keep", 3), "checkpoint.keep", 1, error=CheckpointError)
     resume = ck.get("resume", "auto")
     if resume is None or str(resume).strip() == "":
         raise CheckpointError("checkpoint.resume is empty; use auto, never or the path of a checkpoint file or folder")
@@ -75,7 +64,7 @@ def check_config(cfg: Mapping) -> None:
     if directory is not None and os.path.exists(str(directory)) and not os.path.isdir(str(directory)):
         raise CheckpointError(f"checkpoint.dir={directory!r} is a file, not a folder; point it at a folder")
     nf = cfg.get("nonfinite") or {}
-    _whole(nf.get("max_in_a_row", 5), "nonfinite.max_in_a_row", 1)
+    whole_number(nf.get("max_in_a_row", 5), "nonfinite.max_in_a_row", 1, error=CheckpointError)
 
 
 def training_config(cfg: DictConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+
 class GradientSync:
     """How gradients cross the network, and how many bytes that took.
 

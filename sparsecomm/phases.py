@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as sdist
-from .schedule import Schedule, _int_field
+from .fields import whole_number
+from .schedule import Schedule, ScheduleError
 
 
 class PhaseConfigError(ValueError):
@@ -79,12 +80,12 @@ def check_mask_config(mask: Mapping, steps: int, schedule: Mapping) -> None:
     l0 = mask.get("l0_steps")
     if isinstance(l0, bool) or not isinstance(l0, int) or l0 < 1:
         raise PhaseConfigError(f"mask.l0_steps={l0!r} must be a whole number >= 1 (steps of the L0 phase)")
-    dense = _int_field(schedule.get("dense_steps", 0), "schedule.dense_steps")
+    dense = whole_number(schedule.get("dense_steps", 0), "schedule.dense_steps", error=ScheduleError)
     if dense + l0 >= int(steps):
         raise PhaseConfigError(
             f"mask.l0_steps={l0} leaves no fixed-mask step: schedule.dense_steps={dense} + mask.l0_steps={l0} "
             f"must be < steps={steps}; lower mask.l0_steps or raise steps")
-    if _int_field(schedule.get("refresh_every", 0), "schedule.refresh_every"):
+    if whole_number(schedule.get("refresh_every", 0), "schedule.refresh_every", error=ScheduleError):
         raise PhaseConfigError(
             f"schedule.refresh_every={schedule.get('refresh_every')} with mask=diff_pruning: the diff-pruning mask "
             f"is projected once, after the L0 phase; use schedule.refresh_every=0 (e.g. schedule=fish_fixed)")
@@ -321,8 +322,8 @@ def train_alone(model: torch.nn.Module, trainer, lr: float | None = None) -> dic
     of the same per-rank batches (same seed), and evaluate it. Sends ``numel x 4`` bytes a step."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from .schedule import set_lr
     from .data import ShardedData, evaluate, forward
+    from .schedule import set_lr
     from .trainer import build_optimizer
 
     cfg, device = trainer.cfg, trainer.device

@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+from .fields import whole_number
 
 LR_KINDS = ("constant", "cosine", "linear")
 
@@ -29,16 +32,7 @@ class ScheduleError(ValueError):
     """A schedule setting is invalid; the message names the field and the fix."""
 
 
-def _int_field(value: Any, field: str, minimum: int = 0) -> int:
-    try:
-        v = int(value)
-        if v != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ScheduleError(f"{field}={value!r} is not a whole number; use an integer >= {minimum}") from None
-    if v < minimum:
-        raise ScheduleError(f"{field}={value!r} must be >= {minimum}")
-    return v
+_whole = partial(whole_number, error=ScheduleError)
 
 
 @dataclass(frozen=True)
@@ -111,9 +105,9 @@ class Schedule:
         ``masked=False`` (mask=dense: every step is dense anyway) skips the check that the
         dense warm-up leaves sparse steps.
         """
-        steps = _int_field(steps, "steps", minimum=1)
-        dense_steps = _int_field(cfg.get("dense_steps", 0), "schedule.dense_steps")
-        refresh_every = _int_field(cfg.get("refresh_every", 0), "schedule.refresh_every")
+        steps = _whole(steps, "steps", minimum=1)
+        dense_steps = _whole(cfg.get("dense_steps", 0), "schedule.dense_steps")
+        refresh_every = _whole(cfg.get("refresh_every", 0), "schedule.refresh_every")
         if masked and dense_steps >= steps:
             raise ScheduleError(
                 f"schedule.dense_steps={dense_steps} leaves no sparse step of steps={steps}; "
@@ -164,14 +158,14 @@ class LRSchedule:
         name = str(cfg.get("name", "constant"))
         if name not in LR_KINDS:
             raise ScheduleError(f"schedule.lr.name={name!r} is unknown; use one of {', '.join(LR_KINDS)}")
-        warmup = _int_field(cfg.get("warmup_steps", 0), "schedule.lr.warmup_steps")
+        warmup = _whole(cfg.get("warmup_steps", 0), "schedule.lr.warmup_steps")
         try:
             min_ratio = float(cfg.get("min_ratio", 0.0))
         except (TypeError, ValueError):
             min_ratio = -1.0
         if not 0.0 <= min_ratio <= 1.0:
             raise ScheduleError(f"schedule.lr.min_ratio={cfg.get('min_ratio')!r} must be in [0, 1]")
-        return cls(name=name, total_steps=_int_field(total_steps, "steps", 1), warmup_steps=warmup,
+        return cls(name=name, total_steps=_whole(total_steps, "steps", 1), warmup_steps=warmup,
                    min_ratio=min_ratio)
 
     def factor(self, step: int) -> float:

@@ -63,7 +63,13 @@ from .config import ConfigError, config_hash
 from .data import ShardedData, build_task, evaluate, forward
 from .gradient_sync import GradientSync
 from .metrics import human_bytes, make_logger
-from .phases import L0Phase, TaskDiffRecorder, build_schedule, run_outputs, summary_lines
+from .phases import (
+    L0Phase,
+    TaskDiffRecorder,
+    build_schedule,
+    run_outputs,
+    summary_lines,
+)
 from .schedule import LRSchedule, set_lr
 
 # --- masks ------------------------------------------------------------------------------------
