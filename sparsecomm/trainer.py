@@ -488,6 +488,11 @@ class Trainer:
         return now, done, sent
 
     def _log_eval(self, done: int) -> dict[str, float]:
+        if self.buffer_bytes_per_step:
+            # Every rank evaluates with rank 0's buffers (BatchNorm statistics), those of the saved
+            # model: DDP broadcasts them before each training forward, not after the last one.
+            for b in self.model.buffers():
+                dist.broadcast(b, 0)
         result = evaluate(self.model, self.data.test_loader, self.task.loss_fn, self.device)
         self.log.log("eval", done, **result)
         self.log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")

@@ -86,3 +86,30 @@ def test_dense_is_plain_ddp(tmp_path):
 def test_density_too_small_for_the_head_names_mask_density(tmp_path):
     with pytest.raises(AssertionError, match=r"mask\.density=0\.0005"):
         run(tmp_path, "mask.density=0.0005", "schedule=fish_fixed", "steps=2")
+
+
+def _fit_buffers(rank, world, cfg, run_dir):
+    import torch
+
+    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
+    t.fit()
+    return {"buffers": {n: b.clone() for n, b in t.model.named_buffers() if b.dtype.is_floating_point}}
+
+
+def test_every_rank_evaluates_the_saved_model(tmp_path):
+    """Each rank evaluates its test slice with rank 0's BatchNorm statistics, i.e. those of
+    model.safetensors (DDP broadcasts them before each training forward, not after the last)."""
+    from safetensors.torch import load_file
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["task=digits", "mask=random", "schedule=fish_fixed", "mask.density=0.05",
+                                          "steps=6", "batch_size=16", "eval_every=0", "logging.progress=false",
+                                          "cluster.num_threads=1"])
+    r0, r1 = run_ranks(_fit_buffers, 2, cfg, str(tmp_path), timeout=120)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert r0["buffers"] and r0["buffers"].keys() == r1["buffers"].keys()
+    import torch
+
+    for name, b in r0["buffers"].items():
+        assert torch.equal(b, r1["buffers"][name]) and torch.equal(b, saved[name]), name
