@@ -251,11 +251,7 @@ def plots(rows: list[dict], out: str) -> list[str]:
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(f"{model}, {n} ranks", fontsize=9)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(report.save_figure(plt, fig, out, fname))
     return written
 
 
@@ -362,12 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_outputs(result: dict, out: str) -> None:
     """comm.json, comm.md, the plots and (for the default --out) the README block."""
-    report.write_json(os.path.join(out, "comm.json"), result)
-    text = render(result)
-    report.write_text(os.path.join(out, "comm.md"), "# Communication benchmark\n\n" + text)
+    report.publish(out, "comm", "Communication benchmark", result, render(result))
     result["plots"] = plots(result["rows"], out)
-    if report.is_default_out(out):
-        report.update_readme("comm", text)
 
 
 def main(argv=None) -> dict:

@@ -152,10 +152,7 @@ def main(argv=None) -> dict:
     text = (f"Command: `{result['command']}` ({result['environment']['date']}; auto: median of {a.repeats} after a "
             f"warm-up, chunk {a.chunk_size}; loop and torch.func vmap: one run)\n\n"
             + report.md_table(rows, COLUMNS) + "\n\n" + EXPLAIN + "\n\n" + report.verdicts_md(verdicts))
-    report.write_json(os.path.join(a.out, "fisher_speed.json"), result)
-    report.write_text(os.path.join(a.out, "fisher_speed.md"), "# Fisher scoring speed\n\n" + text)
-    if report.is_default_out(a.out):
-        report.update_readme("fisher_speed", text)
+    report.publish(a.out, "fisher_speed", "Fisher scoring speed", result, text)
     print()
     report.print_verdicts(verdicts)
     return result

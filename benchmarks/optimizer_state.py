@@ -77,10 +77,7 @@ def main(argv=None) -> dict:
               "verdicts": verdicts}
     text = (f"Command: `{result['command']}` ({result['environment']['date']})\n\n"
             + report.md_table(rows, COLUMNS) + "\n\n" + report.verdicts_md(verdicts))
-    report.write_json(os.path.join(a.out, "optimizer_state.json"), result)
-    report.write_text(os.path.join(a.out, "optimizer_state.md"), "# Optimizer state\n\n" + text)
-    if report.is_default_out(a.out):
-        report.update_readme("optimizer_state", text)
+    report.publish(a.out, "optimizer_state", "Optimizer state", result, text)
     print(report.md_table(rows, COLUMNS))
     report.print_verdicts(verdicts)
     return result

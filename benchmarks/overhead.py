@@ -155,10 +155,7 @@ def main(argv=None) -> dict:
               "verdicts": verdicts}
     text = (f"Command: `{result['command']}` ({result['environment']['date']}, 1 thread, median of {reps})\n\n"
             + report.md_table(rows, COLUMNS) + "\n\n" + report.verdicts_md(verdicts))
-    report.write_json(os.path.join(a.out, "overhead.json"), result)
-    report.write_text(os.path.join(a.out, "overhead.md"), "# Per-step overhead\n\n" + text)
-    if report.is_default_out(a.out):
-        report.update_readme("overhead", text)
+    report.publish(a.out, "overhead", "Per-step overhead", result, text)
     print()
     print(report.md_table(rows, COLUMNS))
     report.print_verdicts(verdicts)

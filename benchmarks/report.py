@@ -125,6 +125,23 @@ def is_default_out(out: str) -> bool:
     return os.path.abspath(out) == os.path.abspath(RESULTS)
 
 
+def publish(out: str, name: str, title: str, result: dict, text: str) -> None:
+    """``<out>/<name>.json`` and ``<name>.md``; the README block ``name`` when ``out`` is the default."""
+    write_json(os.path.join(out, f"{name}.json"), result)
+    write_text(os.path.join(out, f"{name}.md"), f"# {title}\n\n" + text)
+    if is_default_out(out):
+        update_readme(name, text)
+
+
+def save_figure(plt, fig, out: str, fname: str) -> str:
+    """Lay out, write ``<out>/<fname>`` (110 dpi) and close ``fig``; returns the path."""
+    fig.tight_layout()
+    path = os.path.join(out, fname)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --- plots -----------------------------------------------------------------------------------------
 def pyplot():
     """matplotlib with the file-only backend, or None (and a hint) when it is not installed."""

@@ -111,11 +111,7 @@ def plots(task: str, runs: list[dict], out: str) -> list[str]:
                      f"(mean of {len({r['seed'] for r in runs})} seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(report.save_figure(plt, fig, out, fname))
     return paths
 
 
@@ -204,11 +200,8 @@ def main(argv=None) -> dict:
                 f"density {a.density:g}; {res['environment']['date']}, {res['elapsed_s']:.0f} s in all.\n\n"
                 + report.md_table(rows, columns(a.threshold)) + "\n\n" + report.verdicts_md(vds)
                 + (f"\n\nThe worker failed (exit {rc}); rows above are the methods that finished." if rc else ""))
-        report.write_json(os.path.join(a.out, f"tta_{task}.json"), res)
-        report.write_text(os.path.join(a.out, f"tta_{task}.md"), f"# Time to accuracy: {task}\n\n" + text)
+        report.publish(a.out, f"tta_{task}", f"Time to accuracy: {task}", res, text)
         res["plots"] = plots(task, runs, a.out) if runs else []
-        if report.is_default_out(a.out):
-            report.update_readme(f"tta_{task}", text)
         print()
         print(report.md_table(rows, columns(a.threshold)))
         report.print_verdicts(vds)

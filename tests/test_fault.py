@@ -11,11 +11,9 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from appcfg import compose_app
 from multirank import run_ranks
 
-import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
 from sparsecomm import config, trainer
 
 TINY = ["task=synthetic", "task.in_features=32", "task.hidden=32", "task.depth=2", "task.num_train=256",
@@ -26,17 +24,8 @@ REFRESH = ["mask.num_samples=32", "mask.density=0.2", "schedule=refresh", "sched
 UNTIMED = ("time", "steps_per_s", "seconds", "path")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _warm_imports():
-    import torch._dynamo
-
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-
-
 def compose_cfg(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+    return compose_app(*TINY, *overrides)
 
 
 class _Crash(Exception):

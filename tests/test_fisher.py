@@ -1,5 +1,4 @@
 """fisher_mask against a plain per-example autograd loop written here, independently."""
-import warnings
 
 import pytest
 import torch

@@ -10,12 +10,10 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from appcfg import compose_app
 from multirank import run_ranks
 
 import sparsecomm.diff as sdiff
-import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
 from sparsecomm import config, data, trainer
 from sparsecomm.width_core import export_core, isolate_core, width_core_mask
 
@@ -24,21 +22,9 @@ TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2
         "cluster.num_threads=1", "schedule=fish_fixed"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _warm_imports():
-    """Import what DDP and the optimizers import lazily (torch._dynamo) once, before forking."""
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    __import__("torch._dynamo")
-
-
 def compose_cfg(*overrides):
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
-            tiny = [o for o in TINY if not (o.startswith("schedule=") and any(x.startswith("schedule=") for x in overrides))]
-            return compose("train", overrides=[*tiny, *overrides])
-    finally:
-        GlobalHydra.instance().clear()
+    schedule_given = any(o.startswith("schedule=") for o in overrides)
+    return compose_app(*(o for o in TINY if not (schedule_given and o.startswith("schedule="))), *overrides)
 
 
 def model_bits(model) -> str:

@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-
-import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
+from appcfg import compose_app
 from multirank import run_ranks
+
 from sparsecomm import trainer
 
 TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2", "task.num_train=256",
@@ -16,19 +14,8 @@ TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2
         "cluster.num_threads=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _warm_imports():
-    """Import what DDP and the optimizers import lazily (torch._dynamo) once, before forking."""
-    import torch
-
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    import torch._dynamo  # noqa: F401
-
-
 def compose_cfg(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+    return compose_app(*TINY, *overrides)
 
 
 def _fit(rank, world, cfg, run_dir):
@@ -101,11 +88,8 @@ def test_every_rank_evaluates_the_saved_model(tmp_path):
     model.safetensors (DDP broadcasts them before each training forward, not after the last)."""
     from safetensors.torch import load_file
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["task=digits", "mask=random", "schedule=fish_fixed", "mask.density=0.05",
-                                          "steps=6", "batch_size=16", "eval_every=0", "logging.progress=false",
-                                          "cluster.num_threads=1"])
+    cfg = compose_app("task=digits", "mask=random", "schedule=fish_fixed", "mask.density=0.05", "steps=6",
+                      "batch_size=16", "eval_every=0", "logging.progress=false", "cluster.num_threads=1")
     r0, r1 = run_ranks(_fit_buffers, 2, cfg, str(tmp_path), timeout=120)
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert r0["buffers"] and r0["buffers"].keys() == r1["buffers"].keys()
