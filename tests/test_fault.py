@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from appcfg import compose_app
+from apptest import Crash, compose_app, crash_before
 from multirank import run_ranks
 
 from sparsecomm import config, trainer
@@ -28,10 +28,6 @@ def compose_cfg(*overrides):
     return compose_app(*TINY, *overrides)
 
 
-class _Crash(Exception):
-    pass
-
-
 def _run(rank, world, cfg, run_dir, crash_at=None, poison=None):
     """Train; ``crash_at``: raise before that step on every rank; ``poison``: {rank: steps} NaN inputs."""
     try:
@@ -39,13 +35,7 @@ def _run(rank, world, cfg, run_dir, crash_at=None, poison=None):
     except ValueError as e:
         return {"error": f"{type(e).__name__}: {e}"}
     if crash_at is not None:
-        real_step = t.train_step
-
-        def train_step(step):
-            if step == crash_at:
-                raise _Crash
-            return real_step(step)
-        t.train_step = train_step
+        crash_before(t, crash_at)
     if poison and rank in poison:
         real_batch = t.data.next_batch
 
@@ -55,7 +45,7 @@ def _run(rank, world, cfg, run_dir, crash_at=None, poison=None):
         t.data.next_batch = next_batch
     try:
         summary = t.fit()
-    except _Crash:
+    except Crash:
         return {"crashed": True}
     except (ValueError, RuntimeError) as e:
         return {"error": f"{type(e).__name__}: {e}"}

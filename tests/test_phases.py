@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from appcfg import compose_app
+from apptest import Crash, compose_app, crash_before
 from multirank import run_ranks
 
 import sparsecomm.diff as sdiff
@@ -291,23 +291,13 @@ def test_app_diff_pruning_writes_a_task_diff_that_rebuilds_the_model(tmp_path):
 
 # --- checkpoints (issue 6's extension point) ------------------------------------------------------
 
-class _Crash(Exception):
-    pass
-
-
 def _run_with_crash(rank, world, cfg, run_dir, crash_at=None):
     t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
     if crash_at is not None:
-        real = t.train_step
-
-        def train_step(step):
-            if step == crash_at:
-                raise _Crash
-            return real(step)
-        t.train_step = train_step
+        crash_before(t, crash_at)
     try:
         summary = t.fit()
-    except _Crash:
+    except Crash:
         return "crashed"
     finally:
         t.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from appcfg import compose_app
+from apptest import compose_app
 from multirank import run_ranks
 
 from sparsecomm import trainer

@@ -1,4 +1,4 @@
-"""The app's config for tests, composed with Hydra's compose API (as the app composes it)."""
+"""Helpers for tests of the app: its config composed as the app composes it, a crash on cue."""
 from __future__ import annotations
 
 from hydra import compose, initialize_config_module
@@ -16,3 +16,18 @@ def compose_app(*overrides: str) -> DictConfig:
             return compose("train", overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+
+
+class Crash(Exception):
+    """Raised by a trainer armed with :func:`crash_before`."""
+
+
+def crash_before(trainer, step: int) -> None:
+    """Make ``trainer`` raise :class:`Crash` when it is about to train ``step`` (a killed job)."""
+    real_step = trainer.train_step
+
+    def train_step(s):
+        if s == step:
+            raise Crash
+        return real_step(s)
+    trainer.train_step = train_step
