@@ -129,7 +129,10 @@ def fisher_scores(model: nn.Module, data: Iterable, loss_fn: Callable, *, num_sa
                     plan = None
                     stats.update(engine="vmap", fallback_reason=str(e))
             if plan is None and vectorized:
-                _accumulate_vmap(scores, per_example, params, buffers, x, y, model, method, chunk_size)
+                with warnings.catch_warnings():  # functorch's note that an op (e.g. CPU flash attention)
+                    # has no batching rule and is looped over: correct, only slower; not the user's to fix
+                    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+                    _accumulate_vmap(scores, per_example, params, buffers, x, y, model, method, chunk_size)
             elif not vectorized:
                 _accumulate_loop(scores, loss_fn, x, y, model, method)
             seen += take

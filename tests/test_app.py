@@ -80,6 +80,39 @@ def test_default_job_two_workers(tmp_path):
     assert torch.isfinite(torch.cat([p.reshape(-1) for p in model.parameters()])).all()
 
 
+def test_glue_minilm_transfer_job(tmp_path):
+    """The paper's transfer setting end to end: the packaged pretrained MiniLM fine-tuned on GLUE
+    TSVs under task.data_dir, FISH mask after 2 dense steps, 2 workers; the task diff rebuilds it."""
+    import torch
+    from apptest import compose_app
+    from safetensors.torch import load_file, load_model
+
+    pytest.importorskip("transformers")
+    from sparsecomm import diff
+    from sparsecomm.data import build_task
+
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    rows = ["sentence\tlabel"] + [f"{w} film {i}\t{int(w == 'great')}" for i in range(24) for w in ("great", "dull")]
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("\n".join(rows) + "\n")
+    args = ["task=glue", f"task.data_dir={data}", "task.max_length=12", "steps=4", "batch_size=4", "eval_every=0",
+            "mask.num_samples=8", "mask.batch_size=4", "mask.chunk_size=4", "schedule.dense_steps=2",
+            "logging.progress=false", f"out_dir={tmp_path}", "run_id=glue"]
+    proc = run_app(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "glue"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "glue-sst2" and summary["k"] == round(0.005 * summary["numel"])
+    assert summary["bytes_sent"] == 2 * summary["numel"] * 4 + 2 * summary["k"] * 4
+
+    base = build_task(compose_app(*args).task).model
+    load_model(base, str(run_dir / "base.safetensors"))
+    rebuilt = diff.apply(base, run_dir / "task_diff.safetensors").state_dict()
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert final.keys() <= rebuilt.keys() and all(torch.equal(t, rebuilt[n]) for n, t in final.items())
+
+
 def test_torchrun_ranks_join_and_share_one_run_dir(tmp_path):
     """cluster/torchrun_local.sh: torchrun starts the ranks, the app starts none; one run dir."""
     out = tmp_path / "out"

@@ -194,7 +194,9 @@ def test_glue_with_packaged_minilm(tmp_path, task):
     assert t.head == ["classifier.*"] and t.num_classes == 2 and (len(t.train_set), len(t.test_set)) == (2, 2)
     x, y = t.train_set[0]
     assert set(x) == {"input_ids", "attention_mask", "token_type_ids"}
-    assert all(v.shape == (24,) and v.dtype == torch.int64 for v in x.values()) and y.dtype == torch.int64
+    assert all(x[k].shape == (24,) and x[k].dtype == torch.int64 for k in ("input_ids", "token_type_ids"))
+    assert x["attention_mask"].shape == (1, 1, 24) and x["attention_mask"].dtype == torch.float32
+    assert y.dtype == torch.int64
     if task == "mrpc":
         assert x["token_type_ids"].max() == 1, "sentence pairs are encoded as pairs"
     xb, yb = next(iter(DataLoader(t.train_set, batch_size=2)))
@@ -204,6 +206,33 @@ def test_glue_with_packaged_minilm(tmp_path, task):
     loss.backward()
     assert all(n.startswith(("bert.", "classifier.")) for n, _ in t.model.named_parameters())
     assert t.model.classifier.weight.grad is not None
+
+
+@needs_transformers
+def test_glue_fisher_scores_are_vectorised_and_exact(tmp_path):
+    """Per-example Fisher scores of the pretrained MiniLM run under torch.func.vmap (transformers'
+    own 2D-mask handling cannot be traced by vmap) and equal the batch-size-1 loop's; the 4D mask
+    the loader hands out attends exactly like the tokenizer's 2D one."""
+    from sparsecomm.fisher import fisher_scores
+
+    torch.manual_seed(0)
+    t = glue.build(data_dir=str(write_glue(tmp_path, "mrpc")), task_name="mrpc", max_length=16)
+    model = t.model.eval()
+    xb, yb = next(iter(DataLoader(t.train_set, batch_size=2)))
+    mask_2d = t.train_set.enc["attention_mask"][:2].long()
+    assert (mask_2d == 0).any(), "the test wants padding"
+    with torch.no_grad():
+        ours = logits_of(model(**xb))
+        theirs = logits_of(model(**{**xb, "attention_mask": mask_2d}))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+    stats = {}
+    fast, n = fisher_scores(model, [(xb, yb)], t.loss_fn, num_samples=2, chunk_size=2, stats=stats)
+    slow, _ = fisher_scores(model, [(xb, yb)], t.loss_fn, num_samples=2, vectorized=False)
+    assert n == 2 and stats["engine"] == "vmap"
+    for name in ("classifier.weight", "bert.embeddings.word_embeddings.weight",
+                 "bert.encoder.layer.0.attention.self.query.weight"):
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------- synthetic

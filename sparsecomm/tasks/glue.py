@@ -101,7 +101,15 @@ def read_tsv(path: Path, spec: Spec) -> tuple[list[str], list[str] | None, list[
 
 
 class Encoded(Dataset):
-    """Token tensors stored compactly (ids int32, masks int8); items come back as int64."""
+    """Token tensors stored compactly (ids int32, masks int8); items come back as int64, except
+    ``attention_mask``, which comes back ready for attention: (1, 1, L) float32, 0 where a token
+    is attended and the dtype's minimum at padding.
+
+    Why not the tokenizer's (L,) 0/1 mask: transformers builds the 4D mask from it with
+    data-dependent Python control flow (``padding_mask.all()`` decides whether to skip it), which
+    ``torch.func.vmap`` cannot trace, so per-example Fisher scores would fail; a 4D mask is used
+    as given. Attention is the same either way.
+    """
 
     def __init__(self, enc: dict[str, torch.Tensor], labels: list[int]):
         self.enc = {k: v.to(torch.int32 if k == "input_ids" else torch.int8) for k, v in enc.items()}
@@ -111,7 +119,15 @@ class Encoded(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {k: v[i].long() for k, v in self.enc.items()}, self.labels[i]
+        item = {k: v[i].long() for k, v in self.enc.items()}
+        if "attention_mask" in item:
+            item["attention_mask"] = additive_attention_mask(item["attention_mask"])
+        return item, self.labels[i]
+
+
+def additive_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(L,) 0/1 -> (1, 1, L) float32: 0 where attended, the float32 minimum where padded."""
+    return ((1.0 - mask.float()) * torch.finfo(torch.float32).min)[None, None, :]
 
 
 def find_files(data_dir, spec: Spec) -> tuple[Path, Path]:
