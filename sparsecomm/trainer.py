@@ -563,8 +563,8 @@ def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:
     if s["mask_score_bytes"]:
         lines.append(f"  Fisher scores    {human_bytes(s['mask_score_bytes'])}  (all-reduce of n float64 per mask)")
     if s.get("buffer_bytes"):
-        lines.append(f"  buffers          {human_bytes(s['buffer_bytes'])}  (BatchNorm statistics DDP broadcasts "
-                     f"from rank 0, dense or not)")
+        lines.append(f"  buffers          {human_bytes(s['buffer_bytes'])}  (module buffers, e.g. BatchNorm "
+                     f"statistics, that DDP broadcasts from rank 0 every step, dense or not)")
     link = _link_gbit(cluster, s["world_size"]) if cluster is not None else None
     if link and s["world_size"] > 1:
         ring = 2 * (s["world_size"] - 1) / s["world_size"] / (link * 1e9 / 8)
