@@ -257,8 +257,8 @@ def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -
 def _sum_sq_bmm(left: torch.Tensor, right: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """sum_i (left_i @ right_i)**2 over the batch, chunk_size products at a time, in one reused buffer."""
     B = left.shape[0]
-    buf = torch.empty(min(B, chunk_size), left.shape[1], right.shape[2], dtype=left.dtype)
-    total = torch.zeros(left.shape[1], right.shape[2], dtype=left.dtype)
+    buf = left.new_empty(min(B, chunk_size), left.shape[1], right.shape[2])
+    total = left.new_zeros(left.shape[1], right.shape[2])
     for s in range(0, B, chunk_size):
         out = buf[:min(chunk_size, B - s)]
         torch.bmm(left[s:s + chunk_size], right[s:s + chunk_size], out=out)
@@ -286,29 +286,27 @@ def _layer_squares(mod, names, a, g, add, chunk_size) -> None:
     elif isinstance(mod, nn.Conv2d):
         g3 = g.reshape(B, g.shape[1], -1)  # (B, out, L)
         if "weight" in want:
-            wsq = torch.zeros(g3.shape[1], mod.weight[0].numel(), dtype=g3.dtype)
+            wsq = g3.new_zeros(g3.shape[1], mod.weight[0].numel())
             for s in range(0, B, chunk_size):  # unfold per chunk: (c, in*kh*kw, L) is kh*kw x the input
                 cols = F.unfold(a[s:s + chunk_size], mod.kernel_size, mod.dilation, mod.padding, mod.stride)
                 wsq += _sum_sq_bmm(g3[s:s + chunk_size], cols.transpose(1, 2), chunk_size)
         if "bias" in want:
             bsq = g3.sum(2).square().sum(0)
-    elif isinstance(mod, _BN):  # eval: y = (x - mean) / sqrt(var + eps) * weight + bias
-        shape = [1, -1] + [1] * (a.dim() - 2)
-        xhat = (a - mod.running_mean.float().view(shape)) / (mod.running_var.float().view(shape) + mod.eps).sqrt()
-        dims = tuple(range(2, a.dim()))
+    else:  # y = x_hat * weight + bias, elementwise: grad_i = sum over the example's other dims
+        if isinstance(mod, _BN):  # eval: x_hat = (x - mean) / sqrt(var + eps), over channel dim 1
+            shape = [1, -1] + [1] * (a.dim() - 2)
+            xhat = (a - mod.running_mean.float().view(shape)) / (mod.running_var.float().view(shape) + mod.eps).sqrt()
+            summed = tuple(range(2, a.dim()))
+        else:  # LayerNorm over the last len(normalized_shape) dims
+            red = tuple(range(a.dim() - len(mod.normalized_shape), a.dim()))
+            mean, var = a.mean(red, keepdim=True), a.var(red, unbiased=False, keepdim=True)
+            xhat = (a - mean) / (var + mod.eps).sqrt()
+            summed = tuple(range(1, a.dim() - len(red)))
+        per_example = (lambda t: t.sum(summed)) if summed else (lambda t: t)  # sum(()) would sum everything
         if "weight" in want:
-            wsq = ((g * xhat).sum(dims) if dims else g * xhat).square().sum(0)
+            wsq = per_example(g * xhat).square().sum(0)
         if "bias" in want:
-            bsq = (g.sum(dims) if dims else g).square().sum(0)
-    else:  # LayerNorm over the last len(normalized_shape) dims
-        red = tuple(range(a.dim() - len(mod.normalized_shape), a.dim()))
-        mean, var = a.mean(red, keepdim=True), a.var(red, unbiased=False, keepdim=True)
-        xhat = (a - mean) / (var + mod.eps).sqrt()
-        mid = tuple(range(1, a.dim() - len(red)))
-        if "weight" in want:
-            wsq = ((g * xhat).sum(mid) if mid else g * xhat).square().sum(0)
-        if "bias" in want:
-            bsq = (g.sum(mid) if mid else g).square().sum(0)
+            bsq = per_example(g).square().sum(0)
     if wsq is not None:
         add[want["weight"]] += wsq.reshape(add[want["weight"]].shape)
     if bsq is not None:
