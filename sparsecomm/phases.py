@@ -155,17 +155,15 @@ class L0Phase:
         """``(optimizer, base lr)``: torch's AdamW/SGD with two groups, ``w`` at ``optim.dense_lr``
         (``optim.weight_decay``) and the gates at ``mask.alpha_lr`` (no decay). The gate group's
         ``lr_scale`` keeps the ratio when the lr schedule sets the step's lr (``schedule.set_lr``)."""
+        from .trainer import dense_optimizer
+
         w = self.wrapper
         lr, alpha_lr = float(optim.dense_lr), float(self.cfg.alpha_lr)
         gates = list(w.log_alpha) + ([w.group_log_alpha] if w.group_log_alpha is not None else [])
-        groups = [{"params": list(w.diff), "lr": lr, "weight_decay": float(optim.get("weight_decay", 0.0))}]
+        groups = [{"params": list(w.diff)}]  # lr and weight decay: optim/'s
         if gates:
             groups.append({"params": gates, "lr": alpha_lr, "weight_decay": 0.0, "lr_scale": alpha_lr / lr})
-        if optim.name == "adamw":
-            return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
-                                     eps=float(optim.get("eps", 1e-8))), lr
-        return torch.optim.SGD(groups, lr=lr, momentum=float(optim.get("momentum", 0.0)),
-                               nesterov=bool(optim.get("nesterov", False))), lr
+        return dense_optimizer(optim, groups, lr), lr
 
     def penalty(self) -> torch.Tensor:
         """``l0_penalty x E[L0]`` to add to the task loss (the same on every rank)."""

@@ -151,23 +151,30 @@ class MaskSource:
 
 # --- optimizers -------------------------------------------------------------------
 
+def _optimizer_kwargs(cfg: Mapping) -> dict[str, Any]:
+    """``optim/``'s hyperparameters, as torch's AdamW/SGD (and our masked ones) take them."""
+    if cfg.name == "adamw":
+        kw = dict(betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)))
+    else:
+        kw = dict(momentum=float(cfg.get("momentum", 0.0)), nesterov=bool(cfg.get("nesterov", False)))
+    return {**kw, "weight_decay": float(cfg.get("weight_decay", 0.0))}
+
+
+def dense_optimizer(cfg: Mapping, params, lr: float) -> torch.optim.Optimizer:
+    """torch's AdamW/SGD per ``optim/`` over ``params`` (tensors or param groups) at ``lr``."""
+    return (torch.optim.AdamW if cfg.name == "adamw" else torch.optim.SGD)(params, lr=lr, **_optimizer_kwargs(cfg))
+
+
 def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask=None) -> tuple[torch.optim.Optimizer, float]:
     """``(optimizer, base lr)``: masked over ``mask`` at ``optim.lr``, else dense at ``optim.dense_lr``."""
     from . import MaskedAdamW, MaskedSGD
 
-    if cfg.name == "adamw":
-        kw = dict(betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)),
-                  weight_decay=float(cfg.get("weight_decay", 0.0)))
-        masked, dense = MaskedAdamW, torch.optim.AdamW
-    else:
-        kw = dict(momentum=float(cfg.get("momentum", 0.0)), nesterov=bool(cfg.get("nesterov", False)),
-                  weight_decay=float(cfg.get("weight_decay", 0.0)))
-        masked, dense = MaskedSGD, torch.optim.SGD
     if mask is None:
         lr = float(cfg.dense_lr)
-        return dense([p for p in model.parameters() if p.requires_grad], lr=lr, **kw), lr
+        return dense_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr), lr
     lr = float(cfg.lr)
-    return masked(model, mask, lr=lr, **kw), lr
+    masked = MaskedAdamW if cfg.name == "adamw" else MaskedSGD
+    return masked(model, mask, lr=lr, **_optimizer_kwargs(cfg)), lr
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -180,8 +187,7 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.rank, self.world = sdist.rank(), sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
-        sdist.assert_same_on_all_ranks(config_hash(cfg), "config hash",
-                                       fix="Start every rank with the same config and overrides.")
+        self._assert_same_config(config_hash(cfg))
         self.schedule = build_schedule(cfg)  # mask=diff_pruning: the L0 phase is part of the dense phase
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.get("lr", {}), cfg.steps)
 
@@ -241,6 +247,11 @@ class Trainer:
             f"schedule={self.schedule.name}, {self.world} ranks ({cfg.cluster.backend}, {device.type}), "
             f"run dir {self.run_dir}")
 
+    @staticmethod
+    def _assert_same_config(digest: str) -> None:
+        """Collective: stop, listing every rank's hash, unless all ranks run the same config."""
+        sdist.assert_same_on_all_ranks(digest, "config hash", fix="Start every rank with the same config and overrides.")
+
     # -- per step ------------------------------------------------------------------------------
     def _prepare(self, step: int) -> tuple[torch.optim.Optimizer, float]:
         """Apply the schedule before ``step``: mask (re)computation, dense or masked sync."""
@@ -263,8 +274,7 @@ class Trainer:
         if self.task_diff is not None:
             self.task_diff.set_base(self.model, step)  # the first time only: the weights masked training starts from
             self.task_diff.add_mask(mask)
-        sdist.assert_same_on_all_ranks(self.training_hash, "config hash",
-                                       fix="Start every rank with the same config and overrides.")
+        self._assert_same_config(self.training_hash)
         if self.sparse_opt is None:
             self.sparse_opt, self.sparse_lr = build_optimizer(self.cfg.optim, self.model, mask)
         else:
@@ -418,8 +428,7 @@ class Trainer:
                 f"resuming a {saved_world}-rank checkpoint on {self.world} ranks: the mask and the optimizer "
                 f"state are global and carry over; the data is re-sharded (epoch {data['epoch']}, ~{examples} "
                 f"examples in) and the RNG reseeded, so this run is not bit-identical to an uninterrupted one")
-        sdist.assert_same_on_all_ranks(self.training_hash, "config hash",
-                                       fix="Start every rank with the same config and overrides.")
+        self._assert_same_config(self.training_hash)
         sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
                                        fix="Every rank must load the same checkpoint.")
 
