@@ -27,7 +27,8 @@ class GradientSync:
 
         self.state = None
         self._plain_steps = 0
-        self._plain_bytes = sum(p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
+        self.grad_bytes = sum(  # bytes of one dense all-reduce of this module's gradients
+            p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
         if masked:
             self.state = register_masked_allreduce(ddp, Mask.full(ddp.module), wire_dtype=comm.get("wire_dtype"),
                                                    fused=bool(comm.get("fused", True)))
@@ -48,7 +49,7 @@ class GradientSync:
         if self.state is None:
             self._plain_steps += 1
         elif self._dense_per_step is not None:  # the hook counted this module's n_w x 4; count the plain model's
-            self.state.dense_bytes += self._dense_per_step - self._plain_bytes
+            self.state.dense_bytes += self._dense_per_step - self.grad_bytes
 
     def found_nonfinite(self, model: torch.nn.Module) -> bool:
         """Whether the step's all-reduced gradient holds NaN/Inf; every rank reaches the same verdict.
@@ -73,8 +74,8 @@ class GradientSync:
 
     @property
     def bytes_sent(self) -> int:
-        return self.state.bytes_sent if self.state is not None else self._plain_steps * self._plain_bytes
+        return self.state.bytes_sent if self.state is not None else self._plain_steps * self.grad_bytes
 
     @property
     def dense_bytes(self) -> int:
-        return self.state.dense_bytes if self.state is not None else self._plain_steps * self._plain_bytes
+        return self.state.dense_bytes if self.state is not None else self._plain_steps * self.grad_bytes

@@ -300,7 +300,7 @@ class Trainer:
 
     def _enter_l0(self, step: int) -> None:
         self.task_diff.set_base(self.model, step)  # the frozen base, before the L0 phase moves its buffers
-        plain_bytes = self.sync._plain_bytes  # what dense DDP of the plain model sends per step
+        plain_bytes = self.sync.grad_bytes  # what dense DDP of the plain model sends per step
         self._swap_model(self.l0.wrap(self.model, self.sync.bytes_sent), dense_bytes_per_step=plain_bytes)
         self.dense_opt, self.dense_lr = self.l0.optimizer(self.cfg.optim)
         w = self.model
