@@ -56,6 +56,28 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def read_safetensors(path: str, what: str, fix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file; any unreadable file is one ValueError naming it.
+
+    ``what`` names the kind of file ("mask file"), ``fix`` what to do about it. A missing file
+    raises FileNotFoundError; a truncated, garbage or foreign file, a folder or an unreadable one
+    raise ValueError, never safetensors' or the OS's own exception.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist; {fix}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what} {path!r} cannot be read ({reason}): it is truncated, damaged or not a "
+                         f"safetensors file; {fix}") from None
+    return meta, tensors
+
+
 def encode(payload: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -81,13 +103,19 @@ def decode(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
 
 
 class CheckpointManager:
-    """``step-NNNNNNNN.ckpt`` files in one directory: save atomically, keep the last ``keep``."""
+    """``step-NNNNNNNN.ckpt`` files in one directory: save atomically, keep the last ``keep``.
+
+    Keep-K only ever deletes this run's own checkpoints: the ones this manager wrote and the
+    ones it :meth:`adopt`-ed (the files of the run it resumes). A file that another run left in
+    the folder, or that appears there meanwhile, is never deleted.
+    """
 
     def __init__(self, directory: str, keep: int = 3):
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1: the newest checkpoint is always kept")
         self.directory = directory
         self.keep = keep
+        self.owned: set[int] = set()
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step-{step:08d}.ckpt")
@@ -101,11 +129,22 @@ class CheckpointManager:
                 found.append(int(m.group(1)))
         return sorted(found)
 
+    def adopt(self) -> None:
+        """Count the files present as this run's (it resumes them): keep-K may delete them."""
+        self.owned.update(self.steps())
+
     def save(self, step: int, payload: dict[str, Any]) -> str:
+        return self.save_bytes(step, encode({**payload, "step": step}))
+
+    def save_bytes(self, step: int, data: bytes) -> str:
+        """Write :func:`encode`'s ``data`` as step ``step``'s file, then apply keep-K; its path."""
         path = self.path(step)
-        write_atomic(path, encode({**payload, "step": step}))
-        for old in self.steps()[:-self.keep]:
+        write_atomic(path, data)
+        self.owned.add(step)
+        mine = [s for s in self.steps() if s in self.owned]
+        for old in mine[:-self.keep]:
             os.unlink(self.path(old))
+            self.owned.discard(old)
         return path
 
     def load_latest(self) -> dict[str, Any] | None:

@@ -155,15 +155,10 @@ def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike)
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
+    from .checkpoint import read_safetensors
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"diff file {path!r} does not exist; write it with sparsecomm.diff.save or fix the path")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_safetensors(path, "diff file", "write it with sparsecomm.diff.save and fix the path")
     if meta.get("format") != DIFF_FORMAT:
         raise ValueError(f"{path!r} is not a sparsecomm diff file (format {meta.get('format')!r}, "
                          f"expected {DIFF_FORMAT!r})")

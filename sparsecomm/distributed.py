@@ -26,7 +26,12 @@ def is_main_process() -> bool:
 
 
 class RankDisagreement(RuntimeError):
-    """Ranks hold different values of something that must be identical (a mask, a config)."""
+    """Ranks hold different values of something that must be identical (a mask, a config).
+
+    Raised on every rank with the same message (``collective``): rank 0's line is enough.
+    """
+
+    collective = True
 
 
 def gather_strings(value: str, process_group=None) -> list[str]:
@@ -49,3 +54,24 @@ def assert_same_on_all_ranks(value: str, what: str, process_group=None, fix: str
         listing = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
         msg = f"ranks disagree on the {what}: {listing}"
         raise RankDisagreement(msg + (f". {fix}" if fix else ""))
+
+
+def rank0_decides(check, error: type[Exception] = ValueError) -> None:
+    """Collective: run ``check()`` on rank 0 only; if it raises ``error``, raise it on every rank.
+
+    For checks of things only rank 0 touches (the files it writes), so that the other ranks stop
+    with the same message instead of waiting in their next collective. Over the network: one
+    broadcast of a short pickled string.
+    """
+    message = None
+    if is_main_process():
+        try:
+            check()
+        except error as e:
+            message = str(e)
+    if is_initialized() and world_size() > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise error(message)

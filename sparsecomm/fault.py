@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
+import shutil
+import signal
+import tempfile
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +30,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as sdist
-from .checkpoint import CheckpointManager, CorruptCheckpoint, decode, verify
+from .checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, verify
+from .rundir import restart_count
 from .fields import whole_number
 
 FORMAT = 1
@@ -39,11 +43,19 @@ RESUME_FREE = ("cluster", "checkpoint", "logging", "out_dir", "run_id", "num_wor
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be used by this run; the message names the file, the field and the fix."""
+    """A checkpoint cannot be used by this run; the message names the file, the field and the fix.
+
+    ``collective``: raised on every rank alike (rank 0 decides and tells the others), so one
+    rank's line is enough.
+    """
+
+    collective = True
 
 
 class NonFiniteGradients(ValueError):
     """Too many steps in a row whose all-reduced gradient held NaN/Inf; the message says what to change."""
+
+    collective = True  # every rank sees the same all-reduced gradient
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -131,11 +143,41 @@ class Checkpoints:
     def due(self, done: int, total: int) -> bool:
         return self.every > 0 and (done % self.every == 0 or done == total)
 
-    def save(self, step: int, payload: dict[str, Any]) -> str | None:
-        """Rank 0 writes ``step-NNNNNNNN.ckpt`` atomically; other ranks write nothing."""
-        if not sdist.is_main_process():
-            return None
-        return self.manager.save(step, payload)
+    def check_writable(self) -> None:
+        """Rank 0, at start: the folder can be made and written, or a one-line error now (not at step N)."""
+        if self.every <= 0:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"checkpoint.dir={self.directory!r} is not writable ({e.strerror}); point "
+                                  f"checkpoint.dir at a writable folder or set checkpoint.every=0") from None
+
+    def save(self, step: int, payload_of) -> str | None:
+        """Collective: rank 0 writes ``step-NNNNNNNN.ckpt`` atomically; returns its path on rank 0.
+
+        ``payload_of()`` builds the payload (itself collective). A failed write (a full disk, a
+        folder made read-only) leaves the previous checkpoints as they were and stops every rank
+        with a :class:`CheckpointError` naming the path and the free space.
+        """
+        payload = payload_of()
+        written: list[str] = []
+
+        def write() -> None:
+            data = encode({**payload, "step": step})
+            try:
+                written.append(self.manager.save_bytes(step, data))
+            except OSError as e:
+                free = _free_bytes(self.directory)
+                raise CheckpointError(
+                    f"cannot write checkpoint {self.manager.path(step)} ({e.strerror}; {len(data) / 1e6:.1f} MB "
+                    f"needed, {free / 1e6:.1f} MB free there); the earlier checkpoints are intact: free space or "
+                    f"point checkpoint.dir at another folder, then resume") from None
+
+        sdist.rank0_decides(write, CheckpointError)
+        return written[0] if written else None
 
     def _remove_temporaries(self) -> None:
         """Temporary files of writes a SIGKILL interrupted (nothing else writes here at start-up)."""
@@ -150,17 +192,20 @@ class Checkpoints:
     def _find(self) -> tuple[str, bytes] | None:
         """Rank 0: the checkpoint to resume from per ``checkpoint.resume`` (raises CheckpointError)."""
         if self.resume == "never":
-            if self.every > 0 and self.manager.steps():
-                print(f"sparsecomm: checkpoint.resume=never: ignoring the checkpoints already in {self.directory} "
-                      f"(steps {self.manager.steps()}); new ones go next to them, and a later checkpoint.resume=auto "
-                      f"takes the highest step: use a fresh run_id or checkpoint.dir", file=sys.stderr, flush=True)
+            present = self.manager.steps()
+            if present and restart_count() == 0:
+                raise CheckpointError(
+                    f"checkpoint.dir {self.directory} holds checkpoints of another run (steps {present}); "
+                    f"checkpoint.resume=never would mix two runs there: start a new run with another run_id=... "
+                    f"(a fresh folder), or point checkpoint.dir at an empty folder")
             return None
         if self.resume == "auto":
             found = self.manager.latest_verified()
             if found is None and self.manager.steps():
                 raise CheckpointError(
-                    f"no checkpoint in {self.directory} verifies (all truncated or corrupted); delete them or "
-                    f"set checkpoint.resume=never to start afresh")
+                    f"no checkpoint in {self.directory} verifies (all truncated or corrupted); delete them, or "
+                    f"start a new run with another run_id=...")
+            self.manager.adopt()  # the run continues here: its files are this run's
             return found
         path = self.resume
         if os.path.isdir(path):
@@ -211,6 +256,13 @@ class Checkpoints:
                                   f"another checkpoint or use checkpoint.resume=never") from None
 
 
+def _free_bytes(directory: str) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 0
+
+
 # --- non-finite gradients -------------------------------------------------------------------
 
 class NonFiniteGuard:
@@ -246,3 +298,61 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.skipped, self.in_a_row = int(state["skipped"]), int(state["in_a_row"])
+
+
+# --- stopping on a signal -------------------------------------------------------------------
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary on SIGINT/SIGTERM; ``str`` is the line for the user.
+
+    Raised on every rank at the same step (``collective``). ``exit_code`` is 128 + the signal's
+    number, as a shell reports a process ended by that signal.
+    """
+
+    collective = True
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + int(signum)
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the run to stop at the next step boundary instead of killing it.
+
+    Slurm sends SIGTERM before it kills a job at its time limit (and on ``scancel``); torchrun and
+    the app's own launcher pass SIGINT/SIGTERM on to every worker. The handler only records the
+    first signal (the terminal and the launcher both deliver a Ctrl-C: one request). The trainer
+    asks :meth:`requested` at each step; ranks agree on it inside the loss all-reduce of each log
+    step (``logging.log_every``), so every rank stops at the same step without an extra collective,
+    writes a checkpoint if checkpoints are on, and raises :class:`Interrupted`.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, install: bool = True):
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -220,6 +220,27 @@ def init_process_group(cluster: Mapping):
     return device
 
 
+def leave_process_group() -> None:
+    """Leave the default process group so that nothing of it outlives the interpreter.
+
+    The trainer's objects form reference cycles (DDP -> its comm hook's state -> ...), which only
+    Python's cyclic GC frees: when that happens during interpreter shutdown, the DDP reducer and
+    Gloo's work objects are destroyed while Python is finalising, a Gloo thread that drops a
+    tensor's Python reference can no longer take the GIL, and the process dies with "terminate
+    called without an active exception" (SIGABRT) after the run finished, so torchrun reports a
+    failure (and with --max-restarts, trains again). Here they are collected first, while the
+    process group is still alive, and only then is it destroyed.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
 def elastic_attempt_store(environ: Mapping[str, str]):
     """The torch elastic agent's shared store, under a prefix per restart attempt.
 
@@ -291,10 +312,16 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     A worker that stops on a user error leaves its one-line message in
     ``$SPARSECOMM_ERROR_DIR/rank<N>`` (:func:`record_worker_error`); the lowest rank's is raised
     here as :class:`WorkerUserError`, so the parent prints one line. Any other failure raises
-    :class:`WorkerFailed` with torch elastic's report.
+    :class:`WorkerFailed` with torch elastic's report. SIGINT/SIGTERM to this process: torch's
+    agent passes the signal on to the workers, which stop at a step boundary (writing a
+    checkpoint if checkpoints are on, :class:`sparsecomm.fault.StopOnSignal`) within the agent's
+    shutdown timeout; their line comes back as :class:`sparsecomm.fault.Interrupted`.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
+
+    from .fault import Interrupted
 
     config = launch_config(cluster, plan_, run_id)
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
@@ -309,6 +336,10 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
             if messages:
                 raise WorkerUserError(messages[min(messages)]) from None
             raise WorkerFailed(e.format_msg()) from None
+        except SignalException as e:
+            messages = read_worker_errors(errors)
+            line = messages[min(messages)] if messages else f"interrupted by {e.sigval.name} before the first step"
+            raise Interrupted(line.removeprefix("sparsecomm: "), int(e.sigval)) from None
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
 

@@ -170,14 +170,10 @@ class Mask(Mapping[str, torch.Tensor]):
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Mask":
         """Read a file written by :meth:`save`; verify its digest, and its fit to ``model`` if given."""
-        from safetensors import safe_open
+        from .checkpoint import read_safetensors
 
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"mask file {path!r} does not exist; compute a mask first or fix the path")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            bits = {k: f.get_tensor(k) for k in f.keys()}
+        meta, bits = read_safetensors(path, "mask file", "compute a mask first (or save one with Mask.save) and fix the path")
         if meta.get("format") != MASK_FORMAT:
             raise ValueError(f"{path!r} is not a sparsecomm mask file (format {meta.get('format')!r})")
         mask = cls(bits)

@@ -65,6 +65,9 @@ class NullLogger:
     def info(self, message: str) -> None:
         pass
 
+    def write_log(self, text: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -79,10 +82,10 @@ class MetricsLogger(NullLogger):
         self._file = None
         self._bar = None
         self._wandb = None
-        if jsonl:
-            os.makedirs(run_dir, exist_ok=True)
-            self.path = os.path.join(run_dir, "metrics.jsonl")
-            self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
+        # Both files open at their first line: a run refused at start leaves nothing but log.txt.
+        self.path = os.path.join(run_dir, "metrics.jsonl") if jsonl else None
+        self.log_path = os.path.join(run_dir, "log.txt")
+        self._log_file = None
         if progress:
             from tqdm.auto import tqdm
 
@@ -100,7 +103,9 @@ class MetricsLogger(NullLogger):
     def log(self, event: str, step: int, **fields: Any) -> None:
         record = {"event": event, "step": step, "time": round(time.perf_counter() - self.start, 4)}
         record.update({k: _jsonable(v) for k, v in fields.items()})
-        if self._file is not None:
+        if self.path is not None:
+            if self._file is None:
+                self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
             self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             numbers = {f"{event}/{k}": v for k, v in record.items()
@@ -115,18 +120,27 @@ class MetricsLogger(NullLogger):
                 self._bar.set_postfix(postfix, refresh=False)
 
     def info(self, message: str) -> None:
+        """A log line: on the terminal (stderr) and in ``<run dir>/log.txt`` (for jobs without one)."""
         if self._bar is not None:
             self._bar.write(message, file=self.stream)
         else:
             print(message, file=self.stream, flush=True)
+        self.write_log(message)
+
+    def write_log(self, text: str) -> None:
+        """Append ``text`` to ``log.txt`` only (e.g. the summary, which goes to stdout)."""
+        if self._log_file is None:
+            self._log_file = open(self.log_path, "a", buffering=1)
+        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in (self._file, self._log_file):
+            if f is not None:
+                f.close()
+        self._file = self._log_file = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

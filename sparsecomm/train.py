@@ -21,11 +21,12 @@ import os
 import sys
 import time
 import warnings
-from datetime import datetime
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from . import rundir
 
 CONFIG_MODULE = "sparsecomm.conf"
 CONFIG_NAME = "train"
@@ -34,25 +35,32 @@ _T0 = time.time()
 
 
 def run_id(explicit: str | None = None) -> str:
-    """A name for the run directory that every rank of one run computes the same.
+    """The name of the run directory that every rank of one run computes the same.
 
     ``run_id=...`` if given, else the launcher's run id (``TORCHELASTIC_RUN_ID``, which torchrun
-    sets from ``--rdzv_id``; ``SLURM_JOB_ID``), else a timestamp (one process decides: the bare
-    launcher, which hands the directory to its workers).
+    sets from ``--rdzv_id``; ``SLURM_JOB_ID``), else a timestamp. A timestamp is only a first
+    guess: :func:`main` claims the folder (``sparsecomm.rundir``) and adds a suffix if another run
+    took that name in the same second.
     """
-    if explicit:
-        return str(explicit)
-    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if rid and rid != "none":
-        return rid
-    if os.environ.get("SLURM_JOB_ID"):
-        step = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return os.environ["SLURM_JOB_ID"] + (f"_{step}" if step else "")
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return str(explicit) if explicit else (rundir.launcher_run_id() or rundir.timestamp())
 
 
-if not OmegaConf.has_resolver("sc_run_id"):
-    OmegaConf.register_new_resolver("sc_run_id", lambda explicit=None: run_id(explicit), use_cache=True)
+# The folders main() claimed in this process ("run", "sweep"); Hydra's run/sweep dir resolve to them.
+_CLAIMED: dict[str, str] = {}
+
+
+def _run_dir(out_dir: str, explicit: str | None = None) -> str:
+    return _CLAIMED.get("run") or os.path.join(str(out_dir), run_id(explicit))
+
+
+def _sweep_dir(out_dir: str, explicit: str | None = None) -> str:
+    return _CLAIMED.get("sweep") or os.path.join(str(out_dir), "multirun", run_id(explicit))
+
+
+for _name, _fn in (("sc_run_id", lambda explicit=None: run_id(explicit)), ("sc_run_dir", _run_dir),
+                   ("sc_sweep_dir", _sweep_dir)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)
 
 
 # --- errors a user can fix: one line, exit 2 ------------------------------------------------------
@@ -94,26 +102,44 @@ def one_line(exc: BaseException) -> str:
     return message
 
 
+def _quiet_rank() -> bool:
+    """True on a rank other than 0 under torchrun/Slurm: errors every rank shares are rank 0's to print."""
+    from .launch import env_rank
+
+    return env_rank() not in (None, 0)
+
+
 @contextlib.contextmanager
-def exit_on_user_error():
+def exit_on_user_error(quiet: bool = False):
     """Turn a user error into ``error: <one line>`` and exit code 2; let bugs raise.
 
-    In a worker of our own launcher the line goes to the parent, which prints it once; anywhere
-    else (one process, a rank under torchrun or Slurm) it is printed here.
+    In a worker of our own launcher the line goes to the parent, which prints it once. Under
+    torchrun or Slurm, rank 0 prints the errors that every rank raises alike (config checks
+    before the process group forms, and exceptions marked ``collective``); a rank's own error
+    is printed by that rank. A run stopped by SIGINT/SIGTERM exits 128 + the signal's number.
     """
+    from .fault import Interrupted
     from .launch import WorkerFailed, record_worker_error
+
+    def report(message: str, collective: bool) -> None:
+        if not record_worker_error(message) and not ((quiet or collective) and _quiet_rank()):
+            print(message if message.startswith("sparsecomm:") else f"error: {message}", file=sys.stderr, flush=True)
 
     try:
         yield
     except WorkerFailed as e:
         print(f"error: a worker failed:\n{e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except Interrupted as e:
+        report(f"sparsecomm: {e}", True)
+        raise SystemExit(e.exit_code) from None
+    except rundir.AlreadyFinished as e:
+        report(str(e), True)
+        raise SystemExit(0) from None
     except _user_error_types() as e:
         if os.environ.get("SPARSECOMM_TRACEBACK"):
             raise
-        message = one_line(e)
-        if not record_worker_error(message):
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        report(one_line(e), quiet or bool(getattr(e, "collective", False)))
         raise SystemExit(USER_ERROR_EXIT) from None
 
 
@@ -134,7 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     from . import launch, trainer
     from .config import check_config
 
-    check_config(cfg)
+    check_config(cfg)  # again: a sweep job's own combination of values, or an app() called directly
     run_dir = HydraConfig.get().runtime.output_dir
     plan = launch.plan(cfg.cluster)
     if plan.mode in ("join", "single"):
@@ -151,40 +177,183 @@ def app(cfg: DictConfig) -> dict[str, Any] | None:
         return run(cfg)
 
 
-def preflight(config_name: str, overrides: list[str]) -> None:
-    """Compose and check the config before Hydra runs, so bad overrides fail in one line."""
+# --- before Hydra runs: the config checked, the run directory claimed --------------------------
+
+def _parse_overrides(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def config_groups() -> set[str]:
+    """The config groups under ``sparsecomm.conf`` (``mask``, ``schedule/lr``, ...), Hydra's excluded."""
+    from importlib.resources import files
+
+    root = files(CONFIG_MODULE)
+    groups, todo = set(), [("", root)]
+    while todo:
+        prefix, node = todo.pop()
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")) and child.name != "hydra":
+                name = f"{prefix}{child.name}"
+                groups.add(name)
+                todo.append((f"{name}/", child))
+    return groups
+
+
+def check_keys(overrides: list[str], base: DictConfig) -> None:
+    """Every ``key=value`` (also ``+key``/``++key``) must name a field the app reads.
+
+    ``base`` is the config composed with the config-group choices alone. Hydra's own message for
+    an unknown key suggests ``+key=value``, which would add a field nothing reads (a typo such as
+    ``+mask.densty=0.01`` would train at the default density): both are refused here, naming the
+    closest field. ``hydra.*`` keys are Hydra's own.
+    """
+    import difflib
+
+    from .config import ConfigError
+
+    groups = config_groups()
+    for o in _parse_overrides(overrides):
+        key = o.key_or_group
+        if o.is_delete() or key in groups or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(base, parent, default=None) if parent else base
+        known = [str(k) for k in node.keys() if str(k) != "hydra"] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+        where = f"{parent}." if parent else ""
+        hint = (f"did you mean {where}{close[0]}?" if close else
+                (f"the fields of {parent or 'the config'} are: {', '.join(known)}" if known else
+                 f"{parent} has no fields"))
+        plus = "; '+' cannot add a field: the app reads only those its configs define" \
+            if (o.is_add() or o.is_force_add()) else ""
+        raise ConfigError(f"{o.input_line}: no config field {key} ({hint}){plus}")
+
+
+_ABSENT = object()
+
+
+def preflight(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose and check the config before Hydra runs, so bad overrides fail in one line.
+
+    A multirun's sweep overrides (``a=1,2``) are checked value by value.
+    """
     from hydra import compose, initialize_config_module
 
     from .config import check_config
 
+    parsed = _parse_overrides(overrides)
+    groups = config_groups()
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    choices = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    check_config(cfg)
+        check_keys(overrides, compose(config_name=config_name, overrides=choices))
+        cfg = compose(config_name=config_name, overrides=fixed)
+        check_config(cfg)
+        for o in sweeps:
+            for value in o.sweep_string_iterator():
+                check_config(compose(config_name=config_name, overrides=[*fixed, f"{o.get_key_element()}={value}"]))
+    return cfg
+
+
+def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, create: bool) -> rundir.Claim | None:
+    """Decide this run's folder before Hydra writes into it (``sparsecomm.rundir``); None: Hydra's choice."""
+    explicit_dir = None
+    for o in _parse_overrides(overrides):
+        if o.key_or_group == ("hydra.sweep.dir" if multirun else "hydra.run.dir") and not o.is_delete():
+            explicit_dir = str(o.value())
+    if explicit_dir is not None and "${" in explicit_dir:
+        return None  # an interpolation only Hydra can resolve: Hydra's folder, unchecked
+    rid = str(cfg.run_id) if cfg.get("run_id") else rundir.launcher_run_id()
+    out_dir = os.path.join(str(cfg.out_dir), "multirun") if multirun else str(cfg.out_dir)
+    fixed = explicit_dir or (os.path.join(out_dir, rid) if rid else None)
+    field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
+    if multirun:  # a sweep's folder holds its jobs' folders: a fixed one must be new or empty
+        if fixed is not None and os.path.isdir(fixed) and os.listdir(fixed):
+            raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
+                                     f"one with another run_id=..., or delete the folder")
+        return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
+    return rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=create)
+
+
+def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
+    """How to continue the run in ``path`` after a crash or an interruption."""
+    from .launch import env_rank
+
+    if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
+        return ("no checkpoint was written (checkpoint.every=0), so a rerun starts from step 0; set "
+                "checkpoint.every=N to make a run resumable")
+    if env_rank() is not None:
+        return "resume: rerun the same torchrun/sbatch command with the same run id (checkpoint.resume=auto)"
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run_id", "hydra.run.dir")]
+    return "resume with: sparsecomm-train " + " ".join([*keep, f"run_id={os.path.basename(path)}"]) \
+        if not any(o.split("=", 1)[0] == "hydra.run.dir" for o in overrides) else \
+        "resume with the same command (the same hydra.run.dir)"
 
 
 def main(argv: list[str] | None = None) -> Any:
-    """Console entry point: checks the overrides, then runs the Hydra app on them."""
+    """Console entry point: checks the overrides, claims the run directory, then runs the Hydra app.
+
+    ``--check``: compose and check the config and the run directory, print ``ok``, and start
+    nothing (the cluster scripts run it before torchrun, so a bad value is reported once and
+    never retried by torchrun's restarts). Exit code 0, or 2 with one ``error:`` line.
+    """
     from hydra._internal.utils import get_args_parser
 
     from .launch import env_rank
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check" in argv
+    argv = [a for a in argv if a != "--check"]
     args, _ = get_args_parser().parse_known_args(argv)
     informational = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     extra: list[str] = []
+    claim = cfg = None
+    owner = env_rank() in (None, 0)  # the process that owns the run directory (others follow rank 0's)
     if not informational:
-        if not (args.multirun or args.config_dir or args.config_path or args.experimental_rerun):
-            with exit_on_user_error():
-                preflight(args.config_name or CONFIG_NAME, args.overrides)
-        rank = env_rank()
-        if rank not in (None, 0):
-            # Under torchrun/Slurm every rank runs Hydra: only rank 0 owns the run directory.
+        with exit_on_user_error(quiet=not owner):
+            if not (args.config_dir or args.config_path or args.experimental_rerun):
+                cfg = preflight(args.config_name or CONFIG_NAME, args.overrides)
+                claim = claim_run_dir(cfg, args.overrides, multirun=bool(args.multirun),
+                                      create=owner and not check_only)
+        if check_only:
+            print(f"ok: config checked{f'; run directory {claim.path}' if claim else ''}", flush=True)
+            return None
+        if not owner:
+            # Under torchrun/Slurm every rank runs Hydra: only rank 0 writes into the run directory.
             extra = ["hydra.run.dir=.", "hydra.output_subdir=null"]
     # Our hydra/launcher/submitit_slurm.yaml shares the plugin's schema name on purpose: Hydra then
     # validates it against that schema, and says so in a deprecation warning we do not need to see.
     warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema", category=UserWarning)
     sys.argv = [sys.argv[0], *argv, *extra]
-    return app()
+    if claim is not None and owner:
+        _CLAIMED["sweep" if args.multirun else "run"] = claim.path
+    try:
+        return app()
+    except SystemExit as e:
+        if e.code not in (0, None) and claim is not None and owner and not args.multirun:
+            _after_failure(claim, args.overrides, cfg, e.code)
+        raise
+    except BaseException:
+        if claim is not None and owner and not args.multirun:
+            _after_failure(claim, args.overrides, cfg, 1)
+        raise
+    finally:
+        _CLAIMED.clear()
+
+
+def _after_failure(claim: rundir.Claim, overrides: list[str], cfg: DictConfig | None, code) -> None:
+    """A failed start leaves no empty folder; a crashed or interrupted run says how to resume."""
+    if claim.created and rundir.discard_if_empty(claim.path):
+        return
+    if code != USER_ERROR_EXIT and os.path.isdir(claim.path):
+        print(f"sparsecomm: run directory {claim.path}; "
+              f"{resume_hint(claim.path, overrides, cfg.get('checkpoint') if cfg is not None else None)}",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as sdist
 from . import fault, launch
+from .checkpoint import write_atomic
 from .config import ConfigError, config_hash
 from .data import ShardedData, build_task, evaluate, forward
 from .gradient_sync import GradientSync
@@ -182,8 +183,10 @@ def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask=None) -> tuple[to
 class Trainer:
     """Builds a run from ``cfg`` on an initialised process group and trains it (:meth:`fit`)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, t0: float | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, t0: float | None = None,
+                 stop: fault.StopOnSignal | None = None):
         self.t0 = time.time() if t0 is None else t0
+        self.stop = stop if stop is not None else fault.StopOnSignal(install=False)
         self.cfg, self.device = cfg, device
         self.rank, self.world = sdist.rank(), sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
@@ -224,6 +227,7 @@ class Trainer:
         self.step = 0
         # Fault tolerance (sparsecomm/fault.py): checkpoints, resume, non-finite steps.
         self.checkpoints = fault.Checkpoints(cfg.get("checkpoint"), self.run_dir)
+        sdist.rank0_decides(self.checkpoints.check_writable, fault.CheckpointError)  # now, not at the first checkpoint
         self.nonfinite = fault.NonFiniteGuard((cfg.get("nonfinite") or {}).get("max_in_a_row", 5))
         self.training_hash = fault.training_hash(cfg)
         # Extension point: name -> object with state_dict()/load_state_dict() (e.g. a diff-pruning
@@ -238,9 +242,6 @@ class Trainer:
         self._mark = (0, 0)  # (step, bytes sent) at the last train log
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps,
                                config=OmegaConf.to_container(cfg, resolve=True))
-        if sdist.is_main_process():
-            os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
         numel = sum(p.numel() for p in self.model.parameters())
         self.log.info(
             f"sparsecomm: task={self.task.name} ({numel:,} parameters), mask={self.masks.kind}, "
@@ -378,7 +379,8 @@ class Trainer:
         from . import Mask
         from .checkpoint import set_rng_state
 
-        fix = "point checkpoint.dir / checkpoint.resume at this run's checkpoints, or set checkpoint.resume=never"
+        fix = ("start a new run with another run_id=... (a fresh folder), or point checkpoint.resume at checkpoints "
+               "of this model and config")
         if sd.get("format") != fault.FORMAT:
             raise fault.CheckpointError(f"{source} has format {sd.get('format')!r}, not {fault.FORMAT}; {fix}")
         if self.l0 is not None and self.l0.start <= int(sd["step"]) < self.schedule.dense_steps and not self.l0.active:
@@ -435,7 +437,7 @@ class Trainer:
     def save_checkpoint(self) -> str | None:
         """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
         t = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.state_dict())
+        path = self.checkpoints.save(self.step, self.state_dict)
         if path is not None:
             self.log.log("checkpoint", self.step, path=path, seconds=round(time.perf_counter() - t, 3))
         return path
@@ -459,6 +461,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.resume()  # per checkpoint.resume; a no-op when there is no checkpoint
+        if sdist.is_main_process():  # only now: a refused resume leaves the folder's record as it was
+            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
         log_every = max(int(cfg.logging.get("log_every", 10)), 1)
         window = self._window  # summed loss, steps (this rank's, since the last log)
         mark = (time.perf_counter(), *self._mark)  # time, step, bytes at the last log
@@ -469,21 +473,43 @@ class Trainer:
                 window += torch.stack([loss.double(), window.new_ones(())])
             done = step + 1
             self.log.progress(done)
+            stop = self.stop.requested and self.world == 1
             if done % log_every == 0 or done == self.schedule.steps:
-                mark = self._log_train(done, window, mark)
+                mark, stop = self._log_train(done, window, mark)
                 self._mark = mark[1:]
                 window.zero_()
             if cfg.eval_every and done % cfg.eval_every == 0 and done != self.schedule.steps:
                 self._log_eval(done)
-            if self.checkpoints.due(done, self.schedule.steps):
-                self.save_checkpoint()
+            saved = self.save_checkpoint() if self.checkpoints.due(done, self.schedule.steps) else None
+            if stop and done < self.schedule.steps:
+                self._stop_on_signal(done, saved)
         train_s = time.perf_counter() - start
         final = self._log_eval(self.schedule.steps)
         return self._finish(final, train_s)
 
-    def _log_train(self, done: int, window: torch.Tensor, mark: tuple) -> tuple:
+    def _stop_on_signal(self, done: int, saved: str | None) -> None:
+        """Every rank at the same step: write a checkpoint (if they are on) and raise Interrupted."""
+        signum = self.stop.signum or int(fault.signal.SIGTERM)  # a rank that got none stops with its peers
+        if self.checkpoints.every > 0 and saved is None:
+            saved = self.save_checkpoint()
+        if self.checkpoints.every > 0:
+            kept = f"checkpoint {saved} written" if sdist.is_main_process() else "checkpoint written"
+        else:
+            kept = "no checkpoint (checkpoint.every=0)"
+        self.log.log("interrupted", done, signal=fault.signal_name(signum), checkpoint=saved)
+        raise fault.Interrupted(f"interrupted by {fault.signal_name(signum)} at step {done} of "
+                                f"{self.schedule.steps}; {kept}", signum)
+
+    def _log_train(self, done: int, window: torch.Tensor, mark: tuple) -> tuple[tuple, bool]:
+        """Log the loss window (one all-reduce of 3 float64: loss sum, steps, stop requests).
+
+        Returns the new mark and whether any rank asked to stop (SIGINT/SIGTERM): the ranks
+        agree on it here, so they all stop at this step.
+        """
+        reduced = torch.cat([window, window.new_tensor([float(self.stop.requested)])])
         if sdist.is_initialized():
-            dist.all_reduce(window)
+            dist.all_reduce(reduced)
+        window.copy_(reduced[:2])
         loss = (window[0] / window[1].clamp(min=1)).item()
         now, sent = time.perf_counter(), self.sync.bytes_sent
         steps = max(done - mark[1], 1)
@@ -494,7 +520,7 @@ class Trainer:
                      lr_factor=lr, dense=self.masks.dense or self.schedule.sends_dense(done - 1),
                      skipped_steps=self.nonfinite.skipped)
         self.log.progress(done, loss=f"{loss:.4f}", sent=f"{human_bytes(per_step)}/step")
-        return now, done, sent
+        return (now, done, sent), bool(reduced[2] > 0)
 
     def _log_eval(self, done: int) -> dict[str, float]:
         if self.buffer_bytes_per_step:
@@ -528,19 +554,25 @@ class Trainer:
         }
         summary.update(run_outputs(self))  # L0-phase bytes, the task diff, the width core alone (collective)
         self.log.log("summary", self.schedule.steps, **summary)
-        self.log.close()
         if sdist.is_main_process():
             if cfg.get("save_model", True):
                 from safetensors.torch import save_model
 
-                save_model(self.model, os.path.join(self.run_dir, "model.safetensors"))
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            print(format_summary(summary, cfg.cluster), flush=True)
+                path = os.path.join(self.run_dir, "model.safetensors")
+                save_model(self.model, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            # summary.json last: its presence marks the run finished (sparsecomm/rundir.py).
+            write_atomic(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+            report = format_summary(summary, cfg.cluster)
+            self.log.write_log(report)
+            print(report, flush=True)
+        self.log.close()
         return summary
 
     def close(self) -> None:
+        """Close the logger and drop the DDP wrapper, its hook and the optimizers (see ``leave_process_group``)."""
         self.log.close()
+        self.ddp = self.sync = self.dense_opt = self.sparse_opt = None
 
 
 def _buffer_sync_kwargs(sync: bool) -> dict[str, bool]:
@@ -592,14 +624,19 @@ def _link_gbit(cluster: Mapping, world: int) -> float | None:
 
 
 def run(cfg: DictConfig, run_dir: str, t0: float | None = None) -> dict[str, Any]:
-    """Every rank's whole life: join the process group, train, leave. Returns the summary."""
+    """Every rank's whole life: join the process group, train, leave. Returns the summary.
+
+    SIGINT/SIGTERM stop the run at a step boundary (:class:`sparsecomm.fault.StopOnSignal`).
+    """
+    stop = fault.StopOnSignal()
     device = launch.init_process_group(cfg.cluster)
+    trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, device, t0)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+        trainer = Trainer(cfg, run_dir, device, t0, stop=stop)
+        return trainer.fit()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if trainer is not None:
+            trainer.close()
+        del trainer
+        launch.leave_process_group()
+        stop.restore()

@@ -41,19 +41,38 @@ def find_batches(data_dir) -> tuple[list[Path], Path]:
     return train, d / "test_batch"
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, bytes, NumPy arrays) and nothing else:
+    a pickle naming any other class is refused instead of executed."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pickle -> x (N, 3, 32, 32) uint8, y (N,) int64."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    """One pickle -> x (N, 3, 32, 32) uint8, y (N,) int64; any unreadable file is one ValueError naming it."""
+    fix = f"re-extract cifar-10-python.tar.gz and point task.data_dir at the folder, e.g. {_EXAMPLE}"
     try:
+        with open(path, "rb") as f:
+            d = _BatchUnpickler(f, encoding="bytes").load()
         data, labels = d[b"data"], d[b"labels"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (no b'data'/b'labels' entries): point "
-                         f"task.data_dir at the extracted cifar-10-batches-py folder") from None
-    x = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-    y = torch.as_tensor(labels, dtype=torch.int64)
-    if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() > 9)):
-        raise ValueError(f"{path}: {len(x)} images, {len(y)} labels, labels must lie in 0..9")
+        x = torch.from_numpy(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+        y = torch.as_tensor(labels, dtype=torch.int64)
+    except OSError as e:
+        raise ValueError(f"task.data_dir: cannot read {path} ({e.strerror}); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse the file means it is not a CIFAR-10 batch
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ValueError(f"task.data_dir: {path} is not a CIFAR-10 python batch ({type(e).__name__}: {reason}); "
+                         f"{fix}") from None
+    if y.ndim != 1 or len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() > 9)):
+        raise ValueError(f"task.data_dir: {path} holds {len(x)} images and {len(y)} labels; a CIFAR-10 batch has "
+                         f"as many labels as images, each in 0..9; {fix}")
     return x, y
 
 

@@ -64,8 +64,14 @@ def packaged_model_dir() -> Path:
 
 def read_tsv(path: Path, spec: Spec) -> tuple[list[str], list[str] | None, list[int]]:
     """One GLUE TSV -> (texts_a, texts_b or None, labels). Quotes are literal text (no CSV quoting)."""
-    with open(path, encoding="utf-8-sig") as f:  # MRPC's files start with a byte-order mark
-        lines = [line.rstrip("\r\n") for line in f]
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # MRPC's files start with a byte-order mark
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"task.data_dir: {path} is not UTF-8 text (byte {e.start}): it is damaged or not a GLUE "
+                         f"TSV; re-extract the GLUE download") from None
+    except OSError as e:
+        raise ValueError(f"task.data_dir: cannot read {path} ({e.strerror}); check task.data_dir") from None
     rows = [line.split("\t") for line in lines if line]
     cols = [spec.text_a, spec.text_b, spec.label]
     if spec.header:
