@@ -277,7 +277,33 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
             raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
                                      f"one with another run_id=..., or delete the folder")
         return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
+    rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=False)  # refuses another run's folder
+    if fixed is not None:
+        check_same_training_config(fixed, cfg)
     return rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=create)
+
+
+def check_same_training_config(path: str, cfg: DictConfig) -> None:
+    """A run continued in ``path`` must keep the training config its ``config.yaml`` records.
+
+    Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
+    record as it was. The checkpoint's own config is checked again when it is loaded.
+    """
+    from . import fault
+
+    saved_path = os.path.join(path, "config.yaml")
+    if not os.path.isfile(saved_path) or str((cfg.get("checkpoint") or {}).get("resume", "auto")) == "never":
+        return
+    try:
+        saved = OmegaConf.load(saved_path)
+    except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint's own check decides
+        return
+    diffs = fault.config_differences(fault.training_config(saved), fault.training_config(cfg))
+    if diffs:
+        raise rundir.RunDirError(
+            f"run directory {os.path.abspath(path)} holds a run with another config: {'; '.join(diffs[:3])}"
+            f"{' ...' if len(diffs) > 3 else ''}; to resume it, rerun with its values (its config.yaml), or start "
+            f"a new run with another run_id=...")
 
 
 def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
