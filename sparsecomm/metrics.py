@@ -105,7 +105,7 @@ class MetricsLogger(NullLogger):
         record.update({k: _jsonable(v) for k, v in fields.items()})
         if self.path is not None:
             if self._file is None:
-                self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
+                self._file = _open_for_append(self.path)
             self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             numbers = {f"{event}/{k}": v for k, v in record.items()
@@ -130,7 +130,7 @@ class MetricsLogger(NullLogger):
     def write_log(self, text: str) -> None:
         """Append ``text`` to ``log.txt`` only (e.g. the summary, which goes to stdout)."""
         if self._log_file is None:
-            self._log_file = open(self.log_path, "a", buffering=1)
+            self._log_file = _open_for_append(self.log_path)
         self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def close(self) -> None:
@@ -144,6 +144,12 @@ class MetricsLogger(NullLogger):
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _open_for_append(path: str):
+    """Line-buffered (readable while the run goes on); the run directory is made if missing."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "a", buffering=1)
 
 
 def make_logger(cfg: Any, run_dir: str, total_steps: int, config: dict | None = None) -> NullLogger:

@@ -462,6 +462,7 @@ class Trainer:
         cfg = self.cfg
         self.resume()  # per checkpoint.resume; a no-op when there is no checkpoint
         if sdist.is_main_process():  # only now: a refused resume leaves the folder's record as it was
+            os.makedirs(self.run_dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
         log_every = max(int(cfg.logging.get("log_every", 10)), 1)
         window = self._window  # summed loss, steps (this rank's, since the last log)
