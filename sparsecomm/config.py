@@ -26,6 +26,107 @@ class ConfigError(ValueError):
     """A config value the app cannot run with; the message names the field and the fix."""
 
 
+# --- every field: its type (its default's), and the range of the numbers ----------------------
+# The type of a field is the type of its default in the YAML of the chosen option; these fields
+# default to null, so their types are written here (None: null is allowed).
+NULL_DEFAULT_TYPES: dict[str, tuple] = {
+    "run_id": (str, int, None), "checkpoint.dir": (str, None), "comm.wire_dtype": (str, None),
+    "cluster.num_threads": (int, None), "cluster.rdzv_id": (str, int, None), "cluster.rdzv_endpoint": (str, None),
+    "cluster.link.inter_node_gbit": (int, float, None), "cluster.link.intra_node_gbit": (int, float, None),
+    "mask.always": (str, list, None), "mask.alone_lr": (int, float, None), "schedule.core_full": (str, int, float, None),
+    "task.model_dir": (str, None), "task.data_dir": (str, None),
+    "logging.wandb": (dict, None), "logging.wandb.entity": (str, None), "logging.wandb.name": (str, None),
+    **{f"task.{k}": (int, None) for k in ("in_features", "hidden", "depth", "vocab_size", "n_layer", "n_head",
+                                          "n_embd", "block_size")},
+}
+# Fields that may be null although their default is not.
+NULL_ALLOWED = {"schedule.core_full"}
+# Numeric ranges not checked where the field is read: (low, high, low exclusive).
+BOUNDS: dict[str, tuple] = {
+    "comm.bucket_cap_mb": (0, 1e6, True), "cluster.max_restarts": (0, 1000, False),
+    "cluster.num_threads": (1, 4096, False), "cluster.master_port": (1, 65535, False),
+    "cluster.link.inter_node_gbit": (0, None, True), "cluster.link.intra_node_gbit": (0, None, True),
+    "num_workers": (0, 256, False), "seed": (0, 2**63 - 1, False), "mask.seed": (0, 2**63 - 1, False),
+    "task.seed": (0, 2**32 - 1, False), "task.test_fraction": (0, 1, True), "task.num_classes": (2, 100_000, False),
+    "logging.log_every": (1, None, False), "optim.eps": (0, None, False), "optim.weight_decay": (0, None, False),
+    "optim.momentum": (0, 1, False),
+    # sizes that allocate: bounded so that a typo's 10**12 is an error, not an out-of-memory crash
+    "task.num_train": (1, 10**8, False), "task.num_test": (1, 10**8, False), "task.in_features": (1, 10**6, False),
+    "task.hidden": (1, 10**6, False), "task.depth": (1, 10**4, False), "task.vocab_size": (1, 10**7, False),
+    "task.n_layer": (1, 10**4, False), "task.n_head": (1, 10**4, False), "task.n_embd": (1, 10**6, False),
+    "task.block_size": (1, 10**6, False), "steps": (1, 10**12, False),
+}
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
+          dict: "a mapping"}
+
+
+def _kind(value):
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(value, ListConfig):
+        return list
+    if isinstance(value, DictConfig):
+        return dict
+    return type(value)
+
+
+def _fits(value, types: tuple) -> bool:
+    kind = _kind(value)
+    if value is None:
+        return None in types
+    if kind is bool:
+        return bool in types
+    if kind is int:
+        return int in types or float in types
+    return kind in types
+
+
+def check_field_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
+    """Every leaf of ``cfg`` has its default's type (``defaults``: the config of the same group
+    options, no field overridden), and every number in :data:`BOUNDS` lies in its range."""
+    import math
+
+    from omegaconf import DictConfig
+
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        path = f"{prefix}{key}"
+        value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=False)
+        default = OmegaConf.select(defaults, str(key), default=None, throw_on_resolution_failure=False) \
+            if isinstance(defaults, DictConfig) else None
+        if path in NULL_DEFAULT_TYPES:
+            types = NULL_DEFAULT_TYPES[path]
+        elif default is not None:
+            kind = _kind(default)
+            types = (int, float) if kind is float else (kind,)
+            if path in NULL_ALLOWED:
+                types = (*types, None)
+        else:
+            types = None
+        if isinstance(value, DictConfig) and (types is None or dict in types):
+            check_field_types(value, default if isinstance(default, DictConfig) else None, f"{path}.")
+            continue
+        if types is not None and not _fits(value, types):
+            names = [_KINDS[t] if t is not None else "null" for t in types if not (t is int and float in types)]
+            want = " or ".join(names)
+            shown = str(default).lower() if isinstance(default, bool) else default
+            example = f"; e.g. {path}={shown}" if default is not None and not isinstance(default, DictConfig) else ""
+            raise ConfigError(f"{path}={_show(value)} must be {want}{example}")
+        if path in BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high, exclusive = BOUNDS[path]
+            bad = (not math.isfinite(value) or (value <= low if exclusive else value < low)
+                   or (high is not None and value > high))
+            if bad:
+                span = f"{'>' if exclusive else '>='} {low}" + (f" and <= {high:g}" if high is not None else "")
+                raise ConfigError(f"{path}={_show(value)} is out of range: it must be {span}")
+
+
+def _show(value) -> str:
+    text = repr(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or the library's ValueError) naming the first bad field."""
     from .hook import resolve_wire_dtype
@@ -54,6 +155,10 @@ def check_config(cfg: DictConfig) -> None:
                               f"mask.path=outputs/<run>/mask.safetensors")
     elif mask.name not in ("dense", "width_core"):
         check_density(mask.get("density"), field="mask.density")
+    always = mask.get("always")
+    if always is not None and not (isinstance(always, str) or all(isinstance(p, str) for p in always)):
+        raise ConfigError(f"mask.always={_show(always)} must be a glob pattern or a list of them, e.g. "
+                          f"mask.always='[fc.*]'")
     check_mask_config(mask, cfg.steps, cfg.schedule)  # diff_pruning / width_core fields
     if mask.name == "fisher":
         from .fisher import METHODS

@@ -243,7 +243,7 @@ def preflight(config_name: str, overrides: list[str]) -> DictConfig:
     """
     from hydra import compose, initialize_config_module
 
-    from .config import check_config
+    from .config import check_config, check_field_types
 
     parsed = _parse_overrides(overrides)
     groups = config_groups()
@@ -251,12 +251,16 @@ def preflight(config_name: str, overrides: list[str]) -> DictConfig:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     choices = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        check_keys(overrides, compose(config_name=config_name, overrides=choices))
+        defaults = compose(config_name=config_name, overrides=choices)
+        check_keys(overrides, defaults)
         cfg = compose(config_name=config_name, overrides=fixed)
+        check_field_types(cfg, defaults)
         check_config(cfg)
         for o in sweeps:
             for value in o.sweep_string_iterator():
-                check_config(compose(config_name=config_name, overrides=[*fixed, f"{o.get_key_element()}={value}"]))
+                point = compose(config_name=config_name, overrides=[*fixed, f"{o.get_key_element()}={value}"])
+                check_field_types(point, defaults)
+                check_config(point)
     return cfg
 
 
