@@ -44,6 +44,7 @@ def test_nothing_of_ddp_or_the_process_group_outlives_the_run(tmp_path, monkeypa
         gc.enable()
 
 
+@pytest.mark.timeout(1200)
 def test_twenty_torchrun_launches_all_exit_zero(tmp_path):
     """A finished run must end with exit code 0 every time: 20 short 2-rank jobs under torchrun."""
     env = {**app_env(), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

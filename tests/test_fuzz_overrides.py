@@ -7,7 +7,9 @@ Every case must either run (the real app, to its summary; a case whose values as
 a few steps is stopped after step 6, counted as running) or end with exit code 2 and ONE line
 ``error: ...`` that names the field it is about. A traceback is a failure.
 
-``SPARSECOMM_FUZZ_SEEDS=N`` widens the seeded combinations (default 12 seeds in the suite).
+In the suite each field meets one mutation (the kind rotating over the fields);
+``SPARSECOMM_FUZZ=full`` runs every mutation of every field, ``SPARSECOMM_FUZZ_SEEDS=N`` widens
+the seeded combinations (default 12).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from sparsecomm import train
 MUTATIONS = ("abc", "''", "null", "-1", "0", "0.5", "1000000000000", "1e308", "[1,2]", "{a:1}")
 SKIP_FIELDS = {"_target_", "name"}  # what picks the code, not a value: covered by the unknown-option cases
 SEEDS = int(os.environ.get("SPARSECOMM_FUZZ_SEEDS", "12"))
+FULL = os.environ.get("SPARSECOMM_FUZZ") == "full"
 
 
 class _Enough(BaseException):
@@ -52,14 +55,23 @@ def leaves(node, prefix: str) -> Iterator[str]:
             yield path
 
 
-def field_cases() -> list[tuple[str, ...]]:
-    """(group choice, override) for every field of every option, and every top-level field."""
+def field_cases(full: bool = FULL) -> list[tuple[str, ...]]:
+    """(group choice, override) for every field of every option, and every top-level field.
+
+    ``full``: every mutation of every field; else one per field, the kind rotating from field to
+    field (so that every kind meets many fields), plus every unknown option and unknown key.
+    """
     options = groups_and_options()
     cases: list[tuple[str, ...]] = []
     base = compose_app(*TINY)
     top = [k for k in leaves(base, "") if k.split(".")[0] not in {g.split("/")[0] for g in options}]
+    turn = iter(range(10**9))
+
+    def mutate(key: str) -> list[str]:
+        return [f"{key}={m}" for m in MUTATIONS] if full else [f"{key}={MUTATIONS[next(turn) % len(MUTATIONS)]}"]
+
     for key in top:
-        cases += [(f"{key}={m}",) for m in MUTATIONS]
+        cases += [(o,) for o in mutate(key)]
     for group, names in options.items():
         package = group.replace("/", ".")
         cases.append((f"{group}=nope",))
@@ -69,12 +81,12 @@ def field_cases() -> list[tuple[str, ...]]:
             node = OmegaConf.select(cfg, package)
             cases += [(choice, f"{package}.nosuchkey=1"), (choice, f"+{package}.nosuchkey=1")]
             for key in leaves(node, package):
-                cases += [(choice, f"{key}={m}") for m in MUTATIONS]
+                cases += [(choice, o) for o in mutate(key)]
     return cases
 
 
 def combined_cases(seeds: int) -> list[tuple[str, ...]]:
-    pool = field_cases()
+    pool = field_cases(full=True)
     good = ["mask=random", "mask=dense", "optim=sgd", "schedule=fish_fixed", "comm.wire_dtype=bf16",
             "checkpoint.every=2", "steps=6", "schedule.core_full=1:1"]
     out = []
