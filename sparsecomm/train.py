@@ -72,8 +72,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .distributed import RankDisagreement
     from .launch import WorkerUserError
 
+    # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
     return (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RankDisagreement,
-            WorkerUserError, HydraException, OmegaConfBaseException)
+            WorkerUserError, HydraException, OmegaConfBaseException, OSError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -87,6 +88,8 @@ def one_line(exc: BaseException) -> str:
             return (f"{group}={option}: no such option in config group '{group}'"
                     + (f"; choose one of: {options}" if options else ""))
         return f"config '{option}' not found" + (f"; choose one of: {options}" if options else "")
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}; check the path in the config (out_dir, task.data_dir, mask.path, ...)"
     text = str(exc).strip() or type(exc).__name__
     lines = []
     for line in text.splitlines():
@@ -315,14 +318,15 @@ def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
     from .launch import env_rank
 
     if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
-        return ("no checkpoint was written (checkpoint.every=0), so a rerun starts from step 0; set "
-                "checkpoint.every=N to make a run resumable")
+        every = (checkpoint_cfg or {}).get("every", 0)
+        return (f"no checkpoint was written (checkpoint.every={every}), so a rerun starts from step 0; set "
+                f"checkpoint.every=N to make a run resumable")
     if env_rank() is not None:
         return "resume: rerun the same torchrun/sbatch command with the same run id (checkpoint.resume=auto)"
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("run_id", "hydra.run.dir")]
-    return "resume with: sparsecomm-train " + " ".join([*keep, f"run_id={os.path.basename(path)}"]) \
-        if not any(o.split("=", 1)[0] == "hydra.run.dir" for o in overrides) else \
-        "resume with the same command (the same hydra.run.dir)"
+    if any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides):
+        return "resume with the same command (the same hydra.run.dir)"
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "run_id"]
+    return "resume with: sparsecomm-train " + " ".join([*keep, f"run_id={os.path.basename(path)}"])
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -116,7 +116,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_one_line(tmp_pa
     assert 0 < step < 3000 and (nproc == 1 or step % 5 == 0)  # several ranks agree at a log step
     found = CheckpointManager(str(run_dir / "checkpoints")).latest_verified()
     assert found is not None and found[0].endswith(f"step-{step:08d}.ckpt")
-    assert f"run_id=sig" in err and "resume with: sparsecomm-train" in err
+    assert "run_id=sig" in err and "resume with: sparsecomm-train" in err
     # The hinted command continues from that checkpoint (stopped again at once: the point is the resume).
     seen = len(events(run_dir))
     again = start_long_run(tmp_path, "sig", nproc)

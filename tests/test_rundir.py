@@ -115,7 +115,7 @@ def crashed_run_with_checkpoints(tmp_path, capsys, monkeypatch, run_id="r"):
     args = [*TINY, "steps=8", "checkpoint.every=2", f"out_dir={tmp_path}", f"run_id={run_id}"]
     code, _, err = main_in_process(args, capsys)
     assert code == 1 and "Crash" in err
-    assert f"resume with: sparsecomm-train" in err and f"run_id={run_id}" in err, err
+    assert "resume with: sparsecomm-train" in err and f"run_id={run_id}" in err, err
     monkeypatch.setattr(trainer.Trainer, "fit", real_fit)
     return args
 
