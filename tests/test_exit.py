@@ -3,7 +3,6 @@ SIGTERM stop at a step boundary with one line and a checkpoint to resume from.""
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import subprocess
 import sys

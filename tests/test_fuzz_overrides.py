@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from apptest import TINY, clean_launcher_env, compose_app, error_lines, main_in_process
 from sparsecomm import train
