@@ -178,6 +178,10 @@ def check_config(cfg: DictConfig) -> None:
         value = optim.get(key)
         if not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"optim.{key}={value!r} must be a positive number, e.g. optim.{key}=0.01")
+    betas = optim.get("betas")
+    if optim.name == "adamw" and not (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                              and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas={_show(betas)} must be two numbers in [0, 1), e.g. optim.betas='[0.9,0.999]'")
     try:
         resolve_wire_dtype(cfg.comm.get("wire_dtype"))
     except ValueError as e:

@@ -210,7 +210,8 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
     ``base`` is the config composed with the config-group choices alone. Hydra's own message for
     an unknown key suggests ``+key=value``, which would add a field nothing reads (a typo such as
     ``+mask.densty=0.01`` would train at the default density): both are refused here, naming the
-    closest field. ``hydra.*`` keys are Hydra's own.
+    closest field. ``++key=value`` may name a field of another option of the key's group (it is
+    then not read, as with Hydra). ``hydra.*`` keys are Hydra's own.
     """
     import difflib
 
@@ -223,6 +224,8 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
             continue
         if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
             continue
+        if o.is_force_add() and _defined_by_another_option(key, groups):
+            continue  # ++: set where the chosen option has the field (one command line for several options)
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(base, parent, default=None) if parent else base
         known = [str(k) for k in node.keys() if str(k) != "hydra"] if isinstance(node, DictConfig) else []
@@ -237,6 +240,19 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
 
 
 _ABSENT = object()
+
+
+def _defined_by_another_option(key: str, groups: set[str]) -> bool:
+    """Does some option of the config group that ``key`` falls in define it (``mask.num_samples``)?"""
+    from importlib.resources import files
+
+    for group in sorted(groups, key=len, reverse=True):
+        prefix = group.replace("/", ".") + "."
+        if key.startswith(prefix):
+            folder = files(CONFIG_MODULE).joinpath(*group.split("/"))
+            return any(OmegaConf.select(OmegaConf.load(str(p)), key[len(prefix):], default=_ABSENT) is not _ABSENT
+                       for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return False
 
 
 def preflight(config_name: str, overrides: list[str]) -> DictConfig:

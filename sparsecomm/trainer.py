@@ -141,6 +141,9 @@ class MaskSource:
         if self.kind == "random":
             return random_mask(model, density=self.cfg.density, seed=int(self.cfg.get("seed", self.seed)) + round_,
                                always=self.always)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise ConfigError("the model's weights hold NaN/Inf before its Fisher mask (the dense steps diverged): "
+                              "lower optim.dense_lr, or shorten schedule.dense_steps")
         data = self.data.fisher_batches(round_, int(self.cfg.batch_size))
         mask = fisher_mask(model, data, self.task.loss_fn, density=self.cfg.density,
                            num_samples=int(self.cfg.num_samples), method=self.cfg.method, always=self.always,
