@@ -28,8 +28,9 @@ class ConfigError(ValueError):
 
 # --- every field: its type (its default's), and the range of the numbers ----------------------
 # The type of a field is the type of its default in the YAML of the chosen option; these fields
-# default to null, so their types are written here (None: null is allowed).
-NULL_DEFAULT_TYPES: dict[str, tuple] = {
+# default to null or take more than one type, so their types are written here (None: null).
+FIELD_TYPES: dict[str, tuple] = {
+    "cluster.nproc_per_node": (int, str), "cluster.nnodes": (int,),
     "run_id": (str, int, None), "checkpoint.dir": (str, None), "comm.wire_dtype": (str, None),
     "cluster.num_threads": (int, None), "cluster.rdzv_id": (str, int, None), "cluster.rdzv_endpoint": (str, None),
     "cluster.link.inter_node_gbit": (int, float, None), "cluster.link.intra_node_gbit": (int, float, None),
@@ -95,8 +96,8 @@ def check_field_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -
         value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=False)
         default = OmegaConf.select(defaults, str(key), default=None, throw_on_resolution_failure=False) \
             if isinstance(defaults, DictConfig) else None
-        if path in NULL_DEFAULT_TYPES:
-            types = NULL_DEFAULT_TYPES[path]
+        if path in FIELD_TYPES:
+            types = FIELD_TYPES[path]
         elif default is not None:
             kind = _kind(default)
             types = (int, float) if kind is float else (kind,)

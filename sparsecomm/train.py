@@ -222,7 +222,7 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
         key = o.key_or_group
         if o.is_delete() or key in groups or key.split(".")[0].split("/")[0] == "hydra":
             continue
-        if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+        if _has_field(base, key):
             continue
         if o.is_force_add() and _defined_by_another_option(key, groups):
             continue  # ++: set where the chosen option has the field (one command line for several options)
@@ -242,6 +242,13 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
 _ABSENT = object()
 
 
+def _has_field(cfg: DictConfig, key: str) -> bool:
+    """``key`` (dotted) is a field of ``cfg``, set or mandatory (``???``)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node.keys()
+
+
 def _defined_by_another_option(key: str, groups: set[str]) -> bool:
     """Does some option of the config group that ``key`` falls in define it (``mask.num_samples``)?"""
     from importlib.resources import files
@@ -250,7 +257,7 @@ def _defined_by_another_option(key: str, groups: set[str]) -> bool:
         prefix = group.replace("/", ".") + "."
         if key.startswith(prefix):
             folder = files(CONFIG_MODULE).joinpath(*group.split("/"))
-            return any(OmegaConf.select(OmegaConf.load(str(p)), key[len(prefix):], default=_ABSENT) is not _ABSENT
+            return any(_has_field(OmegaConf.load(str(p)), key[len(prefix):])
                        for p in folder.iterdir() if p.name.endswith(".yaml"))
     return False
 
