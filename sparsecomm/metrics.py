@@ -41,7 +41,7 @@ def check_wandb(cfg: Any) -> None:
         import wandb  # noqa: F401
     except ImportError:
         raise MetricsError(
-            "logging=wandb needs the wandb package, which is not installed: "
+            "logging.wandb is set (logging=wandb), which needs the wandb package, and it is not installed: "
             "pip install 'sparsecomm[wandb]', or use logging=default") from None
 
 
