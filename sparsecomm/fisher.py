@@ -45,7 +45,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import distributed as sdist
-from .mask import Mask, _unwrap, count_for_density, topk_mask
+from .mask import Mask, _assemble, _unwrap, count_for_density, select_topk
 from .topk import DEFAULT_CHUNK_NUMEL
 
 METHODS = ("empirical", "expected")
@@ -389,10 +389,11 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
     def cross_rank_sum(chunk: torch.Tensor) -> None:  # float64, as the scores were always summed
         dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=process_group)
 
-    mask = topk_mask(scores, k, always, reduce=cross_rank_sum if sdist.is_initialized() else None,
-                     chunk_numel=score_chunk_numel)
-    bits = {n: mask[n] if n in scores else torch.zeros(p.shape, dtype=torch.bool) for n, p in all_params.items()}
-    del scores
+    selected = select_topk(scores, k, always, reduce=cross_rank_sum if sdist.is_initialized() else None,
+                           chunk_numel=score_chunk_numel)
+    del scores  # freed before the bits (n bytes) are built: the peak is the scores or the bits, not both
+    mask = _assemble(*selected)
+    bits = {n: mask[n] if n in mask else torch.zeros(p.shape, dtype=torch.bool) for n, p in all_params.items()}
     mask = Mask(bits)
     mask.assert_same_on_all_ranks(process_group)
     return mask

@@ -93,7 +93,7 @@ class Mask(Mapping[str, torch.Tensor]):
     # Facts -----------------------------------------------------------------------------------
     @property
     def num_selected(self) -> int:
-        return int(sum(int(b.sum()) for b in self._bits.values()))
+        return int(sum(int(torch.count_nonzero(b)) for b in self._bits.values()))  # b.sum() would copy to int64
 
     @property
     def numel(self) -> int:
@@ -209,6 +209,19 @@ def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] 
     for the top k take ``16 k`` bytes; the returned bits ``n`` bytes (CPU). See
     :mod:`sparsecomm.topk`.
     """
+    return _assemble(*select_topk(scores, k, always, reduce=reduce, chunk_numel=chunk_numel))
+
+
+def select_topk(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] = (), *,
+                reduce: Callable[[torch.Tensor], None] | None = None,
+                chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> tuple[dict, list[str], torch.Tensor]:
+    """:func:`topk_mask`'s selection without the bits: ``({name: shape}, names kept whole, positions)``.
+
+    ``positions`` (int64, ascending, on the scores' device) index the concatenation of the
+    ranked (not kept whole) tensors. Holds no reference to ``scores`` afterwards, so a caller
+    that drops its scores frees them before the n bytes of bits are built
+    (:func:`sparsecomm.fisher_mask` does).
+    """
     always = tuple(always)
     names = list(scores)
     kept_whole = [n for n in names if matches_any(n, always)]
@@ -220,13 +233,19 @@ def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] 
             f"the parameters matching always={list(always)} hold {n_whole} entries, more than the "
             f"budget k={k} of {total}; raise the density to at least {n_whole / total:.3g} or narrow 'always'"
         )
-    bits = {n: torch.ones(scores[n].shape, dtype=torch.bool) for n in kept_whole}
+    positions = torch.empty(0, dtype=torch.int64)
     if ranked:
-        device = scores[ranked[0]].device
         positions = stream_topk(((scores[n].numel(), copy_writer(scores[n])) for n in ranked), k - n_whole,
-                                device=device, chunk_numel=chunk_numel, reduce=reduce)
-        bits.update(zip(ranked, positions_to_bits(positions, [scores[n].shape for n in ranked])))
-    return Mask({n: bits[n] for n in names})
+                                device=scores[ranked[0]].device, chunk_numel=chunk_numel, reduce=reduce)
+    return {n: scores[n].shape for n in names}, kept_whole, positions
+
+
+def _assemble(shapes: Mapping[str, torch.Size], kept_whole: list[str], positions: torch.Tensor) -> Mask:
+    """The mask of :func:`select_topk`'s answer: bits of ``shapes`` (CPU bool, n bytes)."""
+    ranked = [n for n in shapes if n not in kept_whole]
+    bits = {n: torch.ones(shapes[n], dtype=torch.bool) for n in kept_whole}
+    bits.update(zip(ranked, positions_to_bits(positions, [shapes[n] for n in ranked])))
+    return Mask({n: bits[n] for n in shapes})
 
 
 def random_mask(model: nn.Module, *, density: float, seed: int = 0, always: Iterable[str] = (),
@@ -278,8 +297,5 @@ def random_mask(model: nn.Module, *, density: float, seed: int = 0, always: Iter
             else:
                 yield p.numel(), draw
 
-    ranked = [n for n in params if n not in kept_whole]
     positions = stream_topk(sources(), k - n_whole, chunk_numel=chunk_numel)
-    bits = {n: torch.ones(params[n].shape, dtype=torch.bool) for n in kept_whole}
-    bits.update(zip(ranked, positions_to_bits(positions, [params[n].shape for n in ranked])))
-    return Mask({n: bits[n] for n in params})
+    return _assemble({n: p.shape for n, p in params.items()}, kept_whole, positions)

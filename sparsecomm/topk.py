@@ -17,7 +17,8 @@ add nothing.
 Memory (``C = chunk_numel``, ``k`` entries selected):
     the chunk: ``8 C`` bytes (float64), plus at most ``~24 C`` bytes of transient work
     (``torch.topk`` inside a chunk, bool and index vectors);
-    the candidates: ``16 k`` bytes (float64 value + int64 position), ``~48 k`` while merging.
+    the candidates: ``16 k`` bytes (float64 value + int64 position) held, fewer than ``32 k``
+    pending, ``~100 k`` at most while merging.
 Nothing proportional to the number of entries ``n`` is allocated, except the bool bits of the
 final mask (``n`` bytes) built by :func:`positions_to_bits`.
 """
@@ -54,23 +55,23 @@ class StreamingTopK:
     """The first ``k`` entries (value desc, position asc) of values that arrive in position order.
 
     Call :meth:`add` with consecutive 1-D float64 pieces; :attr:`positions` is the answer
-    (int64, ascending). Holds at most ``k`` candidates: ``16 k`` bytes.
+    (int64, ascending). Holds at most ``k`` merged candidates plus fewer than ``2k`` pending
+    ones (16 bytes each: float64 value, int64 position).
     """
 
     def __init__(self, k: int, device: torch.device | str = "cpu"):
         if k < 0:
             raise ValueError(f"k={k} must be >= 0")
         self.k = int(k)
-        self.values = torch.empty(0, dtype=torch.float64, device=device)
-        self.positions = torch.empty(0, dtype=torch.int64, device=device)
+        self._values = torch.empty(0, dtype=torch.float64, device=device)
+        self._positions = torch.empty(0, dtype=torch.int64, device=device)
+        self._threshold: torch.Tensor | None = None  # the k-th value once k candidates are held
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_n = 0
         self.next_position = 0
 
-    @property
-    def full(self) -> bool:
-        return self.values.numel() >= self.k
-
     def add(self, chunk: torch.Tensor, start: int) -> None:
-        """Merge ``chunk`` (1-D float64, no NaN) whose first entry has position ``start``.
+        """Take in ``chunk`` (1-D float64, no NaN) whose first entry has position ``start``.
 
         Pieces must come in position order (``start`` >= the end of the previous piece); the
         chunk may be a reused buffer: nothing of it is kept by reference.
@@ -80,8 +81,11 @@ class StreamingTopK:
         self.next_position = start + chunk.numel()
         if self.k == 0 or chunk.numel() == 0:
             return
-        if self.full:  # only entries strictly above the current k-th value can still enter
-            idx = (chunk > self.values.min()).nonzero().reshape(-1)
+        if self._threshold is not None:
+            # Only entries strictly above the k-th value held can still enter: an equal one comes
+            # later by position than every held candidate. (The threshold only rises, so one that
+            # is stale while candidates are pending lets more through, never fewer.)
+            idx = (chunk > self._threshold).nonzero().reshape(-1)
             if idx.numel() == 0:
                 return
             if idx.numel() > self.k:
@@ -90,12 +94,30 @@ class StreamingTopK:
             idx = first_k(chunk, self.k)
         else:
             idx = torch.arange(chunk.numel(), device=chunk.device)
-        values = torch.cat([self.values, chunk[idx]])
-        positions = torch.cat([self.positions, idx + start])
-        if values.numel() > self.k:  # candidates stay in position order: old ones precede the chunk's
+        self._pending.append((chunk[idx], idx + start))
+        self._pending_n += idx.numel()
+        if self._threshold is None or self._pending_n >= self.k:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Fold the pending candidates into the held ones, keeping the first k (position order kept)."""
+        if not self._pending:
+            return
+        values = torch.cat([self._values, *(v for v, _ in self._pending)])
+        positions = torch.cat([self._positions, *(p for _, p in self._pending)])
+        self._pending, self._pending_n = [], 0
+        if values.numel() > self.k:  # held candidates precede the pending ones in position order
             keep = first_k(values, self.k)
             values, positions = values[keep], positions[keep]
-        self.values, self.positions = values, positions
+        self._values, self._positions = values, positions
+        if values.numel() >= self.k:
+            self._threshold = values.min()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 positions of the top k so far, ascending."""
+        self._merge()
+        return self._positions
 
 
 def stream_topk(sources: Iterable[tuple[int, Writer]], k: int, *, device: torch.device | str = "cpu",
