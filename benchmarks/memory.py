@@ -27,8 +27,8 @@ Rows (``--steps`` steps each for the training rows, one Gloo rank, density 0.5%)
 dense row, predicts the largest model that 2 ranks fit in the machine's memory (MemTotal less
 ``--reserve-gib``) and in the cap, and checks the prediction: both 2-rank runs (fisher_mask + 5
 masked steps; DDP + AdamW 5 steps) launched inside a memory cgroup capped at ``--cap-gib`` (the
-OOM killer then stops only them), at 0.97x the sparsecomm bound, where dense must not fit, and
-at 0.97x the dense bound. Root is needed for the cgroup (v2 ``memory.max`` or v1
+OOM killer then stops only them), at 0.95x (``--verify-at``) the sparsecomm bound, where dense must
+not fit, and at 0.95x the dense bound. Root is needed for the cgroup (v2 ``memory.max`` or v1
 ``memory.limit_in_bytes``).
 """
 from __future__ import annotations
@@ -401,11 +401,12 @@ def meminfo_bytes(field: str) -> int:
 
 
 def measure_sizes(sizes_mib, *, steps: int, density: float, dense_max_mib: float, concat_max_mib: float,
-                  threads: int, batch: int, fisher_samples: int, device: str, echo=print) -> list[dict]:
+                  threads: int, batch: int, fisher_samples: int, device: str, rows_wanted=ROWS,
+                  echo=print) -> list[dict]:
     rows = []
     for mib in sizes_mib:
         w = width_for(mib)
-        for what in ROWS:
+        for what in (r for r in ROWS if r in rows_wanted):
             if what in ("dense", "dense_bv") and mib > dense_max_mib:
                 echo(f"  {mib:g} MiB {what}: skipped (--dense-max-mib {dense_max_mib:g})")
                 continue
@@ -452,7 +453,7 @@ def largest_model(fit: tuple[float, float], budget: float, world: int = 2) -> fl
 
 
 def headline(rows: list[dict], *, cap: int, reserve: int, steps: int, density: float, threads: int, batch: int,
-             fisher_samples: int, verify: bool, echo=print) -> dict:
+             fisher_samples: int, verify: bool, verify_at: float = 0.95, echo=print) -> dict:
     fits = per_rank_models(rows)
     out = {"fits": {k: {"a": a, "b": b} for k, (a, b) in fits.items()}, "cap_bytes": cap, "reserve_bytes": reserve}
     if "pipeline" not in fits or not ({"dense", "dense_bv"} & set(fits)):
@@ -472,7 +473,8 @@ def headline(rows: list[dict], *, cap: int, reserve: int, steps: int, density: f
         return out
     checks = []
     s_cap, d_cap = out["cap"]["sparsecomm_bytes"], out["cap"]["dense_bytes"]
-    plan = [("pipeline", 0.97 * s_cap, True), (dense_key, 0.97 * s_cap, False), (dense_key, 0.97 * d_cap, True)]
+    plan = [("pipeline", verify_at * s_cap, True), (dense_key, verify_at * s_cap, False),
+            (dense_key, verify_at * d_cap, True)]
     for what, target, expect_fit in plan:
         w = width_for(target / MIB)
         spec = {"width": w, "what": what, "steps": steps, "density": density, "threads": threads, "batch": batch,
@@ -642,6 +644,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--sizes-mib", nargs="+", type=float, default=[128, 1024])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows to measure")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--density", type=float, default=0.005)
     p.add_argument("--batch", type=int, default=8)
@@ -654,6 +657,8 @@ def main(argv=None) -> dict:
     p.add_argument("--headline", action="store_true", help="fit, predict and verify the 2-rank bound")
     p.add_argument("--no-verify", action="store_true", help="with --headline: predict only, no cgroup runs")
     p.add_argument("--cap-gib", type=float, default=8.0, help="memory cgroup cap for the verification runs")
+    p.add_argument("--verify-at", type=float, default=0.95,
+                   help="check at this fraction of each predicted bound (sparsecomm's: dense must not fit there)")
     p.add_argument("--reserve-gib", type=float, default=1.0, help="left to the OS when predicting for the machine")
     p.add_argument("--glibc-default", action="store_true",
                    help="leave glibc's dynamic mmap threshold on (freed 128 KiB-32 MiB blocks may stay resident)")
@@ -673,7 +678,7 @@ def main(argv=None) -> dict:
     else:
         rows = measure_sizes(a.sizes_mib, steps=a.steps, density=a.density, dense_max_mib=a.dense_max_mib,
                              concat_max_mib=a.concat_max_mib, threads=a.threads, batch=a.batch,
-                             fisher_samples=a.fisher_samples, device=a.device)
+                             fisher_samples=a.fisher_samples, device=a.device, rows_wanted=a.rows)
         if a.merge and os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)["rows"]
@@ -685,7 +690,8 @@ def main(argv=None) -> dict:
         if a.headline:
             result["headline"] = headline(rows, cap=int(a.cap_gib * GIB), reserve=int(a.reserve_gib * GIB),
                                           steps=a.steps, density=a.density, threads=a.threads, batch=a.batch,
-                                          fisher_samples=a.fisher_samples, verify=not a.no_verify)
+                                          fisher_samples=a.fisher_samples, verify=not a.no_verify,
+                                          verify_at=a.verify_at)
     text = render(result, a.out)
     report.publish(a.out, "memory", "Memory", result, text)
     print(text)
