@@ -515,34 +515,46 @@ def size_table(rows: list[dict]) -> str:
         cells = []
         for w in cols:
             r = by.get((s, w))
-            if r is None:
+            pipe = by.get((s, "pipeline"))
+            if r is None and w == "fisher_mask" and pipe and "fisher_mask" in pipe.get("phases", {}):
+                cells.append(f"{pipe['phases']['fisher_mask'] / MIB:,.0f} MiB ({pipe['phases']['fisher_mask'] / s:.2f}x)*")
+            elif r is None:
                 cells.append("-")
             elif "failed" in r:
                 cells.append("failed")
             else:
                 cells.append(f"{r['peak_extra'] / MIB:,.0f} MiB ({r['peak_extra'] / s:.2f}x)")
         lines.append(f"| {s / MIB:,.0f} MiB | " + " | ".join(cells) + " |")
+    if any("*" in line for line in lines[2:]):
+        lines.append("\n\\* the fisher_mask phase of the pipeline row (same process, same baseline)")
     return "\n".join(lines)
 
 
 def breakdown_table(rows: list[dict]) -> str:
-    """Where a rank's extra bytes go, per model size: measured rows against the tensors that explain them."""
+    """Where a rank's extra bytes go, per model size: the tensors that explain each row, next to the row.
+
+    n = model entries, k = selected entries, L = the largest layer's weight (4n / 8 for this MLP).
+    """
     sizes = sorted({r["model_bytes"] for r in rows})
     by = {(r["model_bytes"], r["what"]): r for r in rows if "failed" not in r}
-    lines = ["| fp32 model (n entries) | fisher_mask: scores 4n + bits n | measured | DDP buckets 4n | measured (DDP alone) "
-             "| + hook + MaskedAdamW: bits n + 32k | measured | dense AdamW: buckets 4n + moments 8n | measured |",
+    lines = ["| fp32 model (n entries) | fisher_mask: scores 4n + L | measured | DDP alone: buckets 4n + one "
+             "gradient L | measured | + hook + MaskedAdamW: + bits n + 52k | measured | dense AdamW (bucket view): "
+             "buckets 4n + moments 8n + L | measured |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in sizes:
         n = s // 4
         k = round(0.005 * n)
+        layer = 4 * n // LAYERS
 
         def got(w):
             r = by.get((s, w))
+            if r is None and w == "fisher_mask" and (s, "pipeline") in by:
+                return f"{by[(s, 'pipeline')]['phases'].get('fisher_mask', 0) / MIB:,.0f}*"
             return "-" if r is None else f"{r['peak_extra'] / MIB:,.0f}"
 
-        lines.append(f"| {s / MIB:,.0f} MiB ({n:,}) | {5 * n / MIB:,.0f} | {got('fisher_mask')} | {4 * n / MIB:,.0f} | "
-                     f"{got('ddp')} | {(4 * n + n + 32 * k) / MIB:,.0f} | {got('sparsecomm')} | "
-                     f"{12 * n / MIB:,.0f} | {got('dense_bv')} |")
+        lines.append(f"| {s / MIB:,.0f} MiB ({n:,}) | {(4 * n + layer) / MIB:,.0f} | {got('fisher_mask')} | "
+                     f"{(4 * n + layer) / MIB:,.0f} | {got('ddp')} | {(5 * n + layer + 52 * k) / MIB:,.0f} | "
+                     f"{got('sparsecomm')} | {(12 * n + layer) / MIB:,.0f} | {got('dense_bv')} |")
     return "\n".join(lines)
 
 
@@ -554,6 +566,11 @@ def verdicts_for(rows: list[dict], head: dict | None) -> list[dict]:
         if r["what"] == "fisher_mask":
             vs.append(report.verdict(f"fisher_mask extra <= 1.25x the model ({r['model_bytes'] / MIB:,.0f} MiB)",
                                      r["ratio"] <= 1.25, f"{r['ratio']:.2f}x"))
+        if r["what"] == "pipeline" and "fisher_mask" in r.get("phases", {}) \
+                and not any(q["what"] == "fisher_mask" and q["model_bytes"] == r["model_bytes"] for q in rows):
+            ratio = r["phases"]["fisher_mask"] / r["model_bytes"]
+            vs.append(report.verdict(f"fisher_mask extra <= 1.25x the model ({r['model_bytes'] / MIB:,.0f} MiB, "
+                                     f"pipeline's phase)", ratio <= 1.25, f"{ratio:.2f}x"))
         if r["what"] == "random_mask":
             n = r["model_bytes"] // 4
             bound = n + 3 * 8 * (1 << 20) + 64 * r["k"] + 64 * MIB  # bits + chunk work + O(k) + allocator slack
@@ -643,7 +660,7 @@ def render(result: dict, out: str) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--sizes-mib", nargs="+", type=float, default=[128, 1024])
+    p.add_argument("--sizes-mib", nargs="*", type=float, default=[128, 1024])
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows to measure")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--density", type=float, default=0.005)
@@ -679,14 +696,20 @@ def main(argv=None) -> dict:
         rows = measure_sizes(a.sizes_mib, steps=a.steps, density=a.density, dense_max_mib=a.dense_max_mib,
                              concat_max_mib=a.concat_max_mib, threads=a.threads, batch=a.batch,
                              fisher_samples=a.fisher_samples, device=a.device, rows_wanted=a.rows)
+        previous = {}
         if a.merge and os.path.exists(path):
             with open(path) as f:
-                old = json.load(f)["rows"]
+                previous = json.load(f)
             have = {(r["model_bytes"], r["what"]) for r in rows}
-            rows = sorted([r for r in old if (r["model_bytes"], r["what"]) not in have] + rows,
+            rows = sorted([r for r in previous["rows"] if (r["model_bytes"], r["what"]) not in have] + rows,
                           key=lambda r: (r["model_bytes"], ROWS.index(r["what"])))
-        result = {"command": report.command_line(__file__, argv), "environment": report.environment(), "rows": rows,
+        command = report.command_line(__file__, argv)
+        if previous.get("command"):
+            command = previous["command"] + "` then `" + command
+        result = {"command": command, "environment": report.environment(), "rows": rows,
                   "steps": a.steps, "density": a.density}
+        if not a.headline and "headline" in previous:
+            result["headline"] = previous["headline"]
         if a.headline:
             result["headline"] = headline(rows, cap=int(a.cap_gib * GIB), reserve=int(a.reserve_gib * GIB),
                                           steps=a.steps, density=a.density, threads=a.threads, batch=a.batch,

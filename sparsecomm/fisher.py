@@ -367,7 +367,7 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
 
     Memory beyond the model: the float32 scores (parameter-shaped, on the model's device: 1x the
     model's fp32 size), one float64 chunk of ``score_chunk_numel`` entries (8 MiB by default)
-    and ~48 bytes per selected entry while ranking, the mask's bits (1 byte per entry, CPU), and
+    and at most ~100 bytes per selected entry while ranking, the mask's bits (1 byte per entry, CPU), and
     the engine's working memory (see the module doc).
     """
     model = _unwrap(model)

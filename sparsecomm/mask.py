@@ -206,7 +206,7 @@ def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] 
 
     Memory: the scores are read in chunks of ``chunk_numel`` entries (float64, on the scores'
     device: ``8 x chunk_numel`` bytes, 8 MiB by default) and never concatenated; the candidates
-    for the top k take ``16 k`` bytes; the returned bits ``n`` bytes (CPU). See
+    for the top k take ``16 k`` to ``~100 k`` bytes; the returned bits ``n`` bytes (CPU). See
     :mod:`sparsecomm.topk`.
     """
     return _assemble(*select_topk(scores, k, always, reduce=reduce, chunk_numel=chunk_numel))
@@ -259,7 +259,7 @@ def random_mask(model: nn.Module, *, density: float, seed: int = 0, always: Iter
     scores do not depend on ``always``).
 
     Memory: the scores are drawn in chunks of ``chunk_numel`` entries (``8 x chunk_numel``
-    bytes) and never held whole; the top-k candidates take ``16 k`` bytes; the returned bits
+    bytes) and never held whole; the top-k candidates take ``16 k`` to ``~100 k`` bytes; the returned bits
     ``n`` bytes. The draws are the very numbers ``torch.rand(p.shape, generator=gen,
     dtype=torch.float64)`` per parameter gave before chunking (CPU ``uniform_`` draws one 64-bit
     number per entry, serially), so a seed gives the same mask as in earlier versions.
