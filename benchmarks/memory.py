@@ -648,7 +648,8 @@ def render(result: dict, out: str) -> str:
                 text += (f"| {LABELS[ch['what']]} | {ch['model_bytes'] / GIB:.2f} GiB | "
                          f"{'fits' if ch['expect_fit'] else 'killed'} | {'fits' if ch['fits'] else 'killed (OOM)'} | "
                          f"{(ch['cgroup_peak'] or 0) / GIB:.2f} GiB | "
-                         + ", ".join(f"{p / GIB:.2f}" for p in ch["rank_peaks"]) + " GiB |\n")
+                         + (", ".join(f"{p / GIB:.2f}" for p in ch["rank_peaks"]) + " GiB" if ch["rank_peaks"] else "-")
+                         + " |\n")
     text += "\n\n" + report.verdicts_md(verdicts)
     if any(r["what"] in ROWS for r in rows):
         p = plot(rows, out)
