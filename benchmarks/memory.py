@@ -606,6 +606,11 @@ def plot(rows: list[dict], out: str) -> str | None:
                         ("dense", "x--"), ("dense_bv", "v--")):
         pts = sorted((r["model_bytes"] / MIB, r["peak_extra"] / MIB) for r in rows
                      if r["what"] == what and "failed" not in r)
+        if what == "fisher_mask":  # sizes measured only through the pipeline: its fisher_mask phase
+            have = {x for x, _ in pts}
+            pts = sorted(pts + [(r["model_bytes"] / MIB, r["phases"]["fisher_mask"] / MIB) for r in rows
+                                if r["what"] == "pipeline" and "fisher_mask" in r.get("phases", {})
+                                and r["model_bytes"] / MIB not in have])
         if pts:
             ax.plot(*zip(*pts), style, label=LABELS[what])
     sizes = sorted({r["model_bytes"] / MIB for r in rows})
@@ -614,6 +619,8 @@ def plot(rows: list[dict], out: str) -> str | None:
         ax.annotate(f"{mult:g}x model", (sizes[-1], mult * sizes[-1]), fontsize=7, color="grey")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(sizes, [f"{x:,.0f}" for x in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("fp32 model size (MiB)")
     ax.set_ylabel("peak extra RSS above the model (MiB)")
     ax.set_title("Peak extra memory of one rank (fresh process per point)")
