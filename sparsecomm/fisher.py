@@ -21,9 +21,15 @@ engines compute it:
 ``engine="auto"`` (default) uses ``"layers"`` when the model qualifies, else ``"vmap"``.
 
 Distributed: each rank scores its own share of ``num_samples`` from its own ``data``; the
-per-entry scores are summed with ONE all-reduce (n x 8 bytes, float64), so every rank ranks
-identical numbers; the top-k breaks ties by position; the digests are then compared across ranks
-before the mask is returned.
+per-entry scores are summed across ranks in float64, one bounded chunk at a time (n x 8 bytes
+in all, never n x 8 bytes at once), so every rank ranks identical numbers; the top-k breaks ties
+by position; the digests are then compared across ranks before the mask is returned.
+
+Memory: the scores are parameter-shaped float32 tensors on the model's device (1x the model's
+fp32 size); the top-k streams over them (one float64 chunk + O(k), :mod:`sparsecomm.topk`); the
+mask's bits take n bytes (0.25x) on the CPU. The layers engine adds one layer's weight-sized
+product at a time (and, for ``method="expected"`` only, one more float32 copy of the scores per
+batch); the vmap engine materialises ``chunk_size`` per-example gradients (chunk_size x the model).
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import distributed as sdist
-from .mask import Mask, _unwrap, count_for_density, topk_mask
+from .mask import Mask, _assemble, _unwrap, count_for_density, select_topk
+from .topk import DEFAULT_CHUNK_NUMEL
 
 METHODS = ("empirical", "expected")
 ENGINES = ("auto", "layers", "vmap")
@@ -243,15 +250,20 @@ def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -
             raise _Unsupported("a layer runs without autograd (e.g. under torch.no_grad())")
     mods = list(seen)
     outs = [seen[m][1] for m in mods]
-    add = {n: torch.zeros_like(scores[n]) for m in mods for _, n in plan[m]}
+    # Every check that can reject the batch ran above, so nothing partial is left behind by adding
+    # into the scores directly. One target (empirical): scores += square, as through a zeroed
+    # buffer, without a second copy of the scores. Several (expected): summed over the classes in a
+    # buffer first, so the sums keep their order (one more float32 copy of the scores per batch).
+    add = scores if len(targets) == 1 else {n: torch.zeros_like(scores[n]) for m in mods for _, n in plan[m]}
     for i, t in enumerate(targets):
         grads = torch.autograd.grad(t, outs, retain_graph=i < len(targets) - 1, allow_unused=True)
         with torch.no_grad():
             for m, g in zip(mods, grads):
                 if g is not None:
                     _layer_squares(m, plan[m], seen[m][0].detach().float(), g.float(), add, chunk_size)
-    for n, v in add.items():
-        scores[n] += v
+    if add is not scores:
+        for n, v in add.items():
+            scores[n] += v
 
 
 def _sum_sq_bmm(left: torch.Tensor, right: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -333,7 +345,7 @@ def _accumulate_loop(scores, loss_fn, x, y, model, method) -> None:
 
 def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density: float, num_samples: int = 1024,
                 method: str = "empirical", always: Iterable[str] = (), process_group=None,
-                chunk_size: int = 32, engine: str = "auto") -> Mask:
+                chunk_size: int = 32, engine: str = "auto", score_chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Mask:
     """The FISH mask: global top-k of summed squared per-example gradients, identical on all ranks.
 
     Args:
@@ -347,8 +359,16 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
             count toward k.
         process_group: the group to sum scores over (collective on every rank of it).
         chunk_size, engine: how per-example gradients are computed (``fisher_scores``); exact either way.
+        score_chunk_numel: entries per float64 chunk of the cross-rank sum and the top-k.
 
-    Over the network: one all-reduce of n float64 scores, one all-gather of the digests.
+    Over the network: the trainable, ranked scores (not those matching ``always``) summed in
+    float64 by all-reduces of at most ``score_chunk_numel`` entries each (n x 8 bytes in all), one
+    all-gather of the digests.
+
+    Memory beyond the model: the float32 scores (parameter-shaped, on the model's device: 1x the
+    model's fp32 size), one float64 chunk of ``score_chunk_numel`` entries (8 MiB by default)
+    and at most ~100 bytes per selected entry while ranking, the mask's bits (1 byte per entry, CPU), and
+    the engine's working memory (see the module doc).
     """
     model = _unwrap(model)
     all_params = dict(model.named_parameters())
@@ -361,19 +381,19 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
         warnings.warn(
             f"fisher_mask: rank {rank}'s data held {seen} examples, fewer than its share {share} of "
             f"num_samples={num_samples}; scoring with {seen}", stacklevel=2)
-    if sdist.is_initialized():
-        flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-        offset = 0
-        for n, s in scores.items():
-            scores[n] = flat[offset:offset + s.numel()].reshape(s.shape)
-            offset += s.numel()
     trainable = sum(s.numel() for s in scores.values())
     if k > trainable:
         raise ValueError(f"density={density} asks for k={k} entries but only {trainable} are trainable; "
                          f"lower the density")
-    mask = topk_mask(scores, k, always)
-    bits = {n: mask[n] if n in scores else torch.zeros(p.shape, dtype=torch.bool) for n, p in all_params.items()}
+
+    def cross_rank_sum(chunk: torch.Tensor) -> None:  # float64, as the scores were always summed
+        dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=process_group)
+
+    selected = select_topk(scores, k, always, reduce=cross_rank_sum if sdist.is_initialized() else None,
+                           chunk_numel=score_chunk_numel)
+    del scores  # freed before the bits (n bytes) are built: the peak is the scores or the bits, not both
+    mask = _assemble(*selected)
+    bits = {n: mask[n] if n in mask else torch.zeros(p.shape, dtype=torch.bool) for n, p in all_params.items()}
     mask = Mask(bits)
     mask.assert_same_on_all_ranks(process_group)
     return mask

@@ -22,6 +22,15 @@ Two ways to send (``fused``):
 
 Setting ``state.dense = True`` before a backward makes that step a plain averaged all-reduce of
 the whole bucket (the "full" steps of core/full alternation); no re-registration is needed.
+
+Memory (k = selected entries, on the buckets' device unless said): the hook's own memory is O(k).
+It keeps one int64 index per bucket (8 bytes per selected entry, 8k in all) and views of the
+mask's bits (no copy: the :class:`~sparsecomm.Mask` holds them, 1 byte per entry on the CPU).
+A masked step allocates, transiently, the packed values of each bucket (k x the gradient's
+bytes), their concatenation when fused (k more) and the wire-dtype copy (k x wire bytes): about
+12 bytes per selected entry for fp32. A dense step works in place on DDP's buckets. DDP's own
+buckets (n x 4 bytes for fp32, the gradients themselves with ``gradient_as_bucket_view=True``)
+are DDP's, not the hook's.
 """
 # No `from __future__ import annotations`: DDP checks the hook's `bucket` annotation at runtime.
 

@@ -10,13 +10,14 @@ import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as sdist
+from .topk import DEFAULT_CHUNK_NUMEL, copy_writer, positions_to_bits, stream_topk
 
 MASK_FORMAT = "sparsecomm-mask-v1"
 
@@ -92,7 +93,7 @@ class Mask(Mapping[str, torch.Tensor]):
     # Facts -----------------------------------------------------------------------------------
     @property
     def num_selected(self) -> int:
-        return int(sum(int(b.sum()) for b in self._bits.values()))
+        return int(sum(int(torch.count_nonzero(b)) for b in self._bits.values()))  # b.sum() would copy to int64
 
     @property
     def numel(self) -> int:
@@ -184,12 +185,38 @@ class Mask(Mapping[str, torch.Tensor]):
         return mask
 
 
-def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] = ()) -> Mask:
+def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] = (), *,
+              reduce: Callable[[torch.Tensor], None] | None = None,
+              chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Mask:
     """Global top-k over all score tensors; names matching ``always`` are kept whole.
 
-    Deterministic under ties: entries equal to the k-th largest score are taken in order of
-    their position in the concatenation of ``scores`` (insertion order), so identical scores
-    give identical masks on every rank.
+    ``scores``: name -> tensor (any shape, floating dtype, any device). The entries of the names
+    matching ``always`` are all selected and count toward ``k``; the other ``k - #always`` are the
+    largest scores of the remaining tensors. Deterministic under ties: entries equal to the k-th
+    largest score are taken in order of their position in the concatenation of the ranked
+    tensors (insertion order of ``scores``), so identical scores give identical masks on every
+    rank. Raises ValueError if a ranked score is NaN.
+
+    ``reduce`` (optional) is applied in place to each float64 chunk of the ranked scores before
+    ranking, e.g. a cross-rank all-reduce (:func:`sparsecomm.fisher_mask` passes one).
+
+    Memory: the scores are read in chunks of ``chunk_numel`` entries (float64, on the scores'
+    device: ``8 x chunk_numel`` bytes, 8 MiB by default) and never concatenated; the candidates
+    for the top k take ``16 k`` to ``~100 k`` bytes; the returned bits ``n`` bytes (CPU). See
+    :mod:`sparsecomm.topk`.
+    """
+    return _assemble(*select_topk(scores, k, always, reduce=reduce, chunk_numel=chunk_numel))
+
+
+def select_topk(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] = (), *,
+                reduce: Callable[[torch.Tensor], None] | None = None,
+                chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> tuple[dict, list[str], torch.Tensor]:
+    """:func:`topk_mask`'s selection without the bits: ``({name: shape}, names kept whole, positions)``.
+
+    ``positions`` (int64, ascending, on the scores' device) index the concatenation of the
+    ranked (not kept whole) tensors. Holds no reference to ``scores`` afterwards, so a caller
+    that drops its scores frees them before the n bytes of bits are built
+    (:func:`sparsecomm.fisher_mask` does).
     """
     always = tuple(always)
     names = list(scores)
@@ -202,36 +229,69 @@ def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] 
             f"the parameters matching always={list(always)} hold {n_whole} entries, more than the "
             f"budget k={k} of {total}; raise the density to at least {n_whole / total:.3g} or narrow 'always'"
         )
-    bits = {n: torch.ones(scores[n].shape, dtype=torch.bool) for n in kept_whole}
-    k_rest = k - n_whole
+    positions = torch.empty(0, dtype=torch.int64)
     if ranked:
-        flat = torch.cat([scores[n].detach().reshape(-1).to(torch.float64).cpu() for n in ranked])
-        if torch.isnan(flat).any():
-            raise ValueError("scores contain NaN: the model or the loss produced non-finite gradients")
-        sel = torch.zeros(flat.numel(), dtype=torch.bool)
-        if k_rest > 0:
-            threshold = torch.topk(flat, k_rest, sorted=True).values[-1]
-            sel = flat > threshold
-            need = k_rest - int(sel.sum())
-            ties = (flat == threshold).nonzero().reshape(-1)[:need]
-            sel[ties] = True
-        offset = 0
-        for n in ranked:
-            m = scores[n].numel()
-            bits[n] = sel[offset:offset + m].reshape(scores[n].shape)
-            offset += m
-    return Mask({n: bits[n] for n in names})
+        positions = stream_topk(((scores[n].numel(), copy_writer(scores[n])) for n in ranked), k - n_whole,
+                                device=scores[ranked[0]].device, chunk_numel=chunk_numel, reduce=reduce)
+    return {n: scores[n].shape for n in names}, kept_whole, positions
 
 
-def random_mask(model: nn.Module, *, density: float, seed: int = 0, always: Iterable[str] = ()) -> Mask:
+def _assemble(shapes: Mapping[str, torch.Size], kept_whole: list[str], positions: torch.Tensor) -> Mask:
+    """The mask of :func:`select_topk`'s answer: bits of ``shapes`` (CPU bool, n bytes)."""
+    ranked = [n for n in shapes if n not in kept_whole]
+    bits = {n: torch.ones(shapes[n], dtype=torch.bool) for n in kept_whole}
+    bits.update(zip(ranked, positions_to_bits(positions, [shapes[n] for n in ranked])))
+    return Mask({n: bits[n] for n in shapes})
+
+
+def random_mask(model: nn.Module, *, density: float, seed: int = 0, always: Iterable[str] = (),
+                chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> Mask:
     """Uniformly random mask with k = round(density x entries), identical on every rank for a seed.
 
-    The FISH paper's baseline. Scores come from a CPU generator seeded with ``seed`` only, so no
-    communication is needed for ranks to agree.
+    The FISH paper's baseline. Every entry of every parameter (``named_parameters()`` order) gets
+    a float64 score drawn from ``torch.rand`` on a CPU generator seeded with ``seed`` only, so no
+    communication is needed for ranks to agree; the top k are kept (ties by position), the
+    parameters matching ``always`` whole (their draws are made and discarded, so the others'
+    scores do not depend on ``always``).
+
+    Memory: the scores are drawn in chunks of ``chunk_numel`` entries (``8 x chunk_numel``
+    bytes) and never held whole; the top-k candidates take ``16 k`` to ``~100 k`` bytes; the returned bits
+    ``n`` bytes. The draws are the very numbers ``torch.rand(p.shape, generator=gen,
+    dtype=torch.float64)`` per parameter gave before chunking (CPU ``uniform_`` draws one 64-bit
+    number per entry, serially), so a seed gives the same mask as in earlier versions.
     """
     model = _unwrap(model)
     params = dict(model.named_parameters())
     k = count_for_density(density, sum(p.numel() for p in params.values()))
+    always = tuple(always)
+    kept_whole = [n for n in params if matches_any(n, always)]
+    n_whole = sum(params[n].numel() for n in kept_whole)
+    if n_whole > k:
+        total = sum(p.numel() for p in params.values())
+        raise ValueError(
+            f"the parameters matching always={list(always)} hold {n_whole} entries, more than the "
+            f"budget k={k} of {total}; raise the density to at least {n_whole / total:.3g} or narrow 'always'"
+        )
     gen = torch.Generator().manual_seed(int(seed))
-    scores = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64) for n, p in params.items()}
-    return topk_mask(scores, k, always)
+
+    def draw(out: torch.Tensor, lo: int) -> None:
+        out.uniform_(0.0, 1.0, generator=gen)
+
+    def sources():
+        scratch = None
+        for name, p in params.items():
+            if name in kept_whole:  # advance the generator past this parameter's draws, chunk by chunk
+                left = p.numel()
+                while left:
+                    m = min(left, chunk_numel)
+                    if scratch is None:
+                        scratch = torch.empty(min(chunk_numel, p.numel()), dtype=torch.float64)
+                    elif scratch.numel() < m:
+                        scratch = torch.empty(m, dtype=torch.float64)
+                    scratch[:m].uniform_(0.0, 1.0, generator=gen)
+                    left -= m
+            else:
+                yield p.numel(), draw
+
+    positions = stream_topk(sources(), k - n_whole, chunk_numel=chunk_numel)
+    return _assemble({n: p.shape for n, p in params.items()}, kept_whole, positions)

@@ -13,6 +13,13 @@ back (O(k)). Hence:
 
 Values are re-gathered every step, so anything else that writes the parameters between steps
 (a dense "full" step, loading a checkpoint) is picked up.
+
+Memory, O(k) for k selected entries of fp32 parameters: the packed values and their gradient
+(4k + 4k bytes), the flat positions (int64 on the parameters' device, 8k) and their global keys
+(int64 on the CPU, 8k, used by :meth:`reset_mask`); plus the state: ``MaskedAdamW`` 8k
+(``exp_avg``, ``exp_avg_sq``), ``MaskedSGD`` 4k with momentum. AdamW: 32 bytes per selected
+entry (a dense ``torch.optim.AdamW`` holds 8 bytes per entry of the model). A step allocates
+transient gathers of k entries and torch's own step temporaries over the k packed entries.
 """
 from __future__ import annotations
 

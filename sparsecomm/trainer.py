@@ -292,8 +292,8 @@ class Trainer:
 
     def _wrap(self, module: torch.nn.Module) -> DistributedDataParallel:
         cfg, device = self.cfg, self.device
-        return DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None,
+        return DistributedDataParallel(  # gradients as views of DDP's buckets: one n-sized copy, not two
+            module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
             bucket_cap_mb=cfg.comm.bucket_cap_mb, **_buffer_sync_kwargs(bool(cfg.comm.sync_buffers)))
 
     # -- mask=diff_pruning: model -> L0 wrapper -> plain model (sparsecomm/phases.py) -----------
