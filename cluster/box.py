@@ -5,6 +5,7 @@
     sudo python3 cluster/box.py run node1 hostname                  # -> node1
     sudo python3 cluster/box.py run node1 sbatch --nodes=2 --wrap 'srun hostname'
     sudo python3 cluster/box.py status
+    sudo python3 cluster/box.py restart node2                      # power-cycle: SIGKILL all, slurmd again
     sudo python3 cluster/box.py down                                # kills everything in it, by pid
 
 The box only emulates hardware; torchrun, Gloo and Slurm do the work. Layout (``<box>`` is
@@ -175,19 +176,20 @@ def run(st: dict, node: str, cmd: list[str], *, self_loopback: bool = False, **k
 
 
 def counters(st: dict, node: str) -> dict[str, dict[str, int]]:
-    """``{iface: {"rx_bytes", "tx_bytes"}}`` of ``node``'s namespace, from its /proc/net/dev."""
+    """``{iface: {"rx_bytes", "rx_packets", "tx_bytes", "tx_packets"}}`` of ``node``'s namespace, from its /proc/net/dev."""
     out = _sh(["nsenter", f"--net=/run/netns/{netns(st, node)}", "cat", "/proc/net/dev"]).stdout
     return parse_net_dev(out)
 
 
 def parse_net_dev(text: str) -> dict[str, dict[str, int]]:
-    """Parse /proc/net/dev: per interface, received and transmitted bytes."""
+    """Parse /proc/net/dev: per interface, bytes and packets received and transmitted."""
     res = {}
     for line in text.splitlines()[2:]:
         name, _, rest = line.partition(":")
         f = rest.split()
         if len(f) >= 9:
-            res[name.strip()] = {"rx_bytes": int(f[0]), "tx_bytes": int(f[8])}
+            res[name.strip()] = {"rx_bytes": int(f[0]), "rx_packets": int(f[1]), "tx_bytes": int(f[8]),
+                                 "tx_packets": int(f[9])}
     return res
 
 
@@ -250,7 +252,7 @@ SlurmctldHost=ctl({ctl})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={dir}/slurmctld
 SlurmdSpoolDir={dir}/slurmd-%n
@@ -301,28 +303,51 @@ def _slurm(st: dict) -> None:
     with open(path, "w") as f:
         f.write(conf)
     os.makedirs(os.path.join(d, "slurmctld"), exist_ok=True)
-    e = env(st)
-    log = open(os.path.join(d, "daemons.out"), "ab")
-    procs = {"slurmctld": popen(st, "ctl", [_tool("slurmctld"), "-D", "-i", "-f", path], env=e, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)}
+    procs = {"slurmctld": _daemon(st, "ctl", [_tool("slurmctld"), "-D", "-i", "-f", path])}
     for n in st["nodes"]:
-        procs[f"slurmd-{n}"] = popen(st, n, [_tool("slurmd"), "-D", "-N", n, "-f", path], env=e, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        procs[f"slurmd-{n}"] = start_slurmd(st, n)
     st["pids"].update({k: p.pid for k, p in procs.items()})
     _save(st)
-    deadline = time.monotonic() + 30
+    wait_idle(st, st["nodes"], procs)
+
+
+def _daemon(st: dict, node: str, cmd: list[str]) -> subprocess.Popen:
+    with open(os.path.join(st["dir"], "daemons.out"), "ab") as log:
+        return popen(st, node, cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                     start_new_session=True)
+
+
+def start_slurmd(st: dict, node: str) -> subprocess.Popen:
+    """Start ``slurmd -N node`` in ``node`` (its jobs inherit the node's namespaces)."""
+    return _daemon(st, node, [_tool("slurmd"), "-D", "-N", node, "-f", os.path.join(st["dir"], "slurm.conf")])
+
+
+def wait_idle(st: dict, nodes: list[str], procs: dict | None = None, timeout: float = 30.0) -> None:
+    """Until Slurm reports ``nodes`` idle; BoxError if a daemon in ``procs`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
     while True:
-        dead = [k for k, p in procs.items() if p.poll() is not None]
+        dead = [k for k, p in (procs or {}).items() if p.poll() is not None]
         if dead:
-            raise BoxError(f"{', '.join(dead)} exited: see {d}/daemons.out and {d}/*.log")
-        out = run(st, "ctl", ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=e)
+            raise BoxError(f"{', '.join(dead)} exited: see {st['dir']}/daemons.out and {st['dir']}/*.log")
+        out = run(st, "ctl", ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
         states = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
-        if out.returncode == 0 and all(states.get(n) == "idle" for n in st["nodes"]):
+        if out.returncode == 0 and all(states.get(n) == "idle" for n in nodes):
             return
         if time.monotonic() > deadline:
-            raise BoxError(f"Slurm nodes not idle after 30 s ({out.stdout.strip() or out.stderr.strip()}): "
-                           f"see {d}/slurmctld.log")
+            raise BoxError(f"Slurm nodes not idle after {timeout:.0f} s ({out.stdout.strip() or out.stderr.strip()}): "
+                           f"see {st['dir']}/slurmctld.log")
         time.sleep(0.2)
+
+
+def restart(st: dict, node: str) -> None:
+    """Power-cycle ``node``: SIGKILL every process in it, then (with Slurm) start its slurmd again
+    and wait until Slurm has it back (``ReturnToService=2``)."""
+    _empty(netns(st, node))
+    if st.get("slurm") and node != "ctl":
+        p = start_slurmd(st, node)
+        st["pids"][f"slurmd-{node}"] = p.pid
+        _save(st)
+        wait_idle(st, [node], {node: p}, timeout=60)
 
 
 # --- down -------------------------------------------------------------------------------------
@@ -423,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the node's own hostname resolves to 127.0.1.1 (Debian's default /etc/hosts)")
     r.add_argument("node")
     r.add_argument("cmd", nargs=argparse.REMAINDER)
+    rs = sub.add_parser("restart", help="power-cycle a node: kill every process in it, start its slurmd again")
+    rs.add_argument("node")
     sub.add_parser("down", help="kill every process in the box by pid and delete its namespaces")
     sub.add_parser("status", help="nodes, addresses, processes, eth0 counters, Slurm's view")
     a = p.parse_args(argv)
@@ -444,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise BoxError("box run NODE CMD...: no command given")
             cmd = wrap(st, a.node, a.cmd, a.self_loopback)
             os.execvpe(cmd[0], cmd, env(st))
+        elif a.verb == "restart":
+            st = load()
+            if st is None:
+                raise BoxError(f"box {box_name()} is not up: `box up --nodes M` first")
+            restart(st, a.node)
+            print(f"box {st['name']}: {a.node} restarted")
         elif a.verb == "down":
             gone = down()
             print(f"box {box_name()}: down" + (f" ({len(gone)} namespaces deleted)" if gone else ""))
