@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -67,6 +68,12 @@ def box_name() -> str:
 
 def state_dir(name: str | None = None) -> str:
     return os.path.join("/run", name or box_name())
+
+
+def namespaces(name: str | None = None) -> list[str]:
+    """The network namespaces of box ``name`` that exist now (``<name>-net``, ``-ctl``, ``-nodeI``)."""
+    pattern = re.compile(rf"{re.escape(name or box_name())}-(net|ctl|node\d+)")
+    return [ns for ns in netem.list_namespaces() if pattern.fullmatch(ns)]
 
 
 def node_addr(i: int) -> str:
@@ -203,7 +210,7 @@ def up(nodes: int, link: str | None = None, slurm: bool = False, cpus: int = 8, 
     if nodes < 1 or nodes > 200:
         raise BoxError(f"--nodes {nodes}: give 1..200 nodes")
     bits = netem.parse_rate(link)
-    if load(name) is not None or any(ns.startswith(f"{name}-") for ns in netem.list_namespaces()):
+    if load(name) is not None or namespaces(name):
         raise BoxError(f"box {name} is already up (or left over): run `box down` first")
     st = {"name": name, "dir": state_dir(name), "nodes": [f"node{i}" for i in range(1, nodes + 1)],
           "addrs": {f"node{i}": node_addr(i) for i in range(1, nodes + 1)}, "link": link if bits else None,
@@ -276,7 +283,7 @@ JobRequeue=1
 KillWait=5
 MinJobAge=300
 SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmdTimeout=10
 InactiveLimit=0
 NodeName=DEFAULT CPUs={cpus} RealMemory=4096 State=UNKNOWN
 {node_lines}
@@ -322,8 +329,10 @@ def start_slurmd(st: dict, node: str) -> subprocess.Popen:
     return _daemon(st, node, [_tool("slurmd"), "-D", "-N", node, "-f", os.path.join(st["dir"], "slurm.conf")])
 
 
-def wait_idle(st: dict, nodes: list[str], procs: dict | None = None, timeout: float = 30.0) -> None:
-    """Until Slurm reports ``nodes`` idle; BoxError if a daemon in ``procs`` dies or time runs out."""
+def wait_idle(st: dict, nodes: list[str], procs: dict | None = None, timeout: float = 30.0,
+              ok=("idle",)) -> None:
+    """Until Slurm reports ``nodes`` in a state of ``ok`` (sinfo %t); BoxError if a daemon in
+    ``procs`` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         dead = [k for k, p in (procs or {}).items() if p.poll() is not None]
@@ -331,7 +340,7 @@ def wait_idle(st: dict, nodes: list[str], procs: dict | None = None, timeout: fl
             raise BoxError(f"{', '.join(dead)} exited: see {st['dir']}/daemons.out and {st['dir']}/*.log")
         out = run(st, "ctl", ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
         states = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
-        if out.returncode == 0 and all(states.get(n) == "idle" for n in nodes):
+        if out.returncode == 0 and all(states.get(n) in ok for n in nodes):
             return
         if time.monotonic() > deadline:
             raise BoxError(f"Slurm nodes not idle after {timeout:.0f} s ({out.stdout.strip() or out.stderr.strip()}): "
@@ -339,15 +348,15 @@ def wait_idle(st: dict, nodes: list[str], procs: dict | None = None, timeout: fl
         time.sleep(0.2)
 
 
-def restart(st: dict, node: str) -> None:
+def restart(st: dict, node: str, timeout: float = 60.0) -> None:
     """Power-cycle ``node``: SIGKILL every process in it, then (with Slurm) start its slurmd again
-    and wait until Slurm has it back (``ReturnToService=2``)."""
+    and wait until Slurm sees it respond (``ReturnToService=2``; it may still run a job)."""
     _empty(netns(st, node))
     if st.get("slurm") and node != "ctl":
         p = start_slurmd(st, node)
         st["pids"][f"slurmd-{node}"] = p.pid
         _save(st)
-        wait_idle(st, [node], {node: p}, timeout=60)
+        wait_idle(st, [node], {node: p}, timeout=timeout, ok=("idle", "mix", "alloc", "comp"))
 
 
 # --- down -------------------------------------------------------------------------------------
@@ -387,7 +396,7 @@ def down(name: str | None = None) -> list[str]:
     state; returns the namespaces deleted. Safe to call on a half-built or absent box."""
     name = name or box_name()
     st = load(name)
-    mine = [ns for ns in netem.list_namespaces() if ns.startswith(f"{name}-")]
+    mine = namespaces(name)
     for ns in mine:  # first everything (daemons would restart or requeue things), then delete
         _empty(ns)
     for ns in mine:
@@ -417,7 +426,7 @@ def _is_munged(pid: int, name: str) -> bool:
 def status(name: str | None = None) -> str:
     st = load(name)
     name = name or box_name()
-    left = [ns for ns in netem.list_namespaces() if ns.startswith(f"{name}-")]
+    left = namespaces(name)
     if st is None:
         return f"box {name}: down" + (f" (namespaces left over: {', '.join(left)}; run `box down`)" if left else "")
     lines = [f"box {name}: {len(st['nodes'])} node(s), link {st['link'] or 'unshaped'}, "
