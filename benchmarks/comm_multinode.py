@@ -2,6 +2,7 @@
 
     python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 1gbit          # MLP + GPT-2 shape
     python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 100mbit 1gbit 10gbit --models mlp
+    python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 1gbit --models gpt2 --batch-size 2 --merge
 
 Per link rate, ``cluster/box.py`` makes N nodes whose ``eth0`` is shaped to that rate (a full-duplex
 link per node into one switch); the nodes' loopbacks (intra-node) are not shaped. One torchrun
@@ -18,6 +19,7 @@ to ``--out`` and (default ``--out``) the ``comm_multinode`` block of ``benchmark
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -76,7 +78,9 @@ def inter_within(r: dict) -> bool:
 
 def targets(rows: list[dict]) -> list[dict]:
     out = []
-    get = lambda model, link, v: next((r for r in rows if (r["model"], r["link"], r["variant"]) == (model, link, v)), None)  # noqa: E731
+    def get(model, link, v):
+        return next((r for r in rows if (r["model"], r["link"], r["variant"]) == (model, link, v)), None)
+
     for link in dict.fromkeys(r["link"] for r in rows if r["link"].startswith("1gbit")):
         sc, sc16, floor, dense = (get("mlp", link, v) for v in ("sc-0.5%-fp32", "sc-0.5%-bf16", "floor", "dense"))
         where = f"{link}, {sc['world_size'] if sc else '?'} ranks, 25M MLP, 0.5%"
@@ -135,7 +139,7 @@ COLUMNS: list[report.Column] = [
 def render(result: dict) -> str:
     env = result["environment"]
     parts = [
-        f"Command: `{result['command']}`  ",
+        comm.runs_md(result),
         f"Machine: {env['cpus']} CPUs shared by every rank of every node, torch {env['torch']}, {env['date']}; "
         f"run {result['elapsed_s']:.0f} s. {result['nodes']} emulated nodes x {result['procs_per_node']} ranks "
         f"(cluster/box.py): each node's eth0 shaped to the link rate, loopback not shaped. Median of "
@@ -153,7 +157,21 @@ def render(result: dict) -> str:
     return "\n".join(parts)
 
 
+def publish(result: dict, out: str) -> None:
+    """comm_multinode.md/.json, the README block (default --out) and the plots."""
+    report.publish(out, NAME, "Communication benchmark across emulated nodes", result, render(result))
+    result["plots"] = comm.plots(result["rows"], out, prefix=NAME)
+
+
 def main(a: argparse.Namespace, argv=None) -> dict:
+    if a.render_only:  # measure nothing: rebuild the outputs from --out/comm_multinode.json
+        with open(os.path.join(a.out, f"{NAME}.json")) as f:
+            result = json.load(f)
+        annotate(result["rows"])
+        result["verdicts"] = targets(result["rows"])
+        publish(result, a.out)
+        report.print_verdicts(result["verdicts"])
+        return result
     t_start = time.monotonic()
     os.makedirs(a.out, exist_ok=True)
     workdir = os.path.join(a.out, "tmp")
@@ -173,13 +191,17 @@ def main(a: argparse.Namespace, argv=None) -> dict:
                                              timeout=a.launch_timeout, echo=lambda s: print(s, flush=True))
                 rows += got
                 failures.update({f"{model}/{link.label}/{k}": v for k, v in failed.items()})
+    command, environment = report.command_line(comm.__file__, argv), report.environment()
+    for r in rows:
+        r["run"] = {"command": command, "date": environment["date"], "elapsed_s": time.monotonic() - t_start}
+    if a.merge:  # keep the earlier rows of the (model, link, variant) this run did not measure
+        rows, failures = comm.merge_previous(os.path.join(a.out, f"{NAME}.json"), rows, failures)
     annotate(rows)
-    result = {"command": report.command_line(comm.__file__, argv), "environment": report.environment(),
+    result = {"command": command, "environment": environment,
               "elapsed_s": time.monotonic() - t_start, "steps": a.steps, "warmup": a.warmup, "nodes": a.nodes,
               "procs_per_node": a.procs_per_node, "rows": rows, "failures": failures}
     result["verdicts"] = targets(rows)
-    report.publish(a.out, NAME, "Communication benchmark across emulated nodes", result, render(result))
-    result["plots"] = comm.plots(rows, a.out, prefix=NAME)
+    publish(result, a.out)
     try:
         os.rmdir(workdir)
     except OSError:

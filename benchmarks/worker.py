@@ -19,8 +19,9 @@ Per variant, every rank builds the same model (same seed) and its own fixed batc
 ``warmup`` steps, then ``steps`` timed steps between two barriers. Rank 0 reads the link's
 ``tx_bytes`` (the namespace's ``lo``: all ranks' traffic) right after the first barrier and
 right after the second (multi-node, ``"ifaces": ["eth0", "lo"]`` in the spec: each node's local
-rank 0 reads those interfaces' counters in its own namespace, summed over nodes), and writes one row per finished variant to ``out`` (rewritten after
-each variant, so a crash keeps the rows before it).
+rank 0 reads those interfaces' counters in its own namespace, summed over nodes), and writes
+one row per finished variant to ``out`` (rewritten after each variant, so a crash keeps the rows
+before it).
 
 Payload counters ("ours"): every ``torch.distributed.all_reduce`` call is counted (tensor bytes)
 during the timed steps, which covers the fp16, PowerSGD and sparsecomm hooks; plain DDP reduces

@@ -183,7 +183,8 @@ def run(st: dict, node: str, cmd: list[str], *, self_loopback: bool = False, **k
 
 
 def counters(st: dict, node: str) -> dict[str, dict[str, int]]:
-    """``{iface: {"rx_bytes", "rx_packets", "tx_bytes", "tx_packets"}}`` of ``node``'s namespace, from its /proc/net/dev."""
+    """``{iface: {"rx_bytes", "rx_packets", "tx_bytes", "tx_packets"}}`` of ``node``'s namespace,
+    from its /proc/net/dev."""
     out = _sh(["nsenter", f"--net=/run/netns/{netns(st, node)}", "cat", "/proc/net/dev"]).stdout
     return parse_net_dev(out)
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "cluster" / "slurm_train.sbatch"
 BOX_NAME = "scbox-test"
 RDZV_PORT = 29400
-pytestmark = pytest.mark.box
+pytestmark = [pytest.mark.box, pytest.mark.timeout(900)]  # a test may start the module's box and 2-3 jobs
 
 
 def _load_box():
@@ -81,7 +81,7 @@ def torchrun(nnodes: int, nproc: int, rdzv: str, rid: str, *args: str) -> list[s
             "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", rid, "-m", "sparsecomm.train", *args]
 
 
-def run_nodes(st, cmds: dict[str, list[str]], cwd: Path, timeout: float = 240, env=None,
+def run_nodes(st, cmds: dict[str, list[str]], cwd: Path, timeout: float = 600, env=None,
               self_loopback: bool = False) -> dict[str, subprocess.CompletedProcess]:
     """Start ``cmds[node]`` on every node at once; wait for all; their (rc, output)."""
     procs = {n: box.popen(st, n, c, cwd=cwd, env=env or app_env(st), stdout=subprocess.PIPE,
@@ -117,6 +117,19 @@ def assert_same_params(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys()
     diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     assert not diff, f"{what}: parameters differ (max abs diff per tensor): {diff}"
+
+
+def assert_close_params(a: dict, b: dict, what: str, tol: float = 1e-3) -> None:
+    """Equal up to float summation order (see the resume tests); a wrong resume (wrong step, data
+    position, optimizer state or buffers) differs by orders of magnitude more (0.07 measured when
+    the BatchNorm buffers were not restored)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a}
+    print(f"{what}: max abs parameter difference {max(diff.values()):.3g}")
+    assert all(torch.allclose(a[k].double(), b[k].double(), rtol=tol, atol=tol) for k in a), \
+        f"{what}: parameters differ beyond {tol}: {diff}"
 
 
 def summary(run_dir: Path) -> dict:
@@ -321,9 +334,10 @@ def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, refer
     second checkpoint; Slurm declares node 2 failed (SlurmdTimeout=10 s) and ends the job
     (--no-requeue); node 2 comes back (a fresh slurmd) and the same job is submitted again with
     run_id=<first job id>: it resumes from the last checkpoint of that run directory and ends with
-    the uninterrupted run's parameters. (Slurm's own requeue, same job id, was tried first: the
-    requeued run was SIGTERMed ~40 s in on node 2, twice, for a reason not found in the
-    daemons' logs; a resubmitted job has a new id and runs undisturbed.)"""
+    the uninterrupted run's parameters (up to float summation order: see below). (Slurm's own
+    requeue, same job id, was tried first: the requeued run was SIGTERMed ~40 s in on node 2,
+    twice, for a reason not found in the daemons' logs; a resubmitted job has a new id and runs
+    undisturbed.)"""
     st = cluster
     env = app_env(st, SPARSECOMM_GPUS_PER_NODE="2")
     args = slurm_job_args(tmp_path / "out", 40, "checkpoint.every=5")
@@ -353,7 +367,12 @@ def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, refer
     assert [p.name for p in (tmp_path / "out").iterdir()] == [first]
     s = summary(run_dir)
     assert s["resumed_from"] and Path(s["resumed_from"]).name in {p.name for p in done_before}, s["resumed_from"]
-    assert_same_params(params(run_dir), params(reference(40)), "killed, resubmitted, resumed")
+    # Not bit for bit on 4 ranks: the resumed processes' first step reduces with DDP's initial
+    # bucket layout, the uninterrupted run's step 11 with the layout rebuilt after its step 1; the
+    # ring's chunks (which rank adds which elements, in which order) move with the layout, and
+    # a+b+c+d in another order differs in the last bits. On 2 ranks (a+b = b+a) resume is bit-exact
+    # (tests/test_fault.py). Measured here: max abs difference ~1.6e-4 after 40 steps.
+    assert_close_params(params(run_dir), params(reference(40)), "killed, resubmitted, resumed")
 
 
 def _app_handles_sigterm() -> bool:
@@ -385,4 +404,4 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
     j = wait_job(st, jobid, timeout=300)
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0")
     assert summary(run_dir)["resumed_from"]
-    assert_same_params(params(run_dir), params(reference(40)), "SIGTERM, requeued, resumed")
+    assert_close_params(params(run_dir), params(reference(40)), "SIGTERM, requeued, resumed")
