@@ -95,6 +95,7 @@ def targets(rows: list[dict]) -> list[dict]:
             s = dense["step_s"] / sc["step_s"]
             out.append(report.verdict(f"{where}: >= 10x faster than dense DDP", s >= 10,
                                       f"{s:.1f}x ({dense['step_s']:.2f} s vs {sc['step_s']:.3f} s)"
+                                      + ("" if s >= 10 or not floor else "; " + dense_ceiling(dense, floor))
                                       + comm.busy_note(sc, dense)))
     measured = [r for r in rows if r["kind"] != "floor"]
     if measured:
@@ -106,6 +107,13 @@ def targets(rows: list[dict]) -> list[dict]:
             f"{len(measured)} rows" + (f"; {min(devs) * 100:+.1f}%..{max(devs) * 100:+.1f}% where the payload is "
                                        f">= 1 MB" if devs else "") + ("; off: " + ", ".join(off) if off else "")))
     return out
+
+
+def dense_ceiling(dense: dict, floor: dict) -> str:
+    """Why 10x cannot be reached: no method beats the floor, so dense / floor bounds the speed-up."""
+    return (f"dense DDP is only {dense['step_s'] / floor['step_s']:.1f}x its floor ({floor['step_s']:.2f} s of "
+            f"forward+backward on this CPU), so no method can be 10x faster here; dense's step: "
+            + where_time(dense, floor))
 
 
 def where_time(r: dict, floor: dict) -> str:

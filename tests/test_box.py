@@ -52,9 +52,23 @@ def cluster():
     try:
         yield st
     finally:
+        # `box down` with a job running: nothing of it, of Slurm or of munged may survive
+        try:
+            res = box.run(st, "node1", ["sbatch", "--parsable", "--nodes=2", "-o", "/dev/null", "--wrap",
+                                        "srun sleep 600"], capture_output=True, text=True, timeout=60)
+            deadline = time.monotonic() + 30
+            while res.returncode == 0 and job(st, res.stdout.strip()).get("JobState") != "RUNNING" \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+        except Exception:  # noqa: BLE001 (the teardown below must run; the checks say what is left)
+            pass
+        pids = [p for ns in box.namespaces(BOX_NAME) for p in box._ns_pids(ns)] + [st["pids"]["munged"]]
         box.down(BOX_NAME)
         left = box.namespaces(BOX_NAME)
         assert not left, f"box down left namespaces {left}"
+        alive = [p for p in pids if box.netem._pid_alive(p)]
+        assert not alive, f"box down left processes {alive}"
+        assert not os.path.exists(st["dir"])
 
 
 def app_env(st, **extra) -> dict:
