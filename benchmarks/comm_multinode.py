@@ -149,7 +149,7 @@ def render(result: dict) -> str:
     parts = [
         comm.runs_md(result),
         f"Machine: {env['cpus']} CPUs shared by every rank of every node, torch {env['torch']}, {env['date']}; "
-        f"run {result['elapsed_s']:.0f} s. {result['nodes']} emulated nodes x {result['procs_per_node']} ranks "
+        f"latest run {result['elapsed_s']:.0f} s. {result['nodes']} emulated nodes, W ranks in all, W/N per node "
         f"(cluster/box.py): each node's eth0 shaped to the link rate, loopback not shaped. Median of "
         f"{result['steps']} timed steps after {result['warmup']} warm-up; per-step time is the slowest rank's. "
         f"Bytes per step, all nodes together; ring prediction: inter-node N x 2(W-1)/W x payload, intra-node "

@@ -133,17 +133,29 @@ def assert_same_params(a: dict, b: dict, what: str) -> None:
     assert not diff, f"{what}: parameters differ (max abs diff per tensor): {diff}"
 
 
-def assert_close_params(a: dict, b: dict, what: str, tol: float = 1e-3) -> None:
-    """Equal up to float summation order (see the resume tests); a wrong resume (wrong step, data
-    position, optimizer state or buffers) differs by orders of magnitude more (0.07 measured when
-    the BatchNorm buffers were not restored)."""
+def assert_close_params(run_dir: Path, ref_dir: Path, what: str, rel: float = 2e-3) -> None:
+    """The run's final parameters (and buffers) are the reference run's up to float summation
+    order: ||run - ref|| <= rel x ||ref - base||, base being the model after the dense warm-up
+    (``base.safetensors``), i.e. the difference is a small fraction of what the masked phase
+    changed. Measured: 2e-4 after resuming at step 10; a resume that restored the wrong BatchNorm
+    buffers differed by 0.07-0.18 per tensor (~1e-2 and more of that change)."""
     import torch
 
-    assert a.keys() == b.keys()
-    diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a}
-    print(f"{what}: max abs parameter difference {max(diff.values()):.3g}")
-    assert all(torch.allclose(a[k].double(), b[k].double(), rtol=tol, atol=tol) for k in a), \
-        f"{what}: parameters differ beyond {tol}: {diff}"
+    run, ref, base = params(run_dir), params(ref_dir), load_base(ref_dir)
+    assert run.keys() == ref.keys() == base.keys()
+
+    def flat(d):
+        return torch.cat([d[k].double().flatten() for k in sorted(d)])
+
+    gap, moved = float((flat(run) - flat(ref)).norm()), float((flat(ref) - flat(base)).norm())
+    print(f"{what}: ||run - ref|| = {gap:.3g}, ||ref - base|| = {moved:.3g} (ratio {gap / moved:.2g})")
+    assert gap <= rel * moved, f"{what}: ||run - ref|| = {gap:.3g} > {rel} x ||ref - base|| = {rel * moved:.3g}"
+
+
+def load_base(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "base.safetensors"))
 
 
 def summary(run_dir: Path) -> dict:
@@ -381,12 +393,12 @@ def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, refer
     assert [p.name for p in (tmp_path / "out").iterdir()] == [first]
     s = summary(run_dir)
     assert s["resumed_from"] and Path(s["resumed_from"]).name in {p.name for p in done_before}, s["resumed_from"]
-    # Not bit for bit on 4 ranks: the resumed processes' first step reduces with DDP's initial
-    # bucket layout, the uninterrupted run's step 11 with the layout rebuilt after its step 1; the
-    # ring's chunks (which rank adds which elements, in which order) move with the layout, and
-    # a+b+c+d in another order differs in the last bits. On 2 ranks (a+b = b+a) resume is bit-exact
-    # (tests/test_fault.py). Measured here: max abs difference ~1.6e-4 after 40 steps.
-    assert_close_params(params(run_dir), params(reference(40)), "killed, resubmitted, resumed")
+    # Not bit for bit on 4 ranks (measured; the cause is our reading, not verified): the resumed
+    # processes' first step reduces with DDP's initial bucket layout, the uninterrupted run's same
+    # step with the layout rebuilt after its first step; the ring's chunks (which rank adds which
+    # elements, in which order) move with the layout, a+b+c+d in another order differs in the last
+    # bits, and AdamW carries it on. On 2 ranks (a+b = b+a) resume is bit-exact (test_fault.py).
+    assert_close_params(run_dir, reference(40), "killed, resubmitted, resumed")
 
 
 def _app_handles_sigterm() -> bool:
@@ -418,4 +430,4 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
     j = wait_job(st, jobid, timeout=300)
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0")
     assert summary(run_dir)["resumed_from"]
-    assert_close_params(params(run_dir), params(reference(40)), "SIGTERM, requeued, resumed")
+    assert_close_params(run_dir, reference(40), "SIGTERM, requeued, resumed")
