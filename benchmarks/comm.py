@@ -5,6 +5,7 @@ fp16 hook and PowerSGD, on an emulated cluster link (issue 4).
     python benchmarks/comm.py --quick        # 25M MLP, 2 ranks, 1 Gbit + unshaped (~5 min)
     python benchmarks/comm.py --full         # 3 models x 4 links x 2 and 4 ranks (hours on 2 cores)
     python benchmarks/comm.py --rates 1gbit --ranks 2 4 --models mlp resnet18   # any cross product
+    python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 1gbit   # emulated nodes: comm_multinode.py
 
 For each link rate, a private network namespace is created with its loopback shaped by
 ``tc tbf`` (see ``netem.py``); for each rank count and model, torchrun starts the ranks inside it
@@ -226,7 +227,7 @@ COLUMNS: list[report.Column] = [
 ]
 
 
-def plots(rows: list[dict], out: str) -> list[str]:
+def plots(rows: list[dict], out: str, prefix: str = "comm") -> list[str]:
     plt = report.pyplot()
     if plt is None or not rows:
         return []
@@ -234,8 +235,8 @@ def plots(rows: list[dict], out: str) -> list[str]:
     links = list(dict.fromkeys(r["link"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     written = []
-    for key, ylabel, fname in (("step_s", "median step time (s)", "comm_step_time.png"),
-                               ("wire_bytes_per_rank", "bytes on the wire per rank per step", "comm_wire_bytes.png")):
+    for key, ylabel, fname in (("step_s", "median step time (s)", f"{prefix}_step_time.png"),
+                               ("wire_bytes_per_rank", "bytes on the wire per rank per step", f"{prefix}_wire_bytes.png")):
         fig, axes = plt.subplots(len(cfgs), 1, figsize=(max(8, len(variants) * 0.9), 3.6 * len(cfgs)), squeeze=False)
         for ax, (model, n) in zip(axes[:, 0], cfgs):
             width = 0.8 / max(1, len(links))
@@ -320,6 +321,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", nargs="+", help="tc rates, e.g. 100mbit 1gbit 10gbit unshaped (default: all four)")
     p.add_argument("--ranks", nargs="+", type=int, help="ranks per run, e.g. 2 4 (default: 2)")
     p.add_argument("--models", nargs="+", help=f"workloads: {', '.join(workloads.WORKLOADS)} (default: mlp)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="emulated nodes (cluster/box.py, root): > 1 runs comm_multinode.py's matrix")
+    p.add_argument("--procs-per-node", type=int, default=2, help="ranks per node with --nodes > 1")
+    p.add_argument("--link", dest="rates", nargs="+", help="same as --rates")
     p.add_argument("--densities", nargs="+", type=float, default=list(DEFAULT_DENSITIES))
     p.add_argument("--variants", nargs="+", help="only these variant ids (default: all)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (>= 5 for the report)")
@@ -336,6 +341,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the rows of --out/comm.json whose (model, link, ranks, variant) this run does not "
                         "measure, so runs of different models (or a re-run of some variants) add up to one table")
     a = p.parse_args(argv)
+    if a.nodes > 1:
+        import comm_multinode
+        return comm_multinode.configure(a)
     if a.full:
         defaults = (["mlp", "resnet18", "gpt2"], ["100mbit", "1gbit", "10gbit", "unshaped"], [2, 4])
     elif a.quick:
@@ -364,6 +372,9 @@ def write_outputs(result: dict, out: str) -> None:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.nodes > 1:
+        import comm_multinode
+        return comm_multinode.main(a, argv)
     if a.render_only:
         with open(os.path.join(a.out, "comm.json")) as f:
             result = json.load(f)

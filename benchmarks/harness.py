@@ -26,9 +26,10 @@ WORKER = os.path.join(HERE, "worker.py")
 _ports = itertools.count(29500)
 
 
-def torchrun_cmd(nproc: int, port: int, script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), script, *args]
+def torchrun_cmd(nproc: int, port: int, script: str, *args: str, nnodes: int = 1, node_rank: int = 0,
+                 master_addr: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), script, *args]
 
 
 def _free_port() -> int:
@@ -51,33 +52,51 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
                  echo=print) -> tuple[int, str]:
     """Run ``script`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
 
+    On a multi-node link (``link.nnodes`` > 1, :mod:`boxlink`) ``nproc`` ranks per node: one
+    torchrun per node, static rendezvous on node 1; the exit code is the first non-zero one.
     Lines starting with ``[worker]`` are echoed live. Exit code 124 means it was killed after
     ``timeout`` seconds.
     """
     port = next(_ports) if link.isolated else _free_port()
-    cmd = link.wrap(torchrun_cmd(nproc, port, script, *args))
+    nnodes = getattr(link, "nnodes", 1)
+    if nnodes == 1:
+        cmds = [link.wrap(torchrun_cmd(nproc, port, script, *args))]
+    else:
+        cmds = [link.wrap_node(node, torchrun_cmd(nproc, port, script, *args, nnodes=nnodes, node_rank=i,
+                                                  master_addr=link.master_addr))
+                for i, node in enumerate(link.nodes)]
     tail: deque[str] = deque(maxlen=60)
-    proc = subprocess.Popen(cmd, env=worker_env(link, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    procs = [subprocess.Popen(cmd, env=worker_env(link, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True) for cmd in cmds]
 
-    def pump():
+    def pump(proc):
         for line in proc.stdout:
             tail.append(line.rstrip())
             if line.startswith("[worker]"):
                 echo("    " + line[len("[worker] "):].rstrip())
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=pump, args=(p,), daemon=True) for p in procs]
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + timeout
     try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        rc = 124
-        tail.append(f"[harness] killed after {timeout:.0f} s")
+        while True:  # until all exit, one fails (the other nodes would wait for it), or time is up
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                rc = failed[0] if failed else 0
+                break
+            if time.monotonic() > deadline:
+                rc = 124
+                tail.append(f"[harness] killed after {timeout:.0f} s")
+                break
+            time.sleep(0.1)
     finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-    reader.join(timeout=5)
+        for proc in procs:
+            if proc.poll() is None:
+                _kill_group(proc)
+    for r in readers:
+        r.join(timeout=5)
     return rc, "\n".join(tail)
 
 

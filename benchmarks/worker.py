@@ -18,8 +18,10 @@ Variant kinds: ``floor`` (forward+backward of the bare model: no DDP, no optimiz
 Per variant, every rank builds the same model (same seed) and its own fixed batch, runs
 ``warmup`` steps, then ``steps`` timed steps between two barriers. Rank 0 reads the link's
 ``tx_bytes`` (the namespace's ``lo``: all ranks' traffic) right after the first barrier and
-right after the second, and writes one row per finished variant to ``out`` (rewritten after
-each variant, so a crash keeps the rows before it).
+right after the second (multi-node, ``"ifaces": ["eth0", "lo"]`` in the spec: each node's local
+rank 0 reads those interfaces' counters in its own namespace, summed over nodes), and writes
+one row per finished variant to ``out`` (rewritten after each variant, so a crash keeps the rows
+before it).
 
 Payload counters ("ours"): every ``torch.distributed.all_reduce`` call is counted (tensor bytes)
 during the timed steps, which covers the fp16, PowerSGD and sparsecomm hooks; plain DDP reduces
@@ -131,6 +133,32 @@ def foreign_share(busy0, busy1, ours: float, wall: float) -> float | None:
     return max(0.0, busy1 - busy0 - ours) / (wall * (os.cpu_count() or 1))
 
 
+class NodeCounters:
+    """Bytes sent per interface (``ifaces``, e.g. eth0 and lo) by this node, from this process's
+    network namespace's ``/proc/net/dev``; read by each node's local rank 0 only (other ranks
+    report 0), so a sum over all ranks is a sum over nodes (multi-node runs, boxlink.py)."""
+
+    def __init__(self, ifaces: list[str]):
+        self.ifaces = list(ifaces)
+        self.leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def __call__(self) -> dict[str, int]:
+        if not self.leader:
+            return {i: 0 for i in self.ifaces}
+        with open("/proc/net/dev") as f:
+            lines = f.read().splitlines()[2:]
+        tx = {}
+        for line in lines:
+            name, _, rest = line.partition(":")
+            if name.strip() in self.ifaces:
+                tx[name.strip()] = int(rest.split()[8])
+        return {i: tx.get(i, 0) for i in self.ifaces}
+
+
+def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: b[k] - a[k] for k in a}
+
+
 class TxReader:
     def __init__(self, path: str):
         self.path = path
@@ -188,7 +216,8 @@ def hook_state_bytes(kind: str, state) -> int:
     return sum(tensor_bytes(getattr(p, "index", None)) for p in plans.values())
 
 
-def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barrier_bytes: float) -> dict:
+def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barrier_bytes: float,
+                node_tx: NodeCounters | None = None, node_barrier: dict[str, float] | None = None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     wl = workloads.get(spec["model"])
     gc.collect()
@@ -232,14 +261,16 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
     reset_ok = reset_ok and reset_peak_rss()  # from here: the steady state of the timed steps
     lib0 = state.bytes_sent if v["kind"] == "sparsecomm" else 0
     dist.barrier()
-    tx0 = tx() if rank == 0 else 0
+    tx0 = tx() if rank == 0 and node_tx is None else 0
+    n0 = node_tx() if node_tx else {}
     busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     counter.bytes = counter.calls = 0
     counter.active = True
     times = [step(True) for _ in range(spec["steps"])]
     counter.active = False
     dist.barrier()
-    tx1 = tx() if rank == 0 else 0
+    tx1 = tx() if rank == 0 and node_tx is None else 0
+    n1 = node_tx() if node_tx else {}
     busy1, cpu1, wall1 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     steps = spec["steps"]
 
@@ -253,11 +284,15 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
         "times": times, "phases": {k: statistics.median(t) for k, t in phases.items()},
         "peak_rss": peak_rss_bytes() if reset_ok else None, "setup_peak_rss": setup_peak, "payload": payload,
         "cpu_s": cpu1 - cpu0,
+        "node_tx": _delta(n0, n1),
         "finite": all(map(lambda f: f == f and abs(f) != float("inf"), losses)),
     }
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     per_step = [max(r["times"][i] for r in everyone) for i in range(steps)]
+    if node_tx is not None:  # multi-node: every node's interfaces, all ranks' traffic
+        node_bytes = {i: sum(r["node_tx"][i] for r in everyone) - node_barrier[i] for i in node_tx.ifaces}
+        tx0, tx1, barrier_bytes = 0, sum(node_bytes.values()), 0.0
     row = {
         "variant": v["id"], "kind": v["kind"], "model": spec["model"], "params": n_params,
         "world_size": world, "batch_size": spec["batch_size"], "warmup": warmup, "steps": steps,
@@ -275,6 +310,9 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
         "foreign_cpu_share": foreign_share(busy0, busy1, sum(r["cpu_s"] for r in everyone), wall1 - wall0),
         "all_reduce_calls_per_step": counter.calls / steps,
     }
+    if node_tx is not None:
+        row["nodes"] = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        row["node_tx_bytes_per_step"] = {i: max(0.0, b / steps) for i, b in node_bytes.items()}
     row.update({k: v[k] for k in ("density", "wire", "rank", "fused") if k in v})
     row.update(facts)
     if v["kind"] == "sparsecomm":
@@ -285,7 +323,7 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
     return row
 
 
-def barrier_cost(tx: TxReader, n: int = 8) -> float:
+def barrier_cost(tx, n: int = 8) -> float:
     """Bytes on the link per barrier (all ranks together), to subtract from a timed window."""
     dist.barrier()
     a = tx() if dist.get_rank() == 0 else 0
@@ -293,6 +331,18 @@ def barrier_cost(tx: TxReader, n: int = 8) -> float:
         dist.barrier()
     b = tx() if dist.get_rank() == 0 else 0
     return (b - a) / n
+
+
+def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
+    """Per interface, bytes all nodes send per barrier: the multi-node version of barrier_cost."""
+    dist.barrier()
+    a = node_tx()
+    for _ in range(n):
+        dist.barrier()
+    d = _delta(a, node_tx())
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, d)
+    return {i: sum(r[i] for r in everyone) / n for i in node_tx.ifaces}
 
 
 def main(spec_path: str) -> None:
@@ -303,12 +353,14 @@ def main(spec_path: str) -> None:
     rank = dist.get_rank()
     counter = PayloadCounter()
     tx = TxReader(spec.get("tx_path", "/sys/class/net/lo/statistics/tx_bytes"))
-    per_barrier = barrier_cost(tx)
+    node_tx = NodeCounters(spec["ifaces"]) if spec.get("ifaces") else None
+    node_barrier = node_barrier_cost(node_tx) if node_tx else None
+    per_barrier = sum(node_barrier.values()) if node_tx else barrier_cost(tx)
     rows = []
     try:
         for v in spec["variants"]:
             t = time.perf_counter()
-            rows.append(run_variant(v, spec, counter, tx, per_barrier))
+            rows.append(run_variant(v, spec, counter, tx, per_barrier, node_tx, node_barrier))
             if rank == 0:
                 r = rows[-1]
                 print(f"[worker] {v['id']:>16}: {r['step_s']:.3f} s/step, "

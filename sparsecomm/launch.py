@@ -192,6 +192,9 @@ def init_process_group(cluster: Mapping):
     environ = os.environ
     if "RANK" not in environ and "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
         export_slurm_env(cluster)
+    from .netif import configure as configure_socket_ifname
+
+    configure_socket_ifname(cluster, environ)  # GLOO/NCCL_SOCKET_IFNAME: cluster.socket_ifname or a safe pick
     backend = cluster.get("backend", "gloo")
     local_rank = int(environ.get("LOCAL_RANK", 0))
     local_world = int(environ.get("LOCAL_WORLD_SIZE", 1))
