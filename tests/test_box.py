@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -401,21 +399,16 @@ def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, refer
     assert_close_params(run_dir, reference(40), "killed, resubmitted, resumed")
 
 
-def _app_handles_sigterm() -> bool:
-    return any("SIGTERM" in p.read_text() for p in (REPO / "sparsecomm").glob("*.py"))
-
-
-@pytest.mark.xfail(not _app_handles_sigterm(), run=False, strict=True,
-                   reason="needs the app's SIGTERM handling (checkpoint at the next step boundary, then exit), "
-                          "which is being added on main")
 def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, reference, tmp_path):
-    """``scancel --signal=TERM`` (what Slurm sends at ``--time``): the workers checkpoint and exit;
-    no periodic checkpoints (checkpoint.every=0), so the one there was written on SIGTERM. The
-    requeued job resumes from it and ends with the uninterrupted run's parameters."""
+    """``scancel --signal=TERM`` (what Slurm sends at ``--time``): the workers stop at the next
+    step boundary (``logging.log_every=1``: every step), checkpoint and exit. Checkpoints are on
+    but none is periodic before step 1000 (``checkpoint.every=1000``), so the one there was
+    written on SIGTERM. The requeued job resumes from it and ends with the uninterrupted run's
+    parameters."""
     st = cluster
     env = app_env(st, SPARSECOMM_GPUS_PER_NODE="2")
     jobid = sbatch(st, tmp_path, *SBATCH_OPTS, "--requeue", f"--output={tmp_path}/slurm-%j.out", str(SBATCH),
-                   *slurm_job_args(tmp_path / "out", 40), env=env)
+                   *slurm_job_args(tmp_path / "out", 40, "checkpoint.every=1000", "logging.log_every=1"), env=env)
     run_dir = tmp_path / "out" / jobid
     deadline = time.monotonic() + 240
     while not (run_dir / "mask.safetensors").exists():  # step 20 reached: the masked phase runs
