@@ -45,6 +45,7 @@ NULL_ALLOWED = {"schedule.core_full"}
 # Numeric ranges not checked where the field is read: (low, high, low exclusive).
 BOUNDS: dict[str, tuple] = {
     "comm.bucket_cap_mb": (0, 1e6, True), "cluster.max_restarts": (0, 1000, False),
+    "cluster.nproc_per_node": (1, 4096, False), "cluster.nnodes": (1, 100_000, False),
     "cluster.num_threads": (1, 4096, False), "cluster.master_port": (1, 65535, False),
     "cluster.link.inter_node_gbit": (0, None, True), "cluster.link.intra_node_gbit": (0, None, True),
     "num_workers": (0, 256, False), "seed": (0, 2**63 - 1, False), "mask.seed": (0, 2**63 - 1, False),
