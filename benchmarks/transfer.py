@@ -55,7 +55,8 @@ def grid(method: str) -> tuple[float, ...]:
 def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
     """Launch ``runs`` ({method, lr, seed}) in one torchrun; when it crashes, the run that was going
     is recorded as failed and the remaining ones are launched again (a crash costs one run)."""
-    task_kwargs = {"train_size": a.train_size, "test_size": a.test_size, "data_dir": a.data_dir}
+    task_kwargs = {"train_size": a.train_size, "test_size": a.test_size, "data_dir": a.data_dir,
+                   "model_dir": a.model_dir}
     out, failures = [], []
     workdir = os.path.join(a.out, "tmp")
     os.makedirs(workdir, exist_ok=True)
@@ -288,6 +289,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 40 steps of 16/rank, 4000/600 synsets, Fisher over 128, grid-middle lr")
     p.add_argument("--data-dir", help="task.data_dir (folder with WordNet's data.noun; default: the system's)")
+    p.add_argument("--model-dir", help="task.model_dir (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--no-namespace", action="store_true")

@@ -151,7 +151,8 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     elif kind in ("fish", "random"):
         if kind == "fish":
-            fisher_data = (b for _, b in zip(range(10_000), batches(task, rank, world, 64, seed + 7)))
+            fisher_batch = min(64, len(task.train_set) // world)
+            fisher_data = (b for _, b in zip(range(10_000), batches(task, rank, world, fisher_batch, seed + 7)))
             mask = sparsecomm.fisher_mask(model, fisher_data, task.loss_fn, density=density,
                                           num_samples=spec["num_samples"], always=tuple(task.head))
         else:
@@ -230,7 +231,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         opt.step()
         if averager is not None:
             averager.average_parameters(net.parameters())
-        if kind in ("dense", "head-only") or (kind == "postlocal" and step == 1):
+        if kind in ("dense", "head-only"):
             counter.bytes += grad_payload  # DDP's C++ reducer: not seen by the all_reduce counter
         counter.active = False
         clock += time.perf_counter() - t

@@ -49,6 +49,8 @@ def batches(task, rank: int, world: int, batch_size: int, seed: int):
     """Endless batches from this rank's shard (every world-th example), reshuffled each epoch;
     examples of similar length grouped into a batch when the task gives ``lengths``."""
     index = list(range(rank, len(task.train_set), world))
+    if len(index) < batch_size:  # drop_last would leave no batch at all: an endless empty loop
+        raise ValueError(f"batch size {batch_size} is larger than rank {rank}'s shard of {len(index)} examples")
     shard = Subset(task.train_set, index)
     lengths = getattr(task, "lengths", None)
     epoch = 0
