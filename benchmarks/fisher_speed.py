@@ -1,7 +1,7 @@
 """Fisher scoring speed: the vectorised per-example path against the reference batch-size-1
 autograd loop, on the same model and the same samples (issue 2).
 
-    python benchmarks/fisher_speed.py [--models small_cnn resnet18 mlp] [--samples N] [--quick]
+    python benchmarks/fisher_speed.py [--models small_cnn resnet18 mlp minilm] [--samples N] [--quick]
 
 All paths are ``sparsecomm.fisher.fisher_scores``: ``engine="auto"`` (what ``fisher_mask`` runs:
 the exact "layers" engine where the model qualifies, else torch.func vmap), the torch.func
@@ -25,7 +25,7 @@ import report  # noqa: E402
 import workloads  # noqa: E402
 
 TARGET = 10.0
-SAMPLES = {"small_cnn": 256, "resnet18": 64, "mlp": 64}  # per model, unless --samples; the loop is slow
+SAMPLES = {"small_cnn": 256, "resnet18": 64, "mlp": 64, "minilm": 128}  # per model, unless --samples; the loop is slow
 
 
 def batches(wl: workloads.Workload, samples: int, batch: int, seed: int = 0):
@@ -83,7 +83,7 @@ def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_v
     t = time.perf_counter()
     for x, y in data:
         model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(model(**x) if isinstance(x, dict) else model(x), y).backward()
     row["fwd_bwd_s"] = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     model.train()

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, RandomSampler, Subset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from worker import PayloadCounter, TxReader, barrier_cost  # noqa: E402
@@ -46,13 +46,25 @@ def logits_of(outputs):
 
 
 def batches(task, rank: int, world: int, batch_size: int, seed: int):
-    """Endless batches from this rank's shard (every world-th example), reshuffled each epoch."""
-    shard = Subset(task.train_set, list(range(rank, len(task.train_set), world)))
+    """Endless batches from this rank's shard (every world-th example), reshuffled each epoch;
+    examples of similar length grouped into a batch when the task gives ``lengths``."""
+    index = list(range(rank, len(task.train_set), world))
+    if len(index) < batch_size:  # drop_last would leave no batch at all: an endless empty loop
+        raise ValueError(f"batch size {batch_size} is larger than rank {rank}'s shard of {len(index)} examples")
+    shard = Subset(task.train_set, index)
+    lengths = getattr(task, "lengths", None)
     epoch = 0
     while True:
         gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
-        loader = DataLoader(shard, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
-                            collate_fn=task.collate_fn)
+        if lengths is not None:
+            from sparsecomm.batching import LengthGroupedBatches
+            order = RandomSampler(shard, generator=gen)
+            grouped = LengthGroupedBatches(order, [lengths[i] for i in index], batch_size, seed=seed * 7 + rank)
+            grouped.set_epoch(epoch)
+            loader = DataLoader(shard, batch_sampler=grouped, collate_fn=task.collate_fn)
+        else:
+            loader = DataLoader(shard, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
+                                collate_fn=task.collate_fn)
         yield from loader
         epoch += 1
 
@@ -62,7 +74,10 @@ def accuracy(task, model) -> float:
     was = model.training
     model.eval()
     correct = total = 0
-    for x, y in DataLoader(task.test_set, batch_size=256, collate_fn=task.collate_fn):
+    test = task.test_set
+    if hasattr(test, "lengths"):  # padded per batch: evaluate in length order (the accuracy is the same)
+        test = Subset(test, sorted(range(len(test)), key=test.lengths.__getitem__))
+    for x, y in DataLoader(test, batch_size=256, collate_fn=task.collate_fn):
         out = model(**x) if isinstance(x, dict) else model(x)
         correct += int((logits_of(out).argmax(-1) == y).sum())
         total += int(y.numel())

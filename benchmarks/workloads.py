@@ -10,6 +10,8 @@ random: the communication benchmark measures time and bytes per step, not learni
     resnet18   sparsecomm.models.resnet18, CIFAR-shaped (3x32x32 inputs, 10 classes), ~11M
     gpt2       sparsecomm.models.gpt2 in GPT-2 small's shape (12 layers, 12 heads, 768 wide),
                sequence classification over 128 tokens, ~124M with GPT-2's 50257-token vocabulary
+    minilm     the packaged pretrained all-MiniLM-L6-v2, mean-pooled, 26 classes (task=wordnet's
+               model), 22.7M; dict inputs of 8..32 tokens padded per batch (needs sparsecomm[glue])
 """
 from __future__ import annotations
 
@@ -42,6 +44,20 @@ def _tokens(vocab: int, block: int, classes: int = 2):
     return batch
 
 
+def _minilm() -> nn.Module:
+    from sparsecomm.tasks import wordnet
+    return wordnet.MeanPoolClassifier(wordnet.load_encoder(None)[1], len(wordnet.SUPERSENSES))
+
+
+def _minilm_batch(b: int, gen: torch.Generator):
+    """Token ids of 8..32 tokens (WordNet's "lemma: gloss" texts run ~20), padded to the longest."""
+    from sparsecomm.tasks import wordnet
+    lengths = torch.randint(8, 33, (b,), generator=gen).tolist()
+    ds = wordnet.Tokenized([[101] + torch.randint(1000, 30000, (n - 2,), generator=gen).tolist() + [102]
+                            for n in lengths], torch.randint(26, (b,), generator=gen).tolist())
+    return wordnet.make_collate(0)([ds[i] for i in range(b)])
+
+
 def _tiny() -> nn.Module:
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
 
@@ -68,6 +84,7 @@ WORKLOADS: dict[str, Workload] = {
                           "digits CNN, 1x8x8"),
     "gpt2": Workload("gpt2", lambda: _models().gpt2(**GPT2), _tokens(GPT2["vocab_size"], GPT2["block_size"]), 4,
                      "GPT-2 small shape, 128 tokens", GPT2),
+    "minilm": Workload("minilm", _minilm, _minilm_batch, 32, "pretrained MiniLM-L6, mean-pooled, 8..32 tokens"),
 }
 
 

@@ -45,8 +45,15 @@ class ShardedData:
                 f"batch_size={batch_size} is larger than this rank's shard of {shard} training examples "
                 f"({len(task.train_set)} over {world} ranks); lower batch_size")
         pin = device.type == "cuda"
-        self.train_loader = DataLoader(task.train_set, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                       collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)
+        if getattr(task, "lengths", None) is not None:  # padded per batch: group similar lengths
+            from .batching import LengthGroupedBatches
+            self.sampler = LengthGroupedBatches(self.sampler, task.lengths, batch_size, seed=seed)
+            self.train_loader = DataLoader(task.train_set, batch_sampler=self.sampler, collate_fn=task.collate_fn,
+                                           num_workers=num_workers, pin_memory=pin)
+        else:
+            self.train_loader = DataLoader(task.train_set, batch_size=batch_size, sampler=self.sampler,
+                                           drop_last=True, collate_fn=task.collate_fn, num_workers=num_workers,
+                                           pin_memory=pin)
         test_slice = Subset(task.test_set, range(rank, len(task.test_set), world))  # no padding: exact counts
         self.test_loader = DataLoader(test_slice, batch_size=eval_batch_size, shuffle=False,
                                       collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)

@@ -9,9 +9,14 @@ engines compute it:
   gradient ``g_i``: a Linear applied once per example has ``grad_i = g_i a_i^T``, so
   ``sum_i grad_i**2 = (g**2)^T (a**2)``, one matmul, nothing per example materialised; a Linear
   over a sequence and a Conv2d (``unfold``) materialise ``grad_i = sum_t g_it a_it^T`` per chunk
-  of examples with one ``bmm``; BatchNorm (eval) and LayerNorm from ``g * x_hat``. Used when every
-  module holding a trainable parameter is a Linear, Conv2d (groups 1, zero padding), BatchNorm
-  (running statistics) or LayerNorm, no parameter is shared, each such module runs once per
+  of examples with one ``bmm``; BatchNorm (eval) and LayerNorm from ``g * x_hat``; an Embedding
+  from its ids: example i's gradient row of token id t is the sum of ``g_i`` over the positions
+  of example i holding t (none at ``padding_idx``), summed per distinct (example, id) pair with
+  one ``index_add``, nothing vocabulary-sized per example (an Embedding called with a batch of
+  one, e.g. BERT's position ids (1, L), is broadcast over the batch, so its output is expanded to
+  the batch for the backward). Used when every module holding a trainable parameter is a Linear,
+  Conv2d (groups 1, zero padding), BatchNorm (running statistics), LayerNorm or Embedding (no
+  ``max_norm``, no ``scale_grad_by_freq``), no parameter is shared, each such module runs once per
   forward and nothing it read or wrote is changed in place; the model must treat the examples
   of a batch independently in eval mode (true of models built from these layers).
 - ``"vmap"``: ``torch.func`` ``vmap`` over ``grad`` of a functional call, in chunks: any model,
@@ -194,6 +199,9 @@ def _layer_plan(model: nn.Module) -> tuple[dict | None, str]:
         elif isinstance(mod, _BN):
             if mod.running_mean is None or mod.running_var is None:
                 return None, f"{mname} ({kind}) has no running statistics (batch statistics mix examples)"
+        elif isinstance(mod, nn.Embedding):
+            if mod.max_norm is not None or mod.scale_grad_by_freq:
+                return None, f"{mname} ({kind}) uses max_norm or scale_grad_by_freq"
         elif not isinstance(mod, (nn.Linear, nn.LayerNorm)):
             return None, f"{mname} holds parameters in a {kind}, which the layers engine does not handle"
         for attr, p in own:
@@ -217,6 +225,7 @@ def _per_example_losses(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -
 def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -> None:
     """Add this batch's summed per-example squared gradients to ``scores`` (all or nothing)."""
     seen: dict[nn.Module, tuple] = {}
+    batch = _batch_size(x)
 
     def hook(mod, args, out):
         if mod in seen:
@@ -224,6 +233,13 @@ def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -
         a = args[0] if args else None
         if not isinstance(a, torch.Tensor) or not isinstance(out, torch.Tensor):
             raise _Unsupported(f"{type(mod).__name__} is called with non-tensor input/output")
+        if isinstance(mod, nn.Embedding) and a.dim() >= 1 and a.shape[0] != batch:
+            if a.shape[0] != 1:
+                raise _Unsupported(f"an Embedding's ids have batch {a.shape[0]}, not the batch's {batch}")
+            a = a.expand(batch, *a.shape[1:])  # shared ids (e.g. positions): the same for every example
+            out = out.expand(batch, *out.shape[1:])  # broadcast as the model would; per-example gradients
+            seen[mod] = (a, out, a._version, out._version)
+            return out
         seen[mod] = (a, out, a._version, out._version)
 
     handles = [m.register_forward_hook(hook) for m in plan]
@@ -260,7 +276,9 @@ def _accumulate_layers(scores, plan, x, y, model, loss_fn, method, chunk_size) -
         with torch.no_grad():
             for m, g in zip(mods, grads):
                 if g is not None:
-                    _layer_squares(m, plan[m], seen[m][0].detach().float(), g.float(), add, chunk_size)
+                    a = seen[m][0].detach()
+                    _layer_squares(m, plan[m], a if isinstance(m, nn.Embedding) else a.float(), g.float(), add,
+                                   chunk_size)
     if add is not scores:
         for n, v in add.items():
             scores[n] += v
@@ -295,6 +313,16 @@ def _layer_squares(mod, names, a, g, add, chunk_size) -> None:
                 wsq = _sum_sq_bmm(g3.transpose(1, 2), a3, chunk_size)
             if "bias" in want:
                 bsq = g3.sum(1).square().sum(0)
+    elif isinstance(mod, nn.Embedding):  # a: (B, ...) int ids; g: (B, ..., dim)
+        ids = a.reshape(B, -1).long()
+        rows = g.reshape(B, -1, g.shape[-1])
+        keep = ids != mod.padding_idx if mod.padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        example = torch.arange(B, device=ids.device).unsqueeze(1).expand_as(ids)
+        pair = (example * mod.num_embeddings + ids)[keep]  # one key per (example, id) occurrence
+        keys, slot = torch.unique(pair, return_inverse=True)
+        summed = rows.new_zeros(keys.numel(), rows.shape[-1]).index_add_(0, slot, rows[keep])
+        wsq = rows.new_zeros(mod.num_embeddings, rows.shape[-1]).index_add_(
+            0, keys % mod.num_embeddings, summed.square())
     elif isinstance(mod, nn.Conv2d):
         g3 = g.reshape(B, g.shape[1], -1)  # (B, out, L)
         if "weight" in want:

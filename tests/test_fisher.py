@@ -137,7 +137,7 @@ def test_dict_inputs():
     stats = {}
     got, _ = fisher_scores(kw, [({"input_ids": ids, "attention_mask": am}, y)], nn.functional.cross_entropy,
                            num_samples=6, stats=stats)
-    assert stats["engine"] == "vmap" and "Embedding" in stats["fallback_reason"]
+    assert stats == {"engine": "layers"}  # nn.Embedding is scored by the layers engine
     want = {n: torch.zeros_like(p) for n, p in kw.named_parameters()}
     for i in range(6):
         kw.zero_grad()
@@ -241,3 +241,59 @@ def test_auto_falls_back_to_vmap_and_stays_exact(cls, why):
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="engine='layers' cannot score this model"):
         fisher_scores(m, [(x, y)], nn.functional.cross_entropy, num_samples=7, engine="layers")
+
+
+class Tokens(nn.Module):
+    """Word embedding with padding_idx, a position embedding called with (1, L) ids (broadcast over
+    the batch, as BERT does), a token-type embedding, LayerNorm, a per-token Linear, mean pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.words = nn.Embedding(11, 6, padding_idx=0)
+        self.pos = nn.Embedding(7, 6)
+        self.types = nn.Embedding(2, 6)
+        self.ln = nn.LayerNorm(6)
+        self.tok = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, input_ids, token_type_ids):
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, L)
+        h = self.words(input_ids) + self.pos(positions) + self.types(token_type_ids)
+        h = torch.tanh(self.tok(self.ln(h)))
+        keep = (input_ids != 0).unsqueeze(-1).float()
+        return self.head((h * keep).sum(1) / keep.sum(1).clamp_min(1))
+
+
+def test_layers_engine_embeddings_exact_with_repeated_ids_padding_and_broadcast_positions():
+    """Per-example squared gradients of nn.Embedding against the batch-size-1 loop: ids repeated
+    inside an example (their output gradients add up before squaring), ids shared by examples
+    (squared per example, then added), padding_idx (row stays 0), position ids of batch 1."""
+    torch.manual_seed(0)
+    m = Tokens()
+    ids = torch.tensor([[3, 3, 5, 3, 0, 0], [5, 2, 2, 0, 0, 0], [7, 3, 9, 9, 9, 1], [4, 0, 0, 0, 0, 0]])
+    types = torch.tensor([[0, 0, 0, 1, 1, 1]] * 2 + [[0, 1, 0, 1, 0, 1]] * 2)
+    y = torch.tensor([0, 2, 1, 2])
+    stats = {}
+    got, _ = fisher_scores(m, [({"input_ids": ids[:3], "token_type_ids": types[:3]}, y[:3]),
+                               ({"input_ids": ids[3:], "token_type_ids": types[3:]}, y[3:])],
+                           nn.functional.cross_entropy, num_samples=4, engine="layers", stats=stats)
+    assert stats == {"engine": "layers"}
+    m.eval()
+    want = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for i in range(4):
+        m.zero_grad()
+        nn.functional.cross_entropy(m(ids[i:i + 1], types[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in m.named_parameters():
+            want[n] += p.grad ** 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9)
+    assert got["words.weight"][0].abs().sum() == 0 and got["words.weight"][3].abs().sum() > 0
+
+
+def test_embedding_with_max_norm_is_refused_by_the_layers_engine():
+    m = Tokens()
+    m.words.max_norm = 1.0  # renormalises rows in place during the forward
+    ids, types = torch.tensor([[1, 2, 0]]), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_norm"):
+        fisher_scores(m, [({"input_ids": ids, "token_type_ids": types}, torch.tensor([1]))],
+                      nn.functional.cross_entropy, num_samples=1, engine="layers")

@@ -4,6 +4,7 @@ configured by ``conf/task/<name>.yaml`` and built with ``hydra.utils.instantiate
     digits     scikit-learn's 8x8 digits, small_cnn (the embedded default; CPU, ~1 minute)
     cifar10    CIFAR-10 python pickles, ResNet-18/34 (CIFAR variant)
     glue       GLUE TSVs, a local Hugging Face model (default: the packaged all-MiniLM-L6-v2)
+    wordnet    WordNet 3.0 noun supersenses (26 classes), the packaged MiniLM with mean pooling
     synthetic  fixed-seed random data with learnable labels, mlp | gpt2 | resnet18 (benchmarks)
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Task:
     head: list[str]               # glob patterns of the classifier-head parameter names (mask `always`)
     num_classes: int
     collate_fn: Callable | None = None
+    lengths: list[int] | None = None   # per training example (e.g. tokens): batches group similar lengths
 
 
 def logits_of(outputs) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""benchmarks/transfer.py: every kind of method runs on a tiny WordNet file written here, the bytes
+each one hands to the network are the ones its algorithm implies, and parts merge into one table.
+Accuracy and time are not asserted (the benchmark reports them)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import transfer  # noqa: E402
+from test_wordnet import write_noun  # noqa: E402
+
+
+def tiny_bert(folder):
+    """A 1-layer, 32-wide BERT with the packaged MiniLM's tokenizer, saved as a model folder."""
+    import torch
+    import transformers
+
+    from sparsecomm.tasks.glue import packaged_model_dir
+
+    transformers.AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_transfer_part_and_merge(tmp_path):
+    pytest.importorskip("transformers")
+    synsets = [(lex, [f"thing{i}"], "000", f"a {kind} of sort {i}") for i in range(24)
+               for lex, kind in (("05", "beast"), ("13", "dish"))]
+    data = write_noun(tmp_path / "wn", synsets=synsets)
+    methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only"]  # the table's order
+    res = transfer.main(["--methods", *methods, "--steps", "3", "--eval-every", "3", "--seeds", "1",
+                         "--batch-size", "4", "--train-size", "40", "--test-size", "8", "--num-samples", "8",
+                         "--rate", "unshaped", "--data-dir", str(data), "--model-dir", str(tiny_bert(tmp_path / "bert")), "--tag", "t", "--lr", "postlocal=2e-4",
+                         "--out", str(tmp_path)])
+    assert not res["failures"], res["failures"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == methods and rows["postlocal"]["lr"] == 2e-4 and rows["fish-0.5"]["lr"] == 1e-3
+    n = rows["fish-0.5"]["numel"]
+    k = round(0.005 * n)
+    head = 32 * 26 + 26
+    for r in res["runs"]:
+        assert [p["step"] for p in r["curve"]] == [0, 3] and all(0 <= p["accuracy"] <= 1 for p in r["curve"])
+    # what each method hands to all-reduce, in bytes (fp32):
+    assert rows["fish-0.5"]["k"] == k and rows["fish-0.5"]["payload_bytes"] == 8 * n + 3 * 4 * k  # float64 scores
+    assert rows["postlocal"]["period"] == round(n / k)
+    assert rows["postlocal"]["payload_bytes"] == 4 * n + 4 * n  # step 1's gradients + one parameter average
+    # diff pruning: 1 L0 step (w and the gates of every non-head entry), then 2 masked steps
+    assert rows["diffprune-0.5"]["payload_bytes"] == 4 * (2 * n - head) + 2 * 4 * k
+    assert rows["head-only"]["payload_bytes"] == 3 * 4 * head
+    assert rows["head-only"]["optimizer_state_bytes"] < 3 * 4 * head  # AdamW moments of the head only
+    fish = rows["fish-0.5"]
+    assert fish["diff_bytes"] > 12 * k and fish["model_file_bytes"] > 4 * n  # int64 index + fp32 value each
+    assert rows["postlocal"]["diff_bytes"] is None
+    part = tmp_path / "transfer_part_t.json"
+    assert part.exists() and (tmp_path / "transfer_part_t.md").exists()
+
+    merged = transfer.main(["--merge", str(part), "--out", str(tmp_path)])
+    assert [r["method"] for r in merged["rows"]] == methods
+    md = (tmp_path / "transfer.md").read_text()
+    assert "FISH 0.5%" in md and "| diff pruning 0.5% |" in md and "under 1% of the model's file" in md
+
+
+def curve(accs, dt=10.0, db=1e6):
+    return [{"step": i, "seconds": i * dt, "wire_bytes_per_rank": i * db, "payload_bytes": 0, "accuracy": a}
+            for i, a in enumerate(accs)]
+
+
+def test_summary_threshold_reach_and_verdicts():
+    runs = [{"method": "dense", "lr": 1e-4, "seed": s, "curve": curve([0.1, 0.6, 0.8 + s / 100]),
+             "optimizer_state_bytes": 8} for s in range(2)]
+    runs += [{"method": "fish-0.5", "lr": 1e-3, "seed": 0, "curve": curve([0.1, 0.78, 0.80], dt=2, db=1e3),
+              "k": 5, "diff_bytes": 60, "model_file_bytes": 10_000},
+             {"method": "random-0.5", "lr": 1e-3, "seed": 0, "curve": curve([0.1, 0.5, 0.75], dt=1)},
+             {"method": "powersgd-r4", "lr": 1e-4, "seed": 0, "curve": curve([0.1, 0.7, 0.79], dt=5, db=1e4)}]
+    rows, threshold = transfer.summarize(runs)
+    assert threshold == pytest.approx(0.95 * 0.805)
+    by = {r["method"]: r for r in rows}
+    assert by["dense"]["final_acc"] == pytest.approx(0.805) and by["dense"]["seeds"] == 2
+    assert by["fish-0.5"]["reach_s"] == 2 and by["fish-0.5"]["reach_bytes"] == 1e3
+    assert by["dense"]["reach_s"] == 20 and by["random-0.5"]["reach_s"] is None
+    assert by["powersgd-r4"]["reach_s"] == 10
+    v = transfer.verdicts(rows)
+    # within 1 point of dense; NOT 10 points above random (5); beats PowerSGD r4 with 1/10 of its
+    # bytes; fastest to the threshold; the diff is 0.6% of the model file
+    assert [d["status"] for d in v] == ["HOLDS", "MISSED", "HOLDS", "HOLDS", "HOLDS"], v
