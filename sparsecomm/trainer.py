@@ -15,7 +15,8 @@ Components, each small and usable alone, each in its own module::
 
 What crosses the network per step is the hook's business (see :mod:`sparsecomm.hook`); the
 trainer adds one all-reduce of a few float64 numbers per log line and per evaluation, and a
-Fisher mask costs one all-reduce of n float64 scores (counted as ``mask_score_bytes``).
+Fisher mask costs float64 all-reduces of the scores of the entries it ranks (all but those kept
+whole; counted as ``mask_score_bytes``).
 
 Rank 0 alone writes, into the run directory: ``config.yaml`` (resolved), ``metrics.jsonl``,
 ``mask.safetensors`` (with its digest), ``model.safetensors``, ``summary.json`` and, for masked
@@ -79,7 +80,7 @@ class MaskSource:
     """Builds the shared mask per ``mask/`` (None for ``dense``), identical on every rank.
 
     ``always`` defaults to the task's classifier head. ``score_bytes`` counts what computing
-    masks put on the network: one all-reduce of n float64 Fisher scores per fisher mask.
+    masks put on the network: per fisher mask, 8 bytes per ranked entry (all but ``always``).
     """
 
     def __init__(self, cfg: Mapping, task, data: ShardedData, model: torch.nn.Module, seed: int):
@@ -148,8 +149,11 @@ class MaskSource:
         mask = fisher_mask(model, data, self.task.loss_fn, density=self.cfg.density,
                            num_samples=int(self.cfg.num_samples), method=self.cfg.method, always=self.always,
                            chunk_size=int(self.cfg.chunk_size))
-        if sdist.world_size() > 1:
-            self.score_bytes += 8 * mask.numel
+        if sdist.world_size() > 1:  # float64 sums of the trainable scores not kept whole (sparsecomm.fisher)
+            from .mask import matches_any
+
+            self.score_bytes += 8 * sum(p.numel() for n, p in model.named_parameters()
+                                        if p.requires_grad and not matches_any(n, self.always))
         return mask
 
 
@@ -606,7 +610,7 @@ def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:
         fewer = f"  ({1 / ratio:.1f}x fewer bytes)" if 0 < ratio < 1 else ""
         lines.append(f"  ratio            {ratio:.4f}{fewer}")
     if s["mask_score_bytes"]:
-        lines.append(f"  Fisher scores    {human_bytes(s['mask_score_bytes'])}  (all-reduce of n float64 per mask)")
+        lines.append(f"  Fisher scores    {human_bytes(s['mask_score_bytes'])}  (float64 sums of the ranked scores, per mask)")
     if s.get("buffer_bytes"):
         lines.append(f"  buffers          {human_bytes(s['buffer_bytes'])}  (module buffers, e.g. BatchNorm "
                      f"statistics, that DDP broadcasts from rank 0 every step, dense or not)")

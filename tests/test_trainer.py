@@ -48,7 +48,9 @@ def test_refresh_recomputes_the_mask_and_ranks_agree(tmp_path):
     n, k = s["numel"], s["k"]
     assert [e["step"] for e in mask_events(tmp_path)] == [2, 5]
     assert s["bytes_sent"] == 2 * n * 4 + 6 * k * 4 and s["dense_bytes"] == 8 * n * 4
-    assert s["mask_score_bytes"] == 2 * 8 * n  # one all-reduce of n float64 per Fisher mask
+    # Each Fisher mask sums, in float64, the scores of every entry not kept whole (the head): the
+    # synthetic MLP's head is its last Linear, 64 -> 10 (10 x 64 weights + 10 biases).
+    assert s["mask_score_bytes"] == 2 * 8 * (n - (10 * 64 + 10))
     untimed = lambda d: {key: v for key, v in d.items() if not key.endswith("_s")}  # noqa: E731
     assert untimed(s) == untimed(r1["summary"])  # every rank reports the same run
 
