@@ -62,6 +62,26 @@ def packaged_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+def local_model(model_dir, task: str):
+    """``(model folder, the transformers module)`` for a task on a local Hugging Face model, offline.
+
+    ``model_dir=None`` is the packaged all-MiniLM-L6-v2; errors name ``task.model_dir`` and the fix.
+    """
+    if model_dir is None:
+        model_dir = packaged_model_dir()
+    elif not (Path(model_dir).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"task.model_dir={str(model_dir)!r} is not a Hugging Face model folder (no "
+                                f"config.json): point it at a local folder saved by save_pretrained(), or set "
+                                f"task.model_dir=null for the packaged all-MiniLM-L6-v2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModuleNotFoundError(f"the {task} task needs transformers ({e}): `pip install 'sparsecomm[glue]'`") from e
+    return str(Path(model_dir).expanduser()), transformers
+
+
 def read_tsv(path: Path, spec: Spec) -> tuple[list[str], list[str] | None, list[int]]:
     """One GLUE TSV -> (texts_a, texts_b or None, labels). Quotes are literal text (no CSV quoting)."""
     try:
@@ -158,19 +178,7 @@ def build(data_dir=None, task_name: str = "sst2", model_dir=None, max_length: in
     if not isinstance(max_length, int) or max_length < 8:
         raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length=128")
     train_file, dev_file = find_files(data_dir, spec)
-    if model_dir is None:
-        model_dir = packaged_model_dir()
-    elif not (Path(model_dir).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"task.model_dir={str(model_dir)!r} is not a Hugging Face model folder (no "
-                                f"config.json): point it at a local folder saved by save_pretrained(), or set "
-                                f"task.model_dir=null for the packaged all-MiniLM-L6-v2")
-    model_dir = str(Path(model_dir).expanduser())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModuleNotFoundError(f"the glue task needs transformers ({e}): `pip install 'sparsecomm[glue]'`") from e
+    model_dir, transformers = local_model(model_dir, "glue")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     log = transformers.utils.logging

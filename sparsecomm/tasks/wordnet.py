@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import Task, cross_entropy
-from .glue import additive_attention_mask, packaged_model_dir
+from .glue import additive_attention_mask, local_model
 
 SUPERSENSES = ("Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event",
                "feeling", "food", "group", "location", "motive", "object", "person", "phenomenon", "plant",
@@ -212,19 +212,7 @@ class MeanPoolClassifier(nn.Module):
 
 def load_encoder(model_dir):
     """(tokenizer, encoder without BERT's pooler) from a local Hugging Face folder, offline."""
-    if model_dir is None:
-        model_dir = packaged_model_dir()
-    elif not (Path(model_dir).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"task.model_dir={str(model_dir)!r} is not a Hugging Face model folder (no "
-                                f"config.json): point it at a local folder saved by save_pretrained(), or set "
-                                f"task.model_dir=null for the packaged all-MiniLM-L6-v2")
-    model_dir = str(Path(model_dir).expanduser())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModuleNotFoundError(f"the wordnet task needs transformers ({e}): `pip install 'sparsecomm[glue]'`") from e
+    model_dir, transformers = local_model(model_dir, "wordnet")
     log = transformers.utils.logging
     verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
     log.set_verbosity_error()  # the pooler's weights are in the file and unused on purpose
