@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 # The type of a field is the type of its default in the YAML of the chosen option; these fields
 # default to null or take more than one type, so their types are written here (None: null).
 FIELD_TYPES: dict[str, tuple] = {
-    "cluster.nproc_per_node": (int, str), "cluster.nnodes": (int,),
+    "cluster.nproc_per_node": (int, str), "cluster.nnodes": (int,), "cluster.socket_ifname": (str, None),
+    "cluster.master_port": (int, None), "task.train_size": (int, None),
     "run_id": (str, int, None), "checkpoint.dir": (str, None), "comm.wire_dtype": (str, None),
     "cluster.num_threads": (int, None), "cluster.rdzv_id": (str, int, None), "cluster.rdzv_endpoint": (str, None),
     "cluster.link.inter_node_gbit": (int, float, None), "cluster.link.intra_node_gbit": (int, float, None),
@@ -56,7 +57,8 @@ BOUNDS: dict[str, tuple] = {
     "task.num_train": (1, 10**8, False), "task.num_test": (1, 10**8, False), "task.in_features": (1, 10**6, False),
     "task.hidden": (1, 10**6, False), "task.depth": (1, 10**4, False), "task.vocab_size": (1, 10**7, False),
     "task.n_layer": (1, 10**4, False), "task.n_head": (1, 10**4, False), "task.n_embd": (1, 10**6, False),
-    "task.block_size": (1, 10**6, False), "steps": (1, 10**12, False),
+    "task.block_size": (1, 10**6, False), "steps": (1, 10**12, False), "task.train_size": (1, 10**8, False),
+    "task.test_size": (1, 10**8, False), "task.max_length": (1, 10**5, False),
 }
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
           dict: "a mapping"}
