@@ -56,20 +56,42 @@ def slurm_env(path: str) -> dict[str, str]:
     return env
 
 
+# The app's own check, stubbed: records its arguments; fails with one line when CHECK_FAILS is set.
+FAKE_PYTHON = ('if [ "$1 $2 $3" = "-m sparsecomm.train --check" ]; then printf "%s\\n" "$@" > "$CHECK_ARGS"; '
+               'if [ -n "${CHECK_FAILS:-}" ]; then echo "error: mask.density=7 is outside (0, 1]" >&2; exit 2; fi; '
+               'exit 0; fi\necho "unexpected python call: $*" >&2; exit 99\n')
+
+
 def test_sbatch_runs_torchrun_with_rendezvous_on_the_head_node(tmp_path):
     bin_dir = fake_bin(tmp_path, scontrol='printf "node001\\nnode002\\n"\n',
                        srun='printf "%s\\n" "$@" > "$SRUN_ARGS"\nprintf "endpoint=%s\\n" '
-                            '"$SPARSECOMM_RDZV_ENDPOINT" >> "$SRUN_ARGS"\n')
+                            '"$SPARSECOMM_RDZV_ENDPOINT" >> "$SRUN_ARGS"\n', python=FAKE_PYTHON)
     env = slurm_env(f"{bin_dir}:{os.environ['PATH']}")
-    env["SRUN_ARGS"] = str(tmp_path / "srun_args")
+    env.pop("PYTHON", None)
+    env["SRUN_ARGS"], env["CHECK_ARGS"] = str(tmp_path / "srun_args"), str(tmp_path / "check_args")
     proc = subprocess.run(["bash", str(SBATCH), "task=digits"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # The config was checked once, before srun, with the overrides the workers get.
+    assert (tmp_path / "check_args").read_text().splitlines() == [
+        "-m", "sparsecomm.train", "--check", "cluster=slurm", "cluster.nproc_per_node=4", "task=digits"]
     args = (tmp_path / "srun_args").read_text().splitlines()
     joined = " ".join(args)
     assert "--ntasks-per-node=1" in args and "torch.distributed.run" in args
     assert "--rdzv_endpoint node001:29500" in joined and "--rdzv_backend c10d" in joined
     assert "--rdzv_id 4242" in joined and "--nnodes 2" in joined and "--nproc_per_node 4" in joined
     assert args[-4:] == ["cluster=slurm", "cluster.nproc_per_node=4", "task=digits", "endpoint=node001:29500"]
+
+
+def test_sbatch_stops_on_a_bad_value_before_srun(tmp_path):
+    """The check fails: its one line, exit 2, and srun (torchrun, restarts, requeues) never runs."""
+    bin_dir = fake_bin(tmp_path, scontrol='printf "node001\\n"\n', srun="echo srun must not run >&2\nexit 99\n",
+                       python=FAKE_PYTHON)
+    env = slurm_env(f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("PYTHON", None)
+    env.update(CHECK_ARGS=str(tmp_path / "check_args"), CHECK_FAILS="1")
+    proc = subprocess.run(["bash", str(SBATCH), "mask.density=7"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: mask.density=7 is outside (0, 1]"]
 
 
 def test_sbatch_refuses_to_guess_the_head_node(tmp_path):
