@@ -23,7 +23,13 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 class ConfigError(ValueError):
-    """A config value the app cannot run with; the message names the field and the fix."""
+    """A config value the app cannot run with; the message names the field and the fix.
+
+    ``collective``: a function of the config, which every rank holds alike, so every rank raises it
+    and rank 0's line is enough.
+    """
+
+    collective = True
 
 
 # --- every field: its type (its default's), and the range of the numbers ----------------------

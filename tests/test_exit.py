@@ -18,7 +18,7 @@ from test_elastic import events, free_port
 # A short job that still builds DDP, the masked hook and both optimizers on 2 ranks.
 SHORT = ["task=synthetic", "task.in_features=16", "task.hidden=32", "task.depth=1", "task.num_train=256",
          "task.num_test=64", "steps=6", "schedule.dense_steps=2", "batch_size=8", "eval_every=0",
-         "logging.progress=false", "mask.num_samples=16", "mask.density=0.1", "cluster.num_threads=1"]
+         "logging.progress=false", "mask.num_samples=16", "mask.density=0.5", "cluster.num_threads=1"]
 
 
 def test_nothing_of_ddp_or_the_process_group_outlives_the_run(tmp_path, monkeypatch):
