@@ -59,6 +59,9 @@ BOUNDS: dict[str, tuple] = {
     "task.seed": (0, 2**32 - 1, False), "task.test_fraction": (0, 1, True), "task.num_classes": (2, 100_000, False),
     "logging.log_every": (1, None, False), "optim.eps": (0, None, False), "optim.weight_decay": (0, None, False),
     "optim.momentum": (0, 1, False),
+    # diff pruning's gates: sigmoid saturates long before these bounds; beyond them float32 overflows
+    "mask.log_alpha_init": (-100, 100, False), "mask.temperature": (0, 100, True), "mask.alpha_lr": (0, 1e3, True),
+    "mask.l0_penalty": (0, 1e3, False),
     # sizes that allocate: bounded so that a typo's 10**12 is an error, not an out-of-memory crash
     "task.num_train": (1, 10**8, False), "task.num_test": (1, 10**8, False), "task.in_features": (1, 10**6, False),
     "task.hidden": (1, 10**6, False), "task.depth": (1, 10**4, False), "task.vocab_size": (1, 10**7, False),

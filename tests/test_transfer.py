@@ -50,7 +50,8 @@ def test_transfer_part_and_merge(tmp_path):
     for r in res["runs"]:
         assert [p["step"] for p in r["curve"]] == [0, 3] and all(0 <= p["accuracy"] <= 1 for p in r["curve"])
     # what each method hands to all-reduce, in bytes (fp32):
-    assert rows["fish-0.5"]["k"] == k and rows["fish-0.5"]["payload_bytes"] == 8 * n + 3 * 4 * k  # float64 scores
+    # float64 sums of the ranked scores (the head, kept whole, is not sent), then 3 masked steps
+    assert rows["fish-0.5"]["k"] == k and rows["fish-0.5"]["payload_bytes"] == 8 * (n - head) + 3 * 4 * k
     assert rows["postlocal"]["period"] == round(n / k)
     assert rows["postlocal"]["payload_bytes"] == 4 * n + 4 * n  # step 1's gradients + one parameter average
     # diff pruning: 1 L0 step (w and the gates of every non-head entry), then 2 masked steps
