@@ -20,7 +20,7 @@ import sparsecomm
 from multirank import run_ranks
 from sparsecomm.fisher import fisher_scores
 from sparsecomm.mask import Mask, matches_any, topk_mask
-from sparsecomm.topk import StreamingTopK, stream_topk
+from sparsecomm.topk import StreamingTopK
 
 
 # ---- the reference: the concatenating selection, as it was ------------------------------------

@@ -3,7 +3,6 @@ each one hands to the network are the ones its algorithm implies, and parts merg
 Accuracy and time are not asserted (the benchmark reports them)."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 

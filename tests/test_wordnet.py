@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from sparsecomm.batching import LengthGroupedBatches
 from sparsecomm.tasks import wordnet
