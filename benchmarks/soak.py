@@ -40,7 +40,7 @@ def torchrun(out: Path, run_id: str, args: list[str], max_restarts: int) -> subp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint",
            f"127.0.0.1:{free_port()}", "--rdzv-id", run_id, "--monitor-interval", "0.1",
-           "-m", "sparsecomm.train", *args, f"out_dir={out}", f"run_id={run_id}"]
+           "-m", "sparsecomm.app.train", *args, f"out_dir={out}", f"run_id={run_id}"]
     log = open(out / f"{run_id}.log", "w")  # noqa: SIM115 - the child writes to it until it exits
     return subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
 

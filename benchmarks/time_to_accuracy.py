@@ -34,9 +34,9 @@ LABELS = {"dense": "dense DDP", "fp16": "fp16 hook", "powersgd-r4": "PowerSGD ra
 
 
 def task_available(name: str, kwargs: dict) -> str | None:
-    """None if ``sparsecomm.tasks.<name>`` builds here, else why not."""
+    """None if ``sparsecomm.app.tasks.<name>`` builds here, else why not."""
     try:
-        mod = importlib.import_module(f"sparsecomm.tasks.{name}")
+        mod = importlib.import_module(f"sparsecomm.app.tasks.{name}")
         mod.build(**kwargs)
     except (ImportError, FileNotFoundError, ValueError, OSError) as e:
         return f"{type(e).__name__}: {e}"

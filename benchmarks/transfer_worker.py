@@ -161,7 +161,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         info.update(k=mask.num_selected, mask_s=time.perf_counter() - t_setup)
     elif kind == "diffprune":
         from omegaconf import OmegaConf
-        from sparsecomm.phases import L0Phase
+        from sparsecomm.app.phases import L0Phase
 
         cfg = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                           "conf", "mask", "diff_pruning.yaml"))

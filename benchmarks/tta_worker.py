@@ -37,7 +37,7 @@ from worker import PayloadCounter, TxReader, barrier_cost  # noqa: E402
 
 def build_task(spec: dict, seed: int):
     torch.manual_seed(seed)
-    mod = importlib.import_module(f"sparsecomm.tasks.{spec['task']}")
+    mod = importlib.import_module(f"sparsecomm.app.tasks.{spec['task']}")
     return mod.build(**spec.get("task_kwargs", {}))
 
 
@@ -57,7 +57,7 @@ def batches(task, rank: int, world: int, batch_size: int, seed: int):
     while True:
         gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
         if lengths is not None:
-            from sparsecomm.batching import LengthGroupedBatches
+            from sparsecomm.app.batching import LengthGroupedBatches
             order = RandomSampler(shard, generator=gen)
             grouped = LengthGroupedBatches(order, [lengths[i] for i in index], batch_size, seed=seed * 7 + rank)
             grouped.set_epoch(epoch)

@@ -5,10 +5,10 @@ initial weights on every rank and in every variant; each rank draws its own batc
 random: the communication benchmark measures time and bytes per step, not learning.
 
     tiny       2-layer MLP, 2.8k parameters (tests)
-    mlp        sparsecomm.models.mlp(**MLP_25M): 1024 -> 5 x 2368 -> 10, 24.9M parameters
-    small_cnn  sparsecomm.models.small_cnn, the digits CNN (1x8x8 inputs), ~151k
-    resnet18   sparsecomm.models.resnet18, CIFAR-shaped (3x32x32 inputs, 10 classes), ~11M
-    gpt2       sparsecomm.models.gpt2 in GPT-2 small's shape (12 layers, 12 heads, 768 wide),
+    mlp        sparsecomm.app.models.mlp(**MLP_25M): 1024 -> 5 x 2368 -> 10, 24.9M parameters
+    small_cnn  sparsecomm.app.models.small_cnn, the digits CNN (1x8x8 inputs), ~151k
+    resnet18   sparsecomm.app.models.resnet18, CIFAR-shaped (3x32x32 inputs, 10 classes), ~11M
+    gpt2       sparsecomm.app.models.gpt2 in GPT-2 small's shape (12 layers, 12 heads, 768 wide),
                sequence classification over 128 tokens, ~124M with GPT-2's 50257-token vocabulary
     minilm     the packaged pretrained all-MiniLM-L6-v2, mean-pooled, 26 classes (task=wordnet's
                model), 22.7M; dict inputs of 8..32 tokens padded per batch (needs sparsecomm[glue])
@@ -45,13 +45,13 @@ def _tokens(vocab: int, block: int, classes: int = 2):
 
 
 def _minilm() -> nn.Module:
-    from sparsecomm.tasks import wordnet
+    from sparsecomm.app.tasks import wordnet
     return wordnet.MeanPoolClassifier(wordnet.load_encoder(None)[1], len(wordnet.SUPERSENSES))
 
 
 def _minilm_batch(b: int, gen: torch.Generator):
     """Token ids of 8..32 tokens (WordNet's "lemma: gloss" texts run ~20), padded to the longest."""
-    from sparsecomm.tasks import wordnet
+    from sparsecomm.app.tasks import wordnet
     lengths = torch.randint(8, 33, (b,), generator=gen).tolist()
     ds = wordnet.Tokenized([[101] + torch.randint(1000, 30000, (n - 2,), generator=gen).tolist() + [102]
                             for n in lengths], torch.randint(26, (b,), generator=gen).tolist())
@@ -64,14 +64,14 @@ def _tiny() -> nn.Module:
 
 def _models():
     try:
-        from sparsecomm import models
+        from sparsecomm.app import models
     except ImportError as e:  # the models module is another engineer's; say what is missing
-        raise RuntimeError(f"sparsecomm.models is not importable ({e}); only the 'tiny' workload runs "
+        raise RuntimeError(f"sparsecomm.app.models is not importable ({e}); only the 'tiny' workload runs "
                            f"without it") from e
     return models
 
 
-MLP = dict(in_features=1024, hidden=2368, depth=5, num_classes=10)  # = sparsecomm.models.MLP_25M
+MLP = dict(in_features=1024, hidden=2368, depth=5, num_classes=10)  # = sparsecomm.app.models.MLP_25M
 GPT2 = dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=128, num_classes=2)
 
 WORKLOADS: dict[str, Workload] = {

@@ -26,7 +26,7 @@ fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # Check the config once before torchrun starts: a bad value is one line, never retried by restarts.
-"$python" -m sparsecomm.train --check "cluster.nproc_per_node=$nproc" "$@"
+"$python" -m sparsecomm.app.train --check "cluster.nproc_per_node=$nproc" "$@"
 
 exec "$python" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
-    -m sparsecomm.train "cluster.nproc_per_node=$nproc" "$@"
+    -m sparsecomm.app.train "cluster.nproc_per_node=$nproc" "$@"

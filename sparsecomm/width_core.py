@@ -22,8 +22,8 @@ weights from non-core into core units, so the full model and its exported core d
 contributions; the core's accuracy alone is the exported model's, evaluated on its own
 (``tests/test_width_core.py`` checks ``export_core(model)(x) == model_with_those_weights_zeroed(x)``).
 
-Supported models: ``sparsecomm.models.MLP`` (``mlp``), ``sparsecomm.models.SmallCNN``
-(``small_cnn``), and any ``nn.Sequential`` built from Linear, Conv2d, BatchNorm1d/2d,
+Supported models: classes that declare ``layer_chain = True`` (the app's ``MLP`` and ``SmallCNN``)
+and any ``nn.Sequential`` built from Linear, Conv2d, BatchNorm1d/2d,
 element-wise activations, Dropout, pooling and Flatten; each applies its layers in the order
 they are registered, which is what this module relies on. Residual networks (ResNet) and
 transformers (GPT) are refused: their units are tied across skip connections and heads.
@@ -56,9 +56,9 @@ class _Layer:
 
 
 def _supported(model: nn.Module) -> bool:
-    from . import models
-
-    return isinstance(model, (models.MLP, models.SmallCNN, nn.Sequential))
+    """A plain ``nn.Sequential``, or a model that declares itself one chain of layers
+    (``layer_chain = True`` on its class, as the app's ``MLP`` and ``SmallCNN`` do)."""
+    return isinstance(model, nn.Sequential) or bool(getattr(type(model), "layer_chain", False))
 
 
 def check_fraction(fraction: float, field: str = "fraction") -> float:
@@ -82,7 +82,7 @@ def _chain(model: nn.Module, fraction: float) -> list[_Layer]:
     model = _unwrap(model)
     if not _supported(model):
         raise TypeError(
-            f"width cores are defined for sparsecomm.models.mlp / small_cnn and plain nn.Sequential "
+            f"width cores are defined for plain nn.Sequential chains and models whose class sets layer_chain = True "
             f"chains, not {type(model).__name__}: its layers are not one chain (skip connections, "
             f"attention heads); use a Fisher or random mask as the core instead")
     fraction = check_fraction(fraction)
@@ -255,7 +255,7 @@ def export_core(model: nn.Module, fraction: float) -> nn.Module:
     Every Linear/Conv2d is narrowed to its core units and core inputs, every BatchNorm to its
     core channels (running statistics included); the head keeps all its outputs. Its forward
     equals ``model``'s forward with every weight leaving a non-core unit set to zero. Attributes
-    that record widths on the class (none in ``sparsecomm.models``) are not rewritten.
+    that record widths on the class (none in ``sparsecomm.app.models``) are not rewritten.
     """
     model = _unwrap(model)
     layers = _chain(model, fraction)

@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
+import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
 
 
 def compose_app(*overrides: str) -> DictConfig:
@@ -49,7 +49,7 @@ def clean_launcher_env(monkeypatch) -> None:
 
 def main_in_process(args, capsys) -> tuple[int, str, str]:
     """``sparsecomm-train args`` in this process: (exit code, stdout, stderr). Other exceptions propagate."""
-    from sparsecomm import train
+    from sparsecomm.app import train
 
     GlobalHydra.instance().clear()
     try:

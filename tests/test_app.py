@@ -39,7 +39,9 @@ def test_default_job_two_workers(tmp_path):
     import torch
     from safetensors.torch import load_model
 
-    from sparsecomm import Mask, models
+    from sparsecomm import Mask
+
+    from sparsecomm.app import models
     from sparsecomm.mask import count_for_density
 
     proc = run_app([*SMALL, "schedule.dense_steps=3", f"out_dir={tmp_path}", "run_id=e2e"], cwd=tmp_path)
@@ -89,7 +91,7 @@ def test_glue_minilm_transfer_job(tmp_path):
 
     pytest.importorskip("transformers")
     from sparsecomm import diff
-    from sparsecomm.data import build_task
+    from sparsecomm.app.data import build_task
 
     data = tmp_path / "SST-2"
     data.mkdir()

@@ -123,7 +123,7 @@ def test_time_to_accuracy_smoke(tmp_path):
         assert all(0.0 <= p["accuracy"] <= 1.0 for p in r["curve"])
         secs = [p["seconds"] for p in r["curve"]]
         assert secs == sorted(secs) and secs[-1] > 0
-    from sparsecomm import models
+    from sparsecomm.app import models
 
     n = sum(p.numel() for p in models.small_cnn(10).parameters())  # the digits task's model
     assert rows["fish"]["k"] == round(0.005 * n)

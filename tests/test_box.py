@@ -90,7 +90,7 @@ def job_args(out: Path, steps: int, *extra: str, density: str | None = "0.2") ->
 
 def torchrun(nnodes: int, nproc: int, rdzv: str, rid: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", rid, "-m", "sparsecomm.train", *args]
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", rid, "-m", "sparsecomm.app.train", *args]
 
 
 def run_nodes(st, cmds: dict[str, list[str]], cwd: Path, timeout: float = 600, env=None,
@@ -188,7 +188,7 @@ def two_node_run(st, tmp: Path, rid: str, steps: int, *extra: str, self_loopback
 def two_node_runs(cluster, tmp_path_factory):
     """Two runs of the job on 2 nodes x 2 workers, their outputs and each node's eth0 bytes:
     ``short`` (30 steps) with every node's hostname on 127.0.1.1 (Debian's /etc/hosts: the
-    interface pick of sparsecomm/netif.py must act), ``long`` (40 steps) with the box's hosts file.
+    interface pick of sparsecomm/app/netif.py must act), ``long`` (40 steps) with the box's hosts file.
     Same traffic per step (eth0 both times); ``long`` has 10 more masked steps."""
     tmp = tmp_path_factory.mktemp("two")
     runs = {}
@@ -260,7 +260,7 @@ def test_loopback_hostname_and_no_way_to_tell_stops_with_one_line(cluster, tmp_p
             subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
         env = app_env(cluster, RANK="0", LOCAL_RANK="0", WORLD_SIZE="4", LOCAL_WORLD_SIZE="2", MASTER_ADDR="node1",
                       MASTER_PORT="29999", GROUP_RANK="0")
-        res = box.run(cluster, "node1", [sys.executable, "-m", "sparsecomm.train", *job_args(tmp_path / "out", 30)],
+        res = box.run(cluster, "node1", [sys.executable, "-m", "sparsecomm.app.train", *job_args(tmp_path / "out", 30)],
                       self_loopback=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     finally:
         subprocess.run(["ip", "-n", ns, "link", "del", "extra0"], check=False)

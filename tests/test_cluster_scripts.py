@@ -57,7 +57,7 @@ def slurm_env(path: str) -> dict[str, str]:
 
 
 # The app's own check, stubbed: records its arguments; fails with one line when CHECK_FAILS is set.
-FAKE_PYTHON = ('if [ "$1 $2 $3" = "-m sparsecomm.train --check" ]; then printf "%s\\n" "$@" > "$CHECK_ARGS"; '
+FAKE_PYTHON = ('if [ "$1 $2 $3" = "-m sparsecomm.app.train --check" ]; then printf "%s\\n" "$@" > "$CHECK_ARGS"; '
                'if [ -n "${CHECK_FAILS:-}" ]; then echo "error: mask.density=7 is outside (0, 1]" >&2; exit 2; fi; '
                'exit 0; fi\necho "unexpected python call: $*" >&2; exit 99\n')
 
@@ -73,7 +73,7 @@ def test_sbatch_runs_torchrun_with_rendezvous_on_the_head_node(tmp_path):
     assert proc.returncode == 0, proc.stderr
     # The config was checked once, before srun, with the overrides the workers get.
     assert (tmp_path / "check_args").read_text().splitlines() == [
-        "-m", "sparsecomm.train", "--check", "cluster=slurm", "cluster.nproc_per_node=4", "task=digits"]
+        "-m", "sparsecomm.app.train", "--check", "cluster=slurm", "cluster.nproc_per_node=4", "task=digits"]
     args = (tmp_path / "srun_args").read_text().splitlines()
     joined = " ".join(args)
     assert "--ntasks-per-node=1" in args and "torch.distributed.run" in args

@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import sparsecomm.train  # noqa: F401  registers the sc_run_id resolver
-from sparsecomm.config import check_config
+import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
+from sparsecomm.app.config import check_config
 
 CONF = importlib.resources.files("sparsecomm.conf")
 GROUPS = ["cluster", "task", "mask", "schedule", "optim", "logging", "schedule/lr"]
@@ -49,7 +49,7 @@ def test_option_composes(group, option):
     if "name" in node:
         assert node.name == option
     else:  # tasks: the target names the module
-        assert node._target_ == f"sparsecomm.tasks.{option}.build"
+        assert node._target_ == f"sparsecomm.app.tasks.{option}.build"
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
@@ -57,7 +57,7 @@ def test_default_config_passes_the_checks():
     cfg = compose_train()
     check_config(cfg)
     assert (cfg.cluster.name, cfg.task._target_, cfg.mask.name, cfg.schedule.name) == (
-        "local_cpu", "sparsecomm.tasks.digits.build", "fisher", "dense_warmup")
+        "local_cpu", "sparsecomm.app.tasks.digits.build", "fisher", "dense_warmup")
     assert cfg.cluster.nnodes * cfg.cluster.nproc_per_node == 2 and cfg.cluster.backend == "gloo"
 
 

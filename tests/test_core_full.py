@@ -13,8 +13,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsecomm
 from multirank import run_ranks
-from sparsecomm.models import mlp
-from sparsecomm.schedule import CoreFull, Schedule
+from sparsecomm.app.models import mlp
+from sparsecomm.app.schedule import CoreFull, Schedule
 from sparsecomm.width_core import width_core_mask
 
 STEPS = 8

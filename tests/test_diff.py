@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import sparsecomm
 import sparsecomm.diff as sdiff
-from sparsecomm.models import small_cnn
+from sparsecomm.app.models import small_cnn
 
 
 def _bits(t: torch.Tensor) -> bytes:

@@ -32,7 +32,7 @@ def torchrun(out: Path, run_id: str, max_restarts: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", run_id, "--monitor-interval", "0.1",
-           "-m", "sparsecomm.train", *ARGS, f"out_dir={out}", f"run_id={run_id}"]
+           "-m", "sparsecomm.app.train", *ARGS, f"out_dir={out}", f"run_id={run_id}"]
     return subprocess.Popen(cmd, cwd=out, env={**app_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -28,7 +28,7 @@ def test_nothing_of_ddp_or_the_process_group_outlives_the_run(tmp_path, monkeypa
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from sparsecomm import trainer
+    from sparsecomm.app import trainer
 
     clean_launcher_env(monkeypatch)
     cfg = compose_app(*TINY, f"out_dir={tmp_path}", "run_id=gc")
@@ -51,7 +51,7 @@ def test_twenty_torchrun_launches_all_exit_zero(tmp_path):
     for i in range(20):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", f"run{i}",
-               "--monitor-interval", "0.1", "-m", "sparsecomm.train", *SHORT, "save_model=false",
+               "--monitor-interval", "0.1", "-m", "sparsecomm.app.train", *SHORT, "save_model=false",
                f"out_dir={tmp_path}", "cluster.nproc_per_node=2"]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 or "terminate called" in proc.stderr or proc.stdout.count("== sparsecomm summary") != 1:
@@ -74,7 +74,7 @@ def test_under_torchrun_rank_zero_alone_reports_a_bad_value(tmp_path):
     """Straight torchrun (no script): every rank checks the config, rank 0 alone prints it."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "bad",
-           "-m", "sparsecomm.train", *SHORT, "mask.density=7", f"out_dir={tmp_path}"]
+           "-m", "sparsecomm.app.train", *SHORT, "mask.density=7", f"out_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**app_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0

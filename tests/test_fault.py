@@ -14,7 +14,7 @@ import torch
 from apptest import Crash, compose_app, crash_before
 from multirank import run_ranks
 
-from sparsecomm import config, trainer
+from sparsecomm.app import config, trainer
 
 TINY = ["task=synthetic", "task.in_features=32", "task.hidden=32", "task.depth=2", "task.num_train=256",
         "task.num_test=64", "batch_size=8", "eval_every=4", "logging.progress=false", "logging.log_every=3",
@@ -166,7 +166,8 @@ def test_checkpoint_of_another_model_or_config_is_refused(tmp_path):
 
 
 def test_mask_file_for_another_model_names_mask_path(tmp_path):
-    from sparsecomm import models, random_mask
+    from sparsecomm.app import models
+    from sparsecomm import random_mask
 
     path = str(tmp_path / "mask.safetensors")
     random_mask(models.mlp(32, 16, 2, 10), density=0.2).save(path)

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecomm import Mask, checkpoint, diff, models, random_mask
-from sparsecomm.tasks import cifar10, glue
+from sparsecomm import Mask, checkpoint, diff, random_mask
+
+from sparsecomm.app import models
+from sparsecomm.app.tasks import cifar10, glue
 
 
 def model():

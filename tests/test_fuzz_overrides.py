@@ -1,4 +1,4 @@
-"""Fuzz of the app's configuration, through its real entry point (``sparsecomm.train.main``, one
+"""Fuzz of the app's configuration, through its real entry point (``sparsecomm.app.train.main``, one
 process): every field of every option of every config group, and the top-level fields, each set
 to a wrong type, out of range, empty, null, huge, a list; an unknown option of every group; an
 unknown key in every group, with and without ``+``; and seeded combinations of several at once.
@@ -22,7 +22,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from apptest import TINY, clean_launcher_env, compose_app, error_lines, main_in_process
-from sparsecomm import train
+from sparsecomm.app import train
 
 MUTATIONS = ("abc", "''", "null", "-1", "0", "0.5", "1000000000000", "1e308", "[1,2]", "{a:1}")
 SKIP_FIELDS = {"_target_", "name"}  # what picks the code, not a value: covered by the unknown-option cases
@@ -113,7 +113,7 @@ def key_of(override: str) -> str:
 @pytest.fixture
 def capped_app(monkeypatch):
     """The app, with a run stopped after step 6 (the cases are about values, not long runs)."""
-    from sparsecomm import trainer
+    from sparsecomm.app import trainer
 
     clean_launcher_env(monkeypatch)
     real = trainer.Trainer.train_step
@@ -218,7 +218,8 @@ def test_bad_files_end_in_one_line(kind, tmp_path, capsys, synthetic_checkpoint,
     clean_launcher_env(monkeypatch)
     capsys.readouterr()
     if kind == "mask_for_another_model":
-        from sparsecomm import models, random_mask
+        from sparsecomm.app import models
+        from sparsecomm import random_mask
 
         path = tmp_path / "mask.safetensors"
         random_mask(models.mlp(16, 16, 1, 10), density=0.5).save(path)

@@ -1,4 +1,4 @@
-"""sparsecomm.launch and the app's error path: who starts workers, Slurm ranks, one-line errors."""
+"""sparsecomm.app.launch and the app's error path: who starts workers, Slurm ranks, one-line errors."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from sparsecomm import launch
-from sparsecomm.launch import ClusterError, Plan, WorkerUserError
+from sparsecomm.app import launch
+from sparsecomm.app.launch import ClusterError, Plan, WorkerUserError
 
 CPU2 = OmegaConf.create({"nnodes": 1, "nproc_per_node": 2, "backend": "gloo", "device": "cpu",
                          "rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_id": None,
@@ -73,7 +73,7 @@ def _rank_entry(tag):
 
 
 def _failing_entry(bad_rank):
-    from sparsecomm.train import exit_on_user_error
+    from sparsecomm.app.train import exit_on_user_error
 
     with exit_on_user_error():
         if os.environ["RANK"] == str(bad_rank):
@@ -96,7 +96,7 @@ def test_a_workers_user_error_reaches_the_launcher_as_one_line():
 def test_one_line_condenses_hydra_errors():
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
-    from sparsecomm.train import one_line
+    from sparsecomm.app.train import one_line
 
     e = MissingConfigException("In 'train': Could not find 'mask/nope'\n\nAvailable options in 'mask':\n\tdense",
                                missing_cfg_file="mask/nope", options=["dense", "fisher"])

@@ -1,4 +1,4 @@
-"""sparsecomm.metrics: rank 0's JSONL/progress logger, the no-op logger elsewhere, wandb checks."""
+"""sparsecomm.app.metrics: rank 0's JSONL/progress logger, the no-op logger elsewhere, wandb checks."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from sparsecomm import metrics
+from sparsecomm.app import metrics
 
 
 def test_jsonl_records(tmp_path):

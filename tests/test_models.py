@@ -1,10 +1,10 @@
-"""sparsecomm.models: output shapes, parameter counts of the named sizes, heads, GPT-2 causality."""
+"""sparsecomm.app.models: output shapes, parameter counts of the named sizes, heads, GPT-2 causality."""
 import fnmatch
 
 import pytest
 import torch
 
-from sparsecomm import models
+from sparsecomm.app import models
 
 
 def count(build, **kw):

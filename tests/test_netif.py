@@ -1,4 +1,4 @@
-"""cluster.socket_ifname and the interface pick for multi-node jobs (sparsecomm/netif.py).
+"""cluster.socket_ifname and the interface pick for multi-node jobs (sparsecomm/app/netif.py).
 
 The machine's own name resolution and routes are replaced by fakes here; the real thing, on
 emulated nodes whose hostname resolves to 127.0.1.1, is in test_box.py.
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from sparsecomm import netif
-from sparsecomm.launch import ClusterError
+from sparsecomm.app import netif
+from sparsecomm.app.launch import ClusterError
 
 MULTI = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "head"}
 

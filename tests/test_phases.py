@@ -14,7 +14,7 @@ from apptest import Crash, compose_app, crash_before
 from multirank import run_ranks
 
 import sparsecomm.diff as sdiff
-from sparsecomm import config, data, trainer
+from sparsecomm.app import config, data, trainer
 from sparsecomm.width_core import export_core, isolate_core, width_core_mask
 
 TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2", "task.num_train=256",
@@ -271,7 +271,7 @@ def test_app_diff_pruning_writes_a_task_diff_that_rebuilds_the_model(tmp_path):
     from safetensors.torch import load_model
     from test_app import run_app
 
-    from sparsecomm import models
+    from sparsecomm.app import models
 
     proc = run_app(["mask=diff_pruning", "schedule=fish_fixed", "steps=8", "mask.l0_steps=4", "batch_size=16",
                     "eval_every=0", "logging.progress=false", f"out_dir={tmp_path}", "run_id=dp"], cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""A run directory belongs to one run (sparsecomm/rundir.py), through the app's real entry point.
+"""A run directory belongs to one run (sparsecomm/app/rundir.py), through the app's real entry point.
 
 Each test here failed on the code before the fix: runs started in the same second shared a
 folder; a reused run id overwrote a finished run; ``checkpoint.resume=never`` deleted the new
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from apptest import TINY, clean_launcher_env, crash_before, error_lines, main_in_process
-from sparsecomm import rundir
+from sparsecomm.app import rundir
 from sparsecomm.checkpoint import CheckpointManager
 
 
@@ -80,7 +80,7 @@ def test_a_torchrun_restart_of_a_finished_job_trains_nothing(tmp_path, capsys, m
 
 
 def test_an_unfinished_run_without_checkpoints_is_not_overwritten(tmp_path, capsys, monkeypatch):
-    from sparsecomm import trainer
+    from sparsecomm.app import trainer
 
     real_fit = trainer.Trainer.fit
 
@@ -103,7 +103,7 @@ def test_an_unfinished_run_without_checkpoints_is_not_overwritten(tmp_path, caps
 
 def crashed_run_with_checkpoints(tmp_path, capsys, monkeypatch, run_id="r"):
     """A run that wrote checkpoints at steps 2 and 4 of 8, then crashed before step 5."""
-    from sparsecomm import trainer
+    from sparsecomm.app import trainer
 
     real_fit = trainer.Trainer.fit
 

@@ -1,10 +1,10 @@
-"""sparsecomm.schedule: the step plan (dense warm-up, mask refresh, core/full) and the LR factor."""
+"""sparsecomm.app.schedule: the step plan (dense warm-up, mask refresh, core/full) and the LR factor."""
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from sparsecomm.schedule import CoreFull, LRSchedule, Schedule, ScheduleError
+from sparsecomm.app.schedule import CoreFull, LRSchedule, Schedule, ScheduleError
 
 
 def sched(steps=10, **fields) -> Schedule:

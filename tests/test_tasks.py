@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sparsecomm.tasks import Task, cifar10, digits, glue, logits_of, synthetic
+from sparsecomm.app.tasks import Task, cifar10, digits, glue, logits_of, synthetic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None

@@ -7,7 +7,7 @@ import pytest
 from apptest import compose_app
 from multirank import run_ranks
 
-from sparsecomm import trainer
+from sparsecomm.app import trainer
 
 TINY = ["task=synthetic", "task.in_features=64", "task.hidden=64", "task.depth=2", "task.num_train=256",
         "task.num_test=64", "batch_size=8", "eval_every=0", "logging.progress=false", "save_model=false",

@@ -20,7 +20,7 @@ def tiny_bert(folder):
     import torch
     import transformers
 
-    from sparsecomm.tasks.glue import packaged_model_dir
+    from sparsecomm.app.tasks.glue import packaged_model_dir
 
     transformers.AutoTokenizer.from_pretrained(packaged_model_dir()).save_pretrained(folder)
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsecomm.models import MLP, SmallCNN, mlp, resnet18, small_cnn
+from sparsecomm.app.models import MLP, SmallCNN, mlp, resnet18, small_cnn
 from sparsecomm.width_core import core_units, core_width, export_core, width_core_mask
 
 

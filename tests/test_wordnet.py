@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from sparsecomm.batching import LengthGroupedBatches
-from sparsecomm.tasks import wordnet
+from sparsecomm.app.batching import LengthGroupedBatches
+from sparsecomm.app.tasks import wordnet
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed "

@@ -37,6 +37,8 @@ def num_params(model: nn.Module) -> int:
 class MLP(nn.Module):
     """``depth`` hidden layers of width ``hidden`` (Linear + ReLU), then ``head``: Linear(hidden, C)."""
 
+    layer_chain = True  # one chain of layers in registration order: width cores apply (sparsecomm.width_core)
+
     def __init__(self, in_features: int, hidden: int, depth: int, num_classes: int):
         super().__init__()
         if depth < 1:
@@ -63,6 +65,8 @@ class SmallCNN(nn.Module):
     The head is Linear(32, C): 330 entries for 10 classes, 0.22% of the model, so it fits a
     0.5%-density mask budget whole with room to spare.
     """
+
+    layer_chain = True  # see MLP
 
     def __init__(self, num_classes: int = 10):
         super().__init__()

@@ -24,7 +24,7 @@ was not trained for these sentence embeddings.
 
 Batches: items are unpadded token ids; :func:`collate` pads a batch to its longest example only
 (no all-padding columns) and builds the additive attention mask; ``Task.lengths`` lets the
-trainer group examples of similar length into a batch (:mod:`sparsecomm.batching`). Items:
+trainer group examples of similar length into a batch (:mod:`sparsecomm.app.batching`). Items:
 ``({"input_ids", "token_type_ids": (B, L) int64, "attention_mask": (B, 1, 1, L) float32},
 labels (B,) int64)``; the model returns (B, 26) float32 logits.
 """

@@ -23,7 +23,7 @@ Rank 0 alone writes, into the run directory: ``config.yaml`` (resolved), ``metri
 runs, ``task_diff.safetensors`` (``sparsecomm.diff``; with ``base.safetensors`` when the base is
 the model after a dense warm-up).
 
-Checkpoints and restarts (issue 6; :mod:`sparsecomm.fault`). With ``checkpoint.every=N`` rank 0
+Checkpoints and restarts (issue 6; :mod:`sparsecomm.app.fault`). With ``checkpoint.every=N`` rank 0
 writes ``<checkpoint.dir>/step-NNNNNNNN.ckpt`` after every N-th step and after the last one
 (temporary file, fsync, rename; SHA-256 header; the last ``checkpoint.keep`` kept). One holds
 (:meth:`Trainer.state_dict`): the step (the schedule and the LR are pure functions of it); the
@@ -33,7 +33,7 @@ digest); the gradient sync's counters (hook steps, bytes sent, dense bytes; plai
 the mask source's rounds and Fisher score bytes; the data position (epoch, batch) and batch
 size; the non-finite counters; the last log mark and EVERY rank's RNG states (torch, NumPy,
 Python; all-gathered) and loss window; the world size, the model's tensor names and shapes, the
-training config (all but :data:`sparsecomm.fault.RESUME_FREE`) and its hash; and ``extra``, the
+training config (all but :data:`sparsecomm.app.fault.RESUME_FREE`) and its hash; and ``extra``, the
 state dicts of :attr:`Trainer.extra_state` (components added later, e.g. the task diff).
 
 ``checkpoint.resume=auto`` (default) makes :meth:`Trainer.fit` start from the newest checkpoint
@@ -58,9 +58,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed as sdist
+from sparsecomm import distributed as sdist
 from . import fault, launch
-from .checkpoint import write_atomic
+from sparsecomm.checkpoint import write_atomic
 from .config import ConfigError, config_hash
 from .data import ShardedData, build_task, evaluate, forward
 from .gradient_sync import GradientSync
@@ -84,7 +84,7 @@ class MaskSource:
     """
 
     def __init__(self, cfg: Mapping, task, data: ShardedData, model: torch.nn.Module, seed: int):
-        from .mask import count_for_density, matches_any
+        from sparsecomm.mask import count_for_density, matches_any
 
         self.cfg, self.task, self.data, self.seed = cfg, task, data, seed
         self.kind = cfg.get("name")
@@ -95,7 +95,7 @@ class MaskSource:
         if self.kind == "dense":
             return
         if self.kind == "file":  # loaded and checked now: a mask for another model stops the run here
-            from . import Mask
+            from sparsecomm.mask import Mask
 
             path = str(cfg.get("path"))
             try:
@@ -105,7 +105,7 @@ class MaskSource:
             self.k = self.file_mask.num_selected
             return
         if self.kind == "width_core":  # checked now: a model that is not one chain of layers stops here
-            from .width_core import width_core_mask
+            from sparsecomm.width_core import width_core_mask
 
             try:
                 self.k = width_core_mask(model, cfg.fraction).num_selected
@@ -128,13 +128,14 @@ class MaskSource:
 
     def build(self, model: torch.nn.Module):
         """A new mask (collective for fisher: every rank must call it at the same step)."""
-        from . import fisher_mask, random_mask
+        from sparsecomm.fisher import fisher_mask
+        from sparsecomm.mask import random_mask
 
         round_, self.rounds = self.rounds, self.rounds + 1
         if self.kind == "file":
             return self.file_mask
         if self.kind == "width_core":
-            from .width_core import width_core_mask
+            from sparsecomm.width_core import width_core_mask
 
             return width_core_mask(model, self.cfg.fraction)
         if self.kind == "diff_pruning":
@@ -150,7 +151,7 @@ class MaskSource:
                            num_samples=int(self.cfg.num_samples), method=self.cfg.method, always=self.always,
                            chunk_size=int(self.cfg.chunk_size))
         if sdist.world_size() > 1:  # float64 sums of the trainable scores not kept whole (sparsecomm.fisher)
-            from .mask import matches_any
+            from sparsecomm.mask import matches_any
 
             self.score_bytes += 8 * sum(p.numel() for n, p in model.named_parameters()
                                         if p.requires_grad and not matches_any(n, self.always))
@@ -175,7 +176,7 @@ def dense_optimizer(cfg: Mapping, params, lr: float) -> torch.optim.Optimizer:
 
 def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask=None) -> tuple[torch.optim.Optimizer, float]:
     """``(optimizer, base lr)``: masked over ``mask`` at ``optim.lr``, else dense at ``optim.dense_lr``."""
-    from . import MaskedAdamW, MaskedSGD
+    from sparsecomm.optim import MaskedAdamW, MaskedSGD
 
     if mask is None:
         lr = float(cfg.dense_lr)
@@ -223,7 +224,7 @@ class Trainer:
         self.task_diff = None if self.masks.dense else TaskDiffRecorder(template=self.model)
         self.initial_core, self.nested = None, None
         if cfg.mask.name == "width_core":
-            from .width_core import NestedCore, export_core
+            from sparsecomm.width_core import NestedCore, export_core
 
             if cfg.mask.get("nested", True):  # the core stays a standalone subnetwork (core steps: its own loss)
                 self.nested = NestedCore(self.model, cfg.mask.fraction)
@@ -350,7 +351,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds (see the module doc). Collective: gathers every rank's RNG state."""
-        from .checkpoint import rng_state
+        from sparsecomm.checkpoint import rng_state
 
         mine = {"rng": rng_state(), "window": self._window.detach().cpu().clone()}
         ranks = [mine]
@@ -383,8 +384,8 @@ class Trainer:
         continues bit for bit. Another world size: the data is re-sharded at the same epoch and
         example count, RNG reseeded from (seed, step, rank), and a log line says so.
         """
-        from . import Mask
-        from .checkpoint import set_rng_state
+        from sparsecomm.mask import Mask
+        from sparsecomm.checkpoint import set_rng_state
 
         fix = ("start a new run with another run_id=... (a fresh folder), or point checkpoint.resume at checkpoints "
                "of this model and config")
@@ -634,7 +635,7 @@ def _link_gbit(cluster: Mapping, world: int) -> float | None:
 def run(cfg: DictConfig, run_dir: str, t0: float | None = None) -> dict[str, Any]:
     """Every rank's whole life: join the process group, train, leave. Returns the summary.
 
-    SIGINT/SIGTERM stop the run at a step boundary (:class:`sparsecomm.fault.StopOnSignal`).
+    SIGINT/SIGTERM stop the run at a step boundary (:class:`sparsecomm.app.fault.StopOnSignal`).
     """
     stop = fault.StopOnSignal()
     device = launch.init_process_group(cfg.cluster)

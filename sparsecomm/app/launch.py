@@ -317,8 +317,8 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     here as :class:`WorkerUserError`, so the parent prints one line. Any other failure raises
     :class:`WorkerFailed` with torch elastic's report. SIGINT/SIGTERM to this process: torch's
     agent passes the signal on to the workers, which stop at a step boundary (writing a
-    checkpoint if checkpoints are on, :class:`sparsecomm.fault.StopOnSignal`) within the agent's
-    shutdown timeout; their line comes back as :class:`sparsecomm.fault.Interrupted`.
+    checkpoint if checkpoints are on, :class:`sparsecomm.app.fault.StopOnSignal`) within the agent's
+    shutdown timeout; their line comes back as :class:`sparsecomm.app.fault.Interrupted`.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from . import distributed as sdist
+from sparsecomm import distributed as sdist
 
 WANDB_MODES = ("offline", "online", "disabled")
 

@@ -1,6 +1,6 @@
 """Trainer components for diff pruning, task diffs and width cores (issue 5).
 
-The trainer (:mod:`sparsecomm.trainer`) wires these in; each is usable and testable alone::
+The trainer (:mod:`sparsecomm.app.trainer`) wires these in; each is usable and testable alone::
 
     check_mask_config(mask, steps, schedule)   mask=diff_pruning / width_core fields, errors name them
     build_schedule(cfg)                        the step plan; diff pruning's L0 phase is part of the
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import distributed as sdist
+from sparsecomm import distributed as sdist
 from .fields import whole_number
 from .schedule import Schedule, ScheduleError
 
@@ -61,8 +61,8 @@ def _number(cfg: Mapping, key: str, *, positive: bool = False, nonneg: bool = Fa
 
 def check_mask_config(mask: Mapping, steps: int, schedule: Mapping) -> None:
     """Check the fields of ``mask=diff_pruning`` / ``mask=width_core`` (others: nothing to do)."""
-    from .diff_pruning import _check_gate_args
-    from .width_core import check_fraction
+    from sparsecomm.diff_pruning import _check_gate_args
+    from sparsecomm.width_core import check_fraction
 
     if mask.get("name") == "width_core":
         try:
@@ -141,7 +141,7 @@ class L0Phase:
     def wrap(self, model: torch.nn.Module, bytes_sent: int = 0) -> torch.nn.Module:
         """Freeze ``model`` in place as the base and return the wrapper to train (same device).
         ``bytes_sent``: the run's byte counter now (the L0 phase's bytes are counted from here)."""
-        from .diff_pruning import DiffPruning
+        from sparsecomm.diff_pruning import DiffPruning
 
         cfg = self.cfg
         self.wrapper = DiffPruning(model, structured=bool(cfg.structured), stretch=tuple(cfg.stretch),
@@ -228,7 +228,7 @@ class TaskDiffRecorder:
                 "union": {n: self.union[n] for n in self.union} if self.union is not None else None}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        from .mask import Mask
+        from sparsecomm.mask import Mask
 
         self.base = None
         if sd["base"] is not None:
@@ -263,7 +263,7 @@ class TaskDiffRecorder:
         return report
 
     def _write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
-        from . import diff as sdiff
+        from sparsecomm import diff as sdiff
 
         if self.skip_reason is not None or self.base is None or self.union is None:
             return {"task_diff": None, "task_diff_skipped": self.skip_reason or "no mask was used"}
@@ -296,7 +296,7 @@ def width_core_report(trainer, initial_core: torch.nn.Module | None) -> dict[str
     default ``optim.dense_lr``, same lr schedule) and evaluate it: the paper's comparison.
     """
     from .data import evaluate
-    from .width_core import export_core
+    from sparsecomm.width_core import export_core
 
     cfg, fraction = trainer.cfg, float(trainer.cfg.mask.fraction)
     core = export_core(trainer.model, fraction).to(trainer.device)

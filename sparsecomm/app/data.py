@@ -1,6 +1,6 @@
 """The run's data: the task built from its config, each rank's shard, and test accuracy.
 
-``build_task(cfg.task)`` instantiates ``task/`` (:mod:`sparsecomm.tasks`); :class:`ShardedData`
+``build_task(cfg.task)`` instantiates ``task/`` (:mod:`sparsecomm.app.tasks`); :class:`ShardedData`
 gives each rank a different shard of the training set (and of the test set) with a resumable
 position; :func:`evaluate` computes test accuracy with one all-reduce of 3 float64 numbers.
 """
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from . import distributed as sdist
+from sparsecomm import distributed as sdist
 from .config import ConfigError
 
 

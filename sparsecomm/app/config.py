@@ -142,8 +142,8 @@ def _show(value) -> str:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (or the library's ValueError) naming the first bad field."""
-    from .hook import resolve_wire_dtype
-    from .mask import check_density
+    from sparsecomm.hook import resolve_wire_dtype
+    from sparsecomm.mask import check_density
 
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -174,7 +174,7 @@ def check_config(cfg: DictConfig) -> None:
                           f"mask.always='[fc.*]'")
     check_mask_config(mask, cfg.steps, cfg.schedule)  # diff_pruning / width_core fields
     if mask.name == "fisher":
-        from .fisher import METHODS
+        from sparsecomm.fisher import METHODS
 
         if mask.get("method") not in METHODS:
             raise ConfigError(f"mask.method={mask.get('method')!r} is unknown; use one of {', '.join(METHODS)}")

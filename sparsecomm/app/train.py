@@ -1,14 +1,14 @@
-"""``sparsecomm-train`` (also ``python -m sparsecomm.train``): the Hydra app.
+"""``sparsecomm-train`` (also ``python -m sparsecomm.app.train``): the Hydra app.
 
     sparsecomm-train                                   # 2 Gloo workers, FISH mask, digits
     sparsecomm-train mask.density=0.02 steps=200       # any config value
     sparsecomm-train mask=random schedule=refresh      # any config group option
-    torchrun --nproc_per_node 4 -m sparsecomm.train cluster=single_node_gpu
+    torchrun --nproc_per_node 4 -m sparsecomm.app.train cluster=single_node_gpu
 
 Run bare, the app starts its own workers (``cluster``: nnodes x nproc_per_node, torch's
 elastic launch API) and hands them the composed config and the run directory. Started by
 torchrun or Slurm, it takes its rank from the environment and starts nothing
-(:mod:`sparsecomm.launch`).
+(:mod:`sparsecomm.app.launch`).
 
 A bad override, value or input ends in ONE line ``error: ...`` on stderr and exit code 2, never
 a traceback (``SPARSECOMM_TRACEBACK=1`` shows it). Configs live in ``conf/``, installed as the
@@ -39,7 +39,7 @@ def run_id(explicit: str | None = None) -> str:
 
     ``run_id=...`` if given, else the launcher's run id (``TORCHELASTIC_RUN_ID``, which torchrun
     sets from ``--rdzv_id``; ``SLURM_JOB_ID``), else a timestamp. A timestamp is only a first
-    guess: :func:`main` claims the folder (``sparsecomm.rundir``) and adds a suffix if another run
+    guess: :func:`main` claims the folder (``sparsecomm.app.rundir``) and adds a suffix if another run
     took that name in the same second.
     """
     return str(explicit) if explicit else (rundir.launcher_run_id() or rundir.timestamp())
@@ -69,7 +69,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .distributed import RankDisagreement
+    from sparsecomm.distributed import RankDisagreement
     from .launch import WorkerUserError
 
     # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
@@ -291,7 +291,7 @@ def preflight(config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, create: bool) -> rundir.Claim | None:
-    """Decide this run's folder before Hydra writes into it (``sparsecomm.rundir``); None: Hydra's choice."""
+    """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice."""
     explicit_dir = None
     for o in _parse_overrides(overrides):
         if o.key_or_group == ("hydra.sweep.dir" if multirun else "hydra.run.dir") and not o.is_delete():

@@ -4,7 +4,7 @@
   resumes from. Rank 0 writes (:class:`~sparsecomm.checkpoint.CheckpointManager`: temporary
   file, fsync, rename, keep the last K, SHA-256 verified on read); on resume rank 0 picks the
   newest file that verifies (skipping damaged ones loudly) and broadcasts its bytes, so ranks
-  need not share a file system. What a checkpoint holds is :meth:`sparsecomm.trainer.Trainer.state_dict`.
+  need not share a file system. What a checkpoint holds is :meth:`sparsecomm.app.trainer.Trainer.state_dict`.
 * :func:`training_config` / :func:`training_hash`: the part of the config a resumed run must
   share with the run that wrote the checkpoint (everything but :data:`RESUME_FREE`).
 * :class:`NonFiniteGuard`: counts steps skipped because the all-reduced gradient held NaN/Inf
@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed as sdist
-from .checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, verify
+from sparsecomm import distributed as sdist
+from sparsecomm.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, verify
 from .rundir import restart_count
 from .fields import whole_number
 

@@ -23,7 +23,8 @@ class GradientSync:
 
     def __init__(self, ddp: DistributedDataParallel, *, masked: bool, comm: Mapping,
                  previous: GradientSync | None = None, dense_bytes_per_step: int | None = None):
-        from . import Mask, register_masked_allreduce
+        from sparsecomm.mask import Mask
+        from sparsecomm.hook import register_masked_allreduce
 
         self.state = None
         self._plain_steps = 0
