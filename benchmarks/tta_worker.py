@@ -11,11 +11,14 @@ SPEC (written by ``time_to_accuracy.py``)::
 
 Methods: ``dense`` (DDP + AdamW at ``dense_lr``), ``fp16`` (fp16_compress_hook), ``powersgd-r4``
 (rank 4, one bucket, start_powerSGD_iter=2, eps 1e-8), ``fish`` / ``random`` (``dense_steps``
-dense steps through the masked hook with ``state.dense = True`` and AdamW, then the FISH mask
-(``fisher_mask`` over ``num_samples`` examples, the task's head kept whole) or a random mask of
-the same density, and MaskedAdamW at ``lr``). Every method starts from the same weights and sees
-the same batches. Test accuracy is measured by rank 0 every ``eval_every`` steps with the
-clock stopped; the clock and the byte counters cover training only (mask computation included).
+dense steps through the app's masked gradient sync in dense mode and AdamW, then the app's
+``mask=fisher`` (over ``num_samples`` examples, the task's head kept whole) or ``mask=random``
+of the same density, and MaskedAdamW at ``lr``). Every method runs on the app's components:
+each rank's shard (``ShardedData``), the step engine (``sparsecomm.app.engine``) and the app's
+evaluation (every rank its slice of the test set, one all-reduce), so it measures what users run.
+Every method starts from the same weights and sees the same batches; test accuracy is measured
+every ``eval_every`` steps with the clock stopped; the clock and the byte counters cover
+training only (mask computation included).
 Rank 0 writes the curves after each method.
 """
 from __future__ import annotations
@@ -25,11 +28,20 @@ import json
 import os
 import sys
 import time
+from importlib.resources import files
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from omegaconf import OmegaConf
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+from sparsecomm.app.data import ShardedData, evaluate
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.app.gradient_sync import GradientSync
+from sparsecomm.app.masks import Setting, build_mask_kind
+from sparsecomm.optim import MaskedAdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from worker import PayloadCounter, TxReader, barrier_cost  # noqa: E402
@@ -41,62 +53,30 @@ def build_task(spec: dict, seed: int):
     return mod.build(**spec.get("task_kwargs", {}))
 
 
-def logits_of(outputs):
-    return outputs.logits if hasattr(outputs, "logits") else outputs
-
-
-def batches(task, rank: int, world: int, batch_size: int, seed: int):
-    """Endless batches from this rank's shard (every world-th example), reshuffled each epoch;
-    examples of similar length grouped into a batch when the task gives ``lengths``."""
-    index = list(range(rank, len(task.train_set), world))
-    if len(index) < batch_size:  # drop_last would leave no batch at all: an endless empty loop
-        raise ValueError(f"batch size {batch_size} is larger than rank {rank}'s shard of {len(index)} examples")
-    shard = Subset(task.train_set, index)
-    lengths = getattr(task, "lengths", None)
-    epoch = 0
-    while True:
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)
-        if lengths is not None:
-            from sparsecomm.app.batching import LengthGroupedBatches
-            order = RandomSampler(shard, generator=gen)
-            grouped = LengthGroupedBatches(order, [lengths[i] for i in index], batch_size, seed=seed * 7 + rank)
-            grouped.set_epoch(epoch)
-            loader = DataLoader(shard, batch_sampler=grouped, collate_fn=task.collate_fn)
-        else:
-            loader = DataLoader(shard, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
-                                collate_fn=task.collate_fn)
-        yield from loader
-        epoch += 1
-
-
-@torch.no_grad()
-def accuracy(task, model) -> float:
-    was = model.training
-    model.eval()
-    correct = total = 0
-    test = task.test_set
-    if hasattr(test, "lengths"):  # padded per batch: evaluate in length order (the accuracy is the same)
-        test = Subset(test, sorted(range(len(test)), key=test.lengths.__getitem__))
-    for x, y in DataLoader(test, batch_size=256, collate_fn=task.collate_fn):
-        out = model(**x) if isinstance(x, dict) else model(x)
-        correct += int((logits_of(out).argmax(-1) == y).sum())
-        total += int(y.numel())
-    model.train(was)
-    return correct / total
+def mask_kind(method: str, spec: dict, seed: int, task, data, model):
+    """The app's ``mask=fisher`` / ``mask=random`` (conf/mask/*.yaml) at the spec's density."""
+    cfg = OmegaConf.load(files("sparsecomm.conf") / "mask" / f"{method}.yaml")
+    cfg.density = spec["density"]
+    if method == "fisher":
+        cfg.num_samples = spec["num_samples"]
+    else:
+        cfg.seed = seed
+    return build_mask_kind(cfg, Setting(task, data, model, seed))
 
 
 def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: TxReader, per_barrier: float):
-    import sparsecomm
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
+    """One method, on the app's components: this rank's shard (``ShardedData``), the app's mask
+    kinds, its gradient sync and its step engine, and its evaluation (every rank its slice)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     task = build_task(spec, seed)
     model = task.model
     model.train()
-    data = batches(task, rank, world, spec["batch_size"], seed)
+    device = torch.device("cpu")
+    data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=256, seed=seed,
+                       device=device)
     single_bucket = method.startswith("powersgd")
     ddp = DDP(model, bucket_cap_mb=(1 << 16) if single_bucket else 25, broadcast_buffers=False)
-    state = None
+    sync, state, kind = None, None, None
     if method == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif method.startswith("powersgd"):
@@ -104,11 +84,13 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
                                             start_powerSGD_iter=2, orthogonalization_epsilon=1e-8)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     elif method in ("fish", "random"):
-        state = sparsecomm.register_masked_allreduce(ddp, sparsecomm.Mask.full(model))
-        state.dense = True
+        kind = mask_kind("fisher" if method == "fish" else "random", spec, seed, task, data, model)
+        sync = GradientSync(ddp, masked=True, comm=OmegaConf.create({"wire_dtype": None, "fused": True}))
+        state = sync.state
     elif method != "dense":
         raise ValueError(f"unknown method {method!r}")
     opt = torch.optim.AdamW(model.parameters(), lr=spec["dense_lr"], weight_decay=0.0)
+    engine = StepEngine(ddp, task.loss_fn, sync=sync)
 
     curve, info = [], {}
     clock = 0.0
@@ -119,7 +101,10 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
         dist.barrier()
         barriers += 1
         wire = (tx() - tx0 - barriers * per_barrier) / world if rank == 0 else 0
-        acc = accuracy(task, model) if rank == 0 else 0.0
+        counter.active = False  # the evaluation's all-reduce of 3 float64 is not training traffic
+        acc = evaluate(model, data.test_loader, task.loss_fn, device)["test_acc"]
+        counter.active = True
+        barriers += 1  # its bytes on the wire are about a barrier's
         curve.append({"step": step, "seconds": clock, "wire_bytes_per_rank": wire,
                       "payload_bytes": counter.bytes, "accuracy": acc})
         dist.barrier()
@@ -133,25 +118,13 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
     checkpoint(0)
     for step in range(1, spec["steps"] + 1):
         t = time.perf_counter()
-        if method in ("fish", "random") and step == spec["dense_steps"] + 1:
-            always = tuple(task.head)
-            if method == "fish":
-                def loss_fn(out, y):
-                    return task.loss_fn(out, y)
-                fisher_data = (b for _, b in zip(range(10_000), batches(task, rank, world, 64, seed + 7)))
-                mask = sparsecomm.fisher_mask(model, fisher_data, loss_fn, density=spec["density"],
-                                              num_samples=spec["num_samples"], always=always)
-            else:
-                mask = sparsecomm.random_mask(model, density=spec["density"], seed=seed, always=always)
-            state.set_mask(mask)
-            state.dense = False
-            opt = sparsecomm.MaskedAdamW(model, mask, lr=spec["lr"], weight_decay=0.0)
+        if kind is not None and step == spec["dense_steps"] + 1:
+            mask = kind.new_mask(SimpleNamespace(model=model), step - 1)
+            sync.set_mask(mask)
+            sync.set_dense(False)
+            opt = MaskedAdamW(model, mask, lr=spec["lr"], weight_decay=0.0)
             info.update(k=mask.num_selected, density_actual=mask.density, mask_s=time.perf_counter() - t)
-        x, y = next(data)
-        opt.zero_grad(set_to_none=True)
-        out = ddp(**x) if isinstance(x, dict) else ddp(x)
-        task.loss_fn(out, y).backward()
-        opt.step()
+        engine.step(data.next_batch(), opt)
         if method == "dense":
             counter.bytes += dense_payload  # DDP's C++ reducer: not seen by the all_reduce counter
         clock += time.perf_counter() - t

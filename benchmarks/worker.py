@@ -42,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sparsecomm.app.engine import StepEngine
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workloads  # noqa: E402
 
@@ -231,28 +233,19 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
     loss_fn = nn.CrossEntropyLoss()
     warmup = spec["warmup"] + (2 if v["kind"] == "powersgd" else 0)  # its first 2 steps are dense
 
-    phases = {"forward": [], "backward": [], "optimizer": []}
+    phases: dict[str, list[float]] = {}
     losses = []
+    engine = StepEngine(net, lambda out, target: loss_fn(workloads.logits_of(out), target), times=phases)
 
     def step(record: bool):
         t0 = time.perf_counter()
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
+        loss = engine.step((x, y), opt)  # the app's step: forward, backward (DDP's hook), optimizer
+        if not record:
+            for k in phases:
+                phases[k].pop()
         else:
-            model.zero_grad(set_to_none=True)
-        loss = loss_fn(workloads.logits_of(net(x)), y)
-        t1 = time.perf_counter()
-        loss.backward()  # DDP: includes the all-reduce of the last bucket
-        t2 = time.perf_counter()
-        if opt is not None:
-            opt.step()
-        t3 = time.perf_counter()
-        if record:
-            phases["forward"].append(t1 - t0)
-            phases["backward"].append(t2 - t1)
-            phases["optimizer"].append(t3 - t2)
-            losses.append(float(loss.detach()))
-        return t3 - t0
+            losses.append(float(loss))
+        return time.perf_counter() - t0
 
     for _ in range(warmup):
         step(False)

@@ -175,7 +175,9 @@ class MaskedAllReduceState:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        if sd["mask_digest"] != self.mask.digest():
+        """Restore the counters; a ``mask_digest`` in ``sd`` (as :meth:`state_dict` writes) must
+        be this hook's mask's (a caller that stores the mask and its digest itself may drop it)."""
+        if "mask_digest" in sd and sd["mask_digest"] != self.mask.digest():
             raise ValueError(
                 f"hook state was saved with mask {sd['mask_digest'][:12]} but the hook holds mask "
                 f"{self.mask.digest()[:12]}; load the mask saved with the checkpoint first"

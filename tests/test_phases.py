@@ -202,9 +202,9 @@ class RefreshProbe(trainer.Trainer):
         st = self.sparse_opt.state.get(packed, {})
         return {key: dict(zip(pos.tolist(), v.tolist())) for key, v in st.items() if torch.is_tensor(v) and v.dim()}
 
-    def _new_mask(self, step):
+    def new_mask(self, step):
         before = self._state_by_position() if self.sparse_opt is not None else None
-        super()._new_mask(step)
+        super().new_mask(step)
         entry = {"step": step, "digest": self.mask.digest()}
         if before is not None:
             after = self._state_by_position()

@@ -26,7 +26,7 @@ def _fit(rank, world, cfg, run_dir):
     summary = t.fit()
     opt = t.sparse_opt
     return {"summary": summary, "digest": t.mask.digest() if t.mask is not None else None,
-            "opt_follows_mask": opt is None or opt.mask is t.mask, "rounds": t.masks.rounds}
+            "opt_follows_mask": opt is None or opt.mask is t.mask, "rounds": t.kind.rounds}
 
 
 def run(tmp_path, *overrides):

@@ -15,7 +15,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from . import fault, launch
 from .fields import whole_number
 from .metrics import check_wandb
-from .phases import build_schedule, check_mask_config
+from .mask_config import build_schedule, check_mask_config
 from .schedule import LRSchedule
 
 MASK_KINDS = ("fisher", "random", "dense", "file", "diff_pruning", "width_core")

@@ -11,20 +11,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sparsecomm import distributed as sdist
+from .batching import LengthGroupedBatches
 from .config import ConfigError
+from .engine import forward
+from .tasks.common import logits_of
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
-
-
-def forward(model: torch.nn.Module, inputs: Any):
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 class ShardedData:
@@ -46,7 +47,6 @@ class ShardedData:
                 f"({len(task.train_set)} over {world} ranks); lower batch_size")
         pin = device.type == "cuda"
         if getattr(task, "lengths", None) is not None:  # padded per batch: group similar lengths
-            from .batching import LengthGroupedBatches
             self.sampler = LengthGroupedBatches(self.sampler, task.lengths, batch_size, seed=seed)
             self.train_loader = DataLoader(task.train_set, batch_sampler=self.sampler, collate_fn=task.collate_fn,
                                            num_workers=num_workers, pin_memory=pin)
@@ -94,8 +94,6 @@ class ShardedData:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, loss_fn, device: torch.device) -> dict[str, float]:
     """Accuracy and mean loss over the test set: each rank its slice, one all-reduce of 3 float64."""
-    from .tasks import logits_of
-
     was_training = model.training
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct, examples, summed loss
@@ -115,9 +113,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, loss_fn, device: torch.
 
 def build_task(task_cfg: DictConfig):
     """``hydra.utils.instantiate(cfg.task)``, unwrapping Hydra's error to the task's own."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     try:
         return instantiate(task_cfg, _convert_="all")
     except InstantiationException as e:

@@ -1,11 +1,31 @@
-"""The app's gradient sync: the masked all-reduce hook, or plain DDP, and the bytes it sent."""
+"""The app's gradient sync: the DDP wrapper, the masked all-reduce hook or plain DDP, and the bytes sent."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+
+from sparsecomm.hook import register_masked_allreduce
+from sparsecomm.mask import Mask
+
+
+def wrap_ddp(module: torch.nn.Module, comm: Mapping, device: torch.device) -> DistributedDataParallel:
+    """DDP per ``comm/``: gradients as views of DDP's buckets (one n-sized copy, not two), the
+    bucket size, and whether rank 0's buffers are broadcast before every forward."""
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+        bucket_cap_mb=comm.bucket_cap_mb, **_buffer_sync_kwargs(bool(comm.sync_buffers)))
+
+
+def _buffer_sync_kwargs(sync: bool) -> dict[str, bool]:
+    """DDP's per-forward buffer broadcast switch, by its name in this torch version."""
+    if sync:
+        return {}  # DDP's default
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class GradientSync:
@@ -23,16 +43,13 @@ class GradientSync:
 
     def __init__(self, ddp: DistributedDataParallel, *, masked: bool, comm: Mapping,
                  previous: GradientSync | None = None, dense_bytes_per_step: int | None = None):
-        from sparsecomm.mask import Mask
-        from sparsecomm.hook import register_masked_allreduce
-
         self.state = None
         self._plain_steps = 0
         self.grad_bytes = sum(  # bytes of one dense all-reduce of this module's gradients
             p.numel() * p.element_size() for p in ddp.module.parameters() if p.requires_grad)
         if masked:
-            self.state = register_masked_allreduce(ddp, Mask.full(ddp.module), wire_dtype=comm.get("wire_dtype"),
-                                                   fused=bool(comm.get("fused", True)))
+            self.state = register_masked_allreduce(ddp, Mask.full(ddp.module), wire_dtype=comm.wire_dtype,
+                                                   fused=bool(comm.fused))
             self.state.dense = True
             if previous is not None:
                 self.state.bytes_sent, self.state.dense_bytes = previous.bytes_sent, previous.dense_bytes
@@ -65,7 +82,11 @@ class GradientSync:
         return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hook": self.state.state_dict() if self.state is not None else None, "plain_steps": self._plain_steps}
+        """Counters; the hook's mask digest is left out (a checkpoint stores the mask and its digest once)."""
+        hook = None
+        if self.state is not None:
+            hook = {k: v for k, v in self.state.state_dict().items() if k != "mask_digest"}
+        return {"hook": hook, "plain_steps": self._plain_steps}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
         """Counters (and the hook's step/bytes); call after :meth:`set_mask` with the checkpoint's mask."""

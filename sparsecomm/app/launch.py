@@ -17,6 +17,7 @@ A process running the app is in one of three situations, told apart by its envir
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -25,16 +26,23 @@ import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from .fault import Interrupted
+from .netif import ClusterError
+from .netif import configure as configure_socket_ifname
 
 BACKENDS = ("gloo", "nccl", "mpi")
 DEVICES = ("cpu", "cuda")
 START_METHODS = ("spawn", "fork", "forkserver")
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
-
-
-class ClusterError(ValueError):
-    """The cluster config does not fit this machine or environment; the message names the field."""
 
 
 class WorkerUserError(ValueError):
@@ -73,8 +81,6 @@ def resolve_nproc(cluster: Mapping) -> int:
     """``cluster.nproc_per_node`` as a number; ``auto`` is one per visible GPU."""
     n = cluster.get("nproc_per_node", 1)
     if str(n) == "auto":
-        import torch
-
         n = torch.cuda.device_count()
         if n == 0:
             raise ClusterError(
@@ -97,8 +103,6 @@ def check_cluster(cluster: Mapping) -> None:
         raise ClusterError(f"cluster.start_method={method!r} is unknown; use one of {', '.join(START_METHODS)}")
     _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
     if backend == "nccl" or device == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             field, value = ("cluster.backend", backend) if backend == "nccl" else ("cluster.device", device)
             raise ClusterError(
@@ -185,15 +189,10 @@ def init_process_group(cluster: Mapping):
     Uses ``env://`` when a launcher set the variables, else a one-process world in memory.
     Threads per process: ``cluster.num_threads`` or this node's cores / local processes.
     """
-    import torch
-    import torch.distributed as dist
-
     check_cluster(cluster)
     environ = os.environ
     if "RANK" not in environ and "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
         export_slurm_env(cluster)
-    from .netif import configure as configure_socket_ifname
-
     configure_socket_ifname(cluster, environ)  # GLOO/NCCL_SOCKET_IFNAME: cluster.socket_ifname or a safe pick
     backend = cluster.get("backend", "gloo")
     local_rank = int(environ.get("LOCAL_RANK", 0))
@@ -234,10 +233,6 @@ def leave_process_group() -> None:
     failure (and with --max-restarts, trains again). Here they are collected first, while the
     process group is still alive, and only then is it destroyed.
     """
-    import gc
-
-    import torch.distributed as dist
-
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -255,10 +250,6 @@ def elastic_attempt_store(environ: Mapping[str, str]):
     restarts every worker. Across nodes restart counts can differ: export
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun there (a fresh store per attempt).
     """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     store = dist.TCPStore(host_name=environ["MASTER_ADDR"], port=int(environ["MASTER_PORT"]),
                           world_size=int(environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
     return dist.PrefixStore(f"sparsecomm/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -287,8 +278,6 @@ def _quiet_elastic_logs():
 
 def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
     """torch's ``LaunchConfig`` for this node: c10d rendezvous per ``cluster``."""
-    from torch.distributed.launcher.api import LaunchConfig
-
     endpoint = cluster.get("rdzv_endpoint") or "localhost:0"
     rdzv_id = cluster.get("rdzv_id") or run_id
     if plan_.nnodes > 1:
@@ -320,12 +309,6 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     checkpoint if checkpoints are on, :class:`sparsecomm.app.fault.StopOnSignal`) within the agent's
     shutdown timeout; their line comes back as :class:`sparsecomm.app.fault.Interrupted`.
     """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
-    from .fault import Interrupted
-
     config = launch_config(cluster, plan_, run_id)
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

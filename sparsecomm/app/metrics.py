@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from sparsecomm import distributed as sdist
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -87,8 +89,6 @@ class MetricsLogger(NullLogger):
         self.log_path = os.path.join(run_dir, "log.txt")
         self._log_file = None
         if progress:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, unit="step", file=self.stream, dynamic_ncols=True,
                              mininterval=0.5, leave=True)
         if wandb_cfg:

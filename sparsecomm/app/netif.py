@@ -30,9 +30,11 @@ from collections.abc import Callable, Mapping
 ENV_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
-def _error(message: str) -> Exception:
-    from .launch import ClusterError
+class ClusterError(ValueError):
+    """The cluster config does not fit this machine or environment; the message names the field."""
 
+
+def _error(message: str) -> Exception:
     return ClusterError(message)
 
 

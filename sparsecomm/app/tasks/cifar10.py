@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import models
-from . import Task, cross_entropy, require_dir
+from .common import Task, cross_entropy, require_dir
 
 MEAN = (0.4914, 0.4822, 0.4465)  # per-channel statistics of the CIFAR-10 training set
 STD = (0.2470, 0.2435, 0.2616)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from .. import models
-from . import Task, cross_entropy
+from .common import Task, cross_entropy
 
 
 def load(test_fraction: float = 0.2, seed: int = 0):
@@ -18,9 +20,6 @@ def load(test_fraction: float = 0.2, seed: int = 0):
 
     x: (N, 1, 8, 8) float32 in [0, 1]; y: (N,) int64. Same ``seed`` -> same split on every rank.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"task.test_fraction={test_fraction} must lie in (0, 1), e.g. task.test_fraction=0.2")
     d = load_digits()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from . import Task, cross_entropy, require_dir
+from .common import Task, cross_entropy, require_dir
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .. import models
-from . import Task, cross_entropy
+from .common import Task, cross_entropy
 
 SIZES = {  # size kwargs each model takes, with the benchmark defaults
     "mlp": {k: v for k, v in models.MLP_25M.items() if k != "num_classes"},

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import Task, cross_entropy
+from .common import Task, cross_entropy
 from .glue import additive_attention_mask, local_model
 
 SUPERSENSES = ("Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event",

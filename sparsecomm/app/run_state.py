@@ -1,0 +1,148 @@
+"""What a checkpoint holds: a registry of components, each with ``state_dict``/``load_state_dict``.
+
+As in torchtitan, the trainer registers its stateful parts by name (:class:`RunState`); a
+checkpoint is a small header plus ``{name: component.state_dict()}``, and resuming loads them in
+the order they were registered. The trainer's components, in that order::
+
+    model       the model's full state dict (weights and buffers)
+    dense_opt   the dense optimizer (warm-up, full steps, mask=dense)
+    mask        the mask's bits and its digest: the one copy of the digest in a checkpoint
+                (loading checks it, checks the mask fits the model and hands it to the hook and
+                to a new masked optimizer)
+    sparse_opt  the masked optimizer (its state follows the mask's index layout)
+    sync        the gradient sync's counters (hook steps, bytes sent, dense bytes)
+    mask_kind   the mask kind's own state (rounds, Fisher score bytes; diff pruning's L0 phase)
+    progress    the data position, EVERY rank's RNG states and loss window (all-gathered: a
+                collective), the last log mark; another world size re-shards instead
+    nonfinite   skipped-step counters
+    task_diff   the task diff's base weights and the union of the masks so far (masked runs)
+
+The header: format, step, world size, the training config and its hash, the model's tensor
+names and shapes. Rank 0 writes the file (:mod:`sparsecomm.app.fault`); nothing else crosses the
+network but the all-gather of the per-rank RNG states.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from sparsecomm import distributed as sdist
+from sparsecomm.checkpoint import rng_state, set_rng_state
+from sparsecomm.mask import Mask
+
+FORMAT = 2  # 1: the trainer's hand-written dict (before the component registry)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None: ...
+
+
+class Attr:
+    """The component held in ``owner.<name>`` now (the model and optimizers are swapped during a
+    diff-pruning run); None there saves None and loads nothing. ``cpu``: copy tensors to the CPU."""
+
+    def __init__(self, owner: Any, name: str, *, cpu: bool = False):
+        self.owner, self.name, self.cpu = owner, name, cpu
+
+    def state_dict(self) -> dict[str, Any] | None:
+        obj = getattr(self.owner, self.name)
+        if obj is None:
+            return None
+        sd = obj.state_dict()
+        return {k: v.detach().cpu().clone() for k, v in sd.items()} if self.cpu else sd
+
+    def load_state_dict(self, sd: Mapping[str, Any] | None) -> None:
+        obj = getattr(self.owner, self.name)
+        if sd is not None and obj is not None:
+            obj.load_state_dict(sd)
+
+
+class Progress:
+    """Where each rank is: data position, RNG states, loss window, last log mark.
+
+    Same world size: each rank gets its own back, so the run continues bit for bit. Another
+    world size: the data is re-sharded at the same epoch and example count and the RNG reseeded
+    from (seed, step, rank); ``resharded`` then says so.
+    """
+
+    def __init__(self, data, batch_size: int, monitor, seed: int, get_step: Callable[[], int],
+                 get_bytes_sent: Callable[[], int]):
+        """``monitor``: the :class:`~sparsecomm.app.monitor.TrainMonitor` (its loss window and log mark)."""
+        self.data, self.batch_size, self.monitor, self.seed = data, batch_size, monitor, seed
+        self.get_step, self.get_bytes_sent = get_step, get_bytes_sent
+        self.resharded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {"rng": rng_state(), "window": self.monitor.window.detach().cpu().clone()}
+        ranks = [mine]
+        if sdist.is_initialized() and sdist.world_size() > 1:
+            ranks = [None] * sdist.world_size()
+            dist.all_gather_object(ranks, mine)
+        return {"data": self.data.state_dict(), "batch_size": self.batch_size, "ranks": ranks,
+                "log_mark": list(self.monitor.mark)}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        rank, world = sdist.rank(), sdist.world_size()
+        saved_world = len(sd["ranks"])
+        if saved_world == world:
+            self.data.load_state_dict(sd["data"])  # replays this epoch's batches (consumes RNG: restore after)
+            set_rng_state(sd["ranks"][rank]["rng"])
+            self.monitor.window.copy_(sd["ranks"][rank]["window"])
+            self.monitor.mark = tuple(int(v) for v in sd["log_mark"])
+            self.resharded = None
+            return
+        data, step = sd["data"], self.get_step()
+        examples = int(data["batch"]) * int(sd["batch_size"]) * saved_world  # this epoch, all ranks
+        batch = examples // (self.batch_size * world)
+        self.data.load_state_dict({"epoch": int(data["epoch"]), "batch": min(batch, len(self.data.train_loader))})
+        torch.manual_seed(self.seed + 1 + rank + 1_000_003 * step)
+        self.monitor.window.zero_()
+        self.monitor.mark = (step, self.get_bytes_sent())
+        self.resharded = {"saved_world": saved_world, "epoch": int(data["epoch"]), "examples": examples}
+
+
+class MaskState:
+    """The run's mask: its bits and digest; loading checks the digest and hands the mask on
+    (``adopt``: the trainer gives it to the hook, collectively, and builds the masked optimizer)."""
+
+    def __init__(self, get: Callable[[], Mask | None], adopt: Callable[[Mask], None]):
+        self.get, self.adopt = get, adopt
+
+    def state_dict(self) -> dict[str, Any] | None:
+        mask = self.get()
+        return None if mask is None else {"bits": {n: mask[n] for n in mask}, "digest": mask.digest()}
+
+    def load_state_dict(self, sd: Mapping[str, Any] | None) -> None:
+        if sd is None:
+            return
+        mask = Mask(sd["bits"])
+        if mask.digest() != sd["digest"]:
+            raise ValueError("its mask does not match its stored digest")
+        self.adopt(mask)
+
+
+class RunState:
+    """Named components, saved and loaded in registration order, under a header."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, Stateful] = {}
+
+    def register(self, name: str, component: Stateful) -> None:
+        if name in self.components:
+            raise ValueError(f"checkpoint component {name!r} registered twice")
+        self.components[name] = component
+
+    def state_dict(self, header: Mapping[str, Any]) -> dict[str, Any]:
+        return {"format": FORMAT, **header, "state": {n: c.state_dict() for n, c in self.components.items()}}
+
+    def load_state_dict(self, sd: Mapping[str, Any], before: Callable[[str], None] = lambda name: None) -> None:
+        """Load every component whose state is present; ``before(name)`` runs first for each."""
+        for name, component in self.components.items():
+            if name in sd["state"]:
+                before(name)
+                component.load_state_dict(sd["state"][name])
