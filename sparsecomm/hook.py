@@ -24,8 +24,9 @@ Setting ``state.dense = True`` before a backward makes that step a plain average
 the whole bucket (the "full" steps of core/full alternation); no re-registration is needed.
 
 Memory (k = selected entries, on the buckets' device unless said): the hook's own memory is O(k).
-It keeps one int64 index per bucket (8 bytes per selected entry, 8k in all) and views of the
-mask's bits (no copy: the :class:`~sparsecomm.Mask` holds them, 1 byte per entry on the CPU).
+It keeps one int64 index per bucket (8 bytes per selected entry, 8k in all), built from the
+mask's per-parameter positions (:meth:`~sparsecomm.Mask.flat_indices`: computed once, on the
+CPU, and shared with the masked optimizers, which index the same layout).
 A masked step allocates, transiently, the packed values of each bucket (k x the gradient's
 bytes), their concatenation when fused (k more) and the wire-dtype copy (k x wire bytes): about
 12 bytes per selected entry for fp32. A dense step works in place on DDP's buckets. DDP's own
@@ -95,7 +96,7 @@ class MaskedAllReduceState:
     bytes_sent: int = 0
     dense_bytes: int = 0
     steps: int = 0
-    _param_bits: dict = field(default_factory=dict, repr=False)  # param tensor -> flat bool mask
+    _param_positions: dict = field(default_factory=dict, repr=False)  # param tensor -> its selected flat positions
     _plans: dict = field(default_factory=dict, repr=False)  # bucket index -> PackPlan
     _pending: list = field(default_factory=list, repr=False)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
@@ -104,10 +105,11 @@ class MaskedAllReduceState:
 
     # --- set-up -------------------------------------------------------------------------------
     def bind(self, module: torch.nn.Module) -> None:
-        """Map the module's parameter tensors to their flat mask bits (call once, and on set_mask)."""
+        """Map the module's parameter tensors to their selected flat positions (the mask's
+        :meth:`~sparsecomm.Mask.flat_indices`, shared with the masked optimizers); call once, and on set_mask."""
         self.mask.validate(module)
         self._module = module
-        self._param_bits = {p: self.mask[n].reshape(-1) for n, p in module.named_parameters()}
+        self._param_positions = {p: self.mask.flat_indices(n) for n, p in module.named_parameters()}
         self._plans.clear()
 
     def set_mask(self, mask: Mask) -> None:
@@ -129,7 +131,7 @@ class MaskedAllReduceState:
         params = bucket.parameters()
         plan = self._plans.get(bucket.index())
         if plan is None or not plan.matches(params):
-            plan = build_plan(params, self._param_bits, bucket.buffer().device)
+            plan = build_plan(params, self._param_positions, bucket.buffer().device)
             self._plans[bucket.index()] = plan
         return plan
 

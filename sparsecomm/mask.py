@@ -75,6 +75,7 @@ class Mask(Mapping[str, torch.Tensor]):
             if not isinstance(b, torch.Tensor):
                 raise TypeError(f"mask entry {name!r} is a {type(b).__name__}, expected a bool tensor")
             self._bits[name] = b.detach().to(device="cpu", dtype=torch.bool).contiguous()
+        self._positions: dict[str, torch.Tensor] = {}  # name -> flat_indices(name), filled on first use
 
     # Mapping protocol ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -114,8 +115,14 @@ class Mask(Mapping[str, torch.Tensor]):
         return h.hexdigest()
 
     def flat_indices(self, name: str) -> torch.Tensor:
-        """int64 positions of the selected entries in the flattened parameter, ascending."""
-        return self._bits[name].reshape(-1).nonzero().reshape(-1)
+        """int64 positions of the selected entries in the flattened parameter, ascending (CPU).
+
+        Computed once per parameter and shared: the hook's packing plans and the masked
+        optimizers both read this layout (a mask is immutable)."""
+        cached = self._positions.get(name)
+        if cached is None:
+            cached = self._positions[name] = self._bits[name].reshape(-1).nonzero().reshape(-1)
+        return cached
 
     # Construction helpers --------------------------------------------------------------------
     @classmethod

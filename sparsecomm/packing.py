@@ -39,14 +39,16 @@ def build_plan(params: Sequence[torch.Tensor], bits: Mapping[torch.Tensor, torch
                device: torch.device) -> PackPlan:
     """Plan for a flat buffer laid out as ``params`` back to back.
 
-    ``bits`` maps each parameter tensor to its flat bool mask (CPU). Parameters absent from
-    ``bits`` are treated as fully unselected.
+    ``bits`` maps each parameter tensor to its selected entries: the int64 ascending flat
+    positions (:meth:`sparsecomm.Mask.flat_indices`, the layout the masked optimizers share), or
+    its flat bool mask. Parameters absent from ``bits`` are treated as fully unselected.
     """
     pieces, offset = [], 0
     for p in params:
         b = bits.get(p)
         if b is not None:
-            pieces.append(b.nonzero().reshape(-1) + offset)
+            positions = b.reshape(-1).nonzero().reshape(-1) if b.dtype == torch.bool else b
+            pieces.append(positions + offset)
         offset += p.numel()
     index = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
     return PackPlan(tuple(params), index.to(device=device, dtype=torch.int64), offset)

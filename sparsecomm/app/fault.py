@@ -22,7 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -349,6 +349,22 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def interrupted(signum: int | None, done: int, total: int, checkpoints: Checkpoints, saved: str | None,
+                save: Callable[[], str | None], log) -> Interrupted:
+    """The run stops at step ``done`` on a signal (collective: every rank at the same step):
+    a checkpoint if they are on and none was written at this step, a log record, and the
+    :class:`Interrupted` to raise. ``signum`` None: this rank got none and stops with its peers."""
+    signum = signum or int(signal.SIGTERM)
+    if checkpoints.every > 0 and saved is None:
+        saved = save()
+    if checkpoints.every > 0:
+        kept = f"checkpoint {saved} written" if sdist.is_main_process() else "checkpoint written"
+    else:
+        kept = "no checkpoint (checkpoint.every=0)"
+    log.log("interrupted", done, signal=signal_name(signum), checkpoint=saved)
+    return Interrupted(f"interrupted by {signal_name(signum)} at step {done} of {total}; {kept}", signum)
 
 
 def signal_name(signum: int) -> str:

@@ -242,23 +242,11 @@ class Trainer:
             if cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
                 self.evaluate(done)
             saved = self.save_checkpoint() if self.checkpoints.due(done, steps) else None
-            if stop and done < steps:
-                self._stop_on_signal(done, saved)
+            if stop and done < steps:  # every rank at the same step
+                raise fault.interrupted(self.stop.signum, done, steps, self.checkpoints, saved, self.save_checkpoint,
+                                        self.log)
         train_s = time.perf_counter() - start
         return self._finish(self.evaluate(steps), train_s)
-
-    def _stop_on_signal(self, done: int, saved: str | None) -> None:
-        """Every rank at the same step: write a checkpoint (if they are on) and raise Interrupted."""
-        signum = self.stop.signum or int(fault.signal.SIGTERM)  # a rank that got none stops with its peers
-        if self.checkpoints.every > 0 and saved is None:
-            saved = self.save_checkpoint()
-        if self.checkpoints.every > 0:
-            kept = f"checkpoint {saved} written" if sdist.is_main_process() else "checkpoint written"
-        else:
-            kept = "no checkpoint (checkpoint.every=0)"
-        self.log.log("interrupted", done, signal=fault.signal_name(signum), checkpoint=saved)
-        raise fault.Interrupted(f"interrupted by {fault.signal_name(signum)} at step {done} of "
-                                f"{self.schedule.steps}; {kept}", signum)
 
     def evaluate(self, done: int) -> dict[str, float]:
         """Test accuracy and loss over every rank's slice (one all-reduce of 3 float64), logged."""
