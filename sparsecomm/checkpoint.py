@@ -85,6 +85,14 @@ def encode(payload: dict[str, Any]) -> bytes:
     return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
+def read_verified(path: str) -> bytes:
+    """The bytes of the checkpoint file ``path`` after :func:`verify` passed on them."""
+    with open(path, "rb") as f:
+        data = f.read()
+    verify(data, path)
+    return data
+
+
 def verify(data: bytes, name: str = "checkpoint") -> bytes:
     """Check the header and the SHA-256 of ``data``; return the payload bytes."""
     if not data.startswith(MAGIC):
@@ -162,10 +170,7 @@ class CheckpointManager:
         for step in reversed(self.steps()):
             path = self.path(step)
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                verify(data, path)
-                return path, data
+                return path, read_verified(path)
             except (CorruptCheckpoint, EOFError, RuntimeError, OSError, ValueError) as e:
                 msg = f"sparsecomm: skipping checkpoint {path}: {e}; falling back to the one before"
                 print(msg, file=sys.stderr, flush=True)

@@ -5,6 +5,8 @@ then the world has one rank and every check passes trivially.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch.distributed as dist
 
 
@@ -69,9 +71,15 @@ def rank0_decides(check, error: type[Exception] = ValueError) -> None:
             check()
         except error as e:
             message = str(e)
-    if is_initialized() and world_size() > 1:
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
+    message = broadcast_from_rank0(message)
     if message is not None:
         raise error(message)
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Collective: rank 0's ``obj`` on every rank (one pickled broadcast; no-op in a 1-rank world)."""
+    if is_initialized() and world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj

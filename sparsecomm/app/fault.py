@@ -26,11 +26,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from sparsecomm import distributed as sdist
-from sparsecomm.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, verify
+from sparsecomm.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, read_verified
 from .rundir import restart_count
 from .fields import whole_number
 
@@ -216,9 +215,7 @@ class Checkpoints:
                     f"folder or file, or use checkpoint.resume=never")
             return found
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            verify(data, path)
+            data = read_verified(path)
         except (OSError, CorruptCheckpoint) as e:
             raise CheckpointError(f"checkpoint.resume={path!r} cannot be used: {e}; point it at another "
                                   f"checkpoint or use checkpoint.resume=auto") from None
@@ -239,11 +236,7 @@ class Checkpoints:
                 message = ("error", str(e), None)
         else:
             message = None
-        if sdist.is_initialized() and sdist.world_size() > 1:
-            box = [message]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-        kind, path, data = message
+        kind, path, data = sdist.broadcast_from_rank0(message)
         if kind == "error":
             raise CheckpointError(path)
         if kind == "none":

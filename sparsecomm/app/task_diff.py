@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_model
 
 from sparsecomm import diff as sdiff
@@ -69,14 +68,7 @@ class TaskDiffRecorder:
     def write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
         """Rank 0: write ``task_diff.safetensors`` (and ``base.safetensors`` when the base is not the
         initial model); every rank returns the same report (rank 0's, broadcast: a few bytes)."""
-        report: dict[str, Any] = {}
-        if sdist.is_main_process():
-            report = self._write(model, run_dir)
-        if sdist.is_initialized() and sdist.world_size() > 1:
-            box = [report]
-            dist.broadcast_object_list(box, src=0)
-            report = box[0]
-        return report
+        return sdist.broadcast_from_rank0(self._write(model, run_dir) if sdist.is_main_process() else None)
 
     def _write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
         if self.skip_reason is not None or self.base is None or self.union is None:

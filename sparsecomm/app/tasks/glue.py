@@ -18,6 +18,7 @@ the model takes them as ``model(**inputs)`` and returns an output whose ``.logit
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -80,6 +81,21 @@ def local_model(model_dir, task: str):
     except ImportError as e:
         raise ModuleNotFoundError(f"the {task} task needs transformers ({e}): `pip install 'sparsecomm[glue]'`") from e
     return str(Path(model_dir).expanduser()), transformers
+
+
+@contextlib.contextmanager
+def quiet(transformers):
+    """transformers' own warnings and progress bars off while a model loads (restored after)."""
+    log = transformers.utils.logging
+    verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_error()
+    log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        log.set_verbosity(verbosity)
+        if bar:
+            log.enable_progress_bar()
 
 
 def read_tsv(path: Path, spec: Spec) -> tuple[list[str], list[str] | None, list[int]]:
@@ -181,17 +197,9 @@ def build(data_dir=None, task_name: str = "sst2", model_dir=None, max_length: in
     model_dir, transformers = local_model(model_dir, "glue")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    log = transformers.utils.logging
-    verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
-    log.set_verbosity_error()  # quiet on every rank: a fresh head is expected, other gaps are warned below
-    log.disable_progress_bar()
-    try:
+    with quiet(transformers):  # on every rank: a fresh head is expected, other gaps are warned below
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(spec.labels), local_files_only=True, output_loading_info=True)
-    finally:
-        log.set_verbosity(verbosity)
-        if bar:
-            log.enable_progress_bar()
 
     def encode(path):
         a, b, y = read_tsv(path, spec)

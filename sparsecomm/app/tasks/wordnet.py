@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .common import Task, cross_entropy
-from .glue import additive_attention_mask, local_model
+from .glue import additive_attention_mask, local_model, quiet
 
 SUPERSENSES = ("Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event",
                "feeling", "food", "group", "location", "motive", "object", "person", "phenomenon", "plant",
@@ -213,19 +213,11 @@ class MeanPoolClassifier(nn.Module):
 def load_encoder(model_dir):
     """(tokenizer, encoder without BERT's pooler) from a local Hugging Face folder, offline."""
     model_dir, transformers = local_model(model_dir, "wordnet")
-    log = transformers.utils.logging
-    verbosity, bar = log.get_verbosity(), log.is_progress_bar_enabled()
-    log.set_verbosity_error()  # the pooler's weights are in the file and unused on purpose
-    log.disable_progress_bar()
-    try:
+    with quiet(transformers):  # the pooler's weights are in the file and unused on purpose
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         kwargs = {"add_pooling_layer": False} if transformers.AutoConfig.from_pretrained(
             model_dir, local_files_only=True).model_type == "bert" else {}
         encoder = transformers.AutoModel.from_pretrained(model_dir, local_files_only=True, **kwargs)
-    finally:
-        log.set_verbosity(verbosity)
-        if bar:
-            log.enable_progress_bar()
     return tokenizer, encoder
 
 
