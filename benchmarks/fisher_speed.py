@@ -20,6 +20,8 @@ import time
 import torch
 from torch import nn
 
+from sparsecomm.modelio import forward
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402
 import workloads  # noqa: E402
@@ -83,7 +85,7 @@ def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_v
     t = time.perf_counter()
     for x, y in data:
         model.zero_grad(set_to_none=True)
-        loss_fn(model(**x) if isinstance(x, dict) else model(x), y).backward()
+        loss_fn(forward(model, x), y).backward()
     row["fwd_bwd_s"] = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     model.train()

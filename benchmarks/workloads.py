@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsecomm.modelio import logits_of  # noqa: F401  (the workers take it from here: workloads.logits_of)
+
 
 @dataclass
 class Workload:
@@ -94,6 +96,3 @@ def get(name: str) -> Workload:
     except KeyError:
         raise ValueError(f"model {name!r} is not a benchmark workload; use one of {sorted(WORKLOADS)}") from None
 
-
-def logits_of(outputs) -> torch.Tensor:
-    return outputs.logits if hasattr(outputs, "logits") else outputs

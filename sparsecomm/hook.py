@@ -160,16 +160,6 @@ class MaskedAllReduceState:
         return bool(self._nonfinite) if self._nonfinite is not None else False
 
     # --- reporting and checkpoints ------------------------------------------------------------
-    def compression_stats(self) -> dict[str, float]:
-        return {
-            "steps": self.steps,
-            "bytes_sent": self.bytes_sent,
-            "dense_bytes": self.dense_bytes,
-            "ratio": self.bytes_sent / self.dense_bytes if self.dense_bytes else float("nan"),
-            "k": self.mask.num_selected,
-            "density": self.mask.density,
-        }
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps, "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,

@@ -18,10 +18,9 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from sparsecomm import distributed as sdist
+from sparsecomm.modelio import forward, logits_of
 from .batching import LengthGroupedBatches
 from .config import ConfigError
-from .engine import forward
-from .tasks.common import logits_of
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -18,19 +18,16 @@ values only (the same verdict on every rank, no extra traffic).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from sparsecomm.modelio import forward
+
 from .schedule import set_lr
 
 PHASES = ("forward", "backward", "optimizer")
-
-
-def forward(model: torch.nn.Module, inputs: Any):
-    """``model(**inputs)`` for keyword inputs (Hugging Face batches), else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 class StepEngine:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from sparsecomm.modelio import logits_of
+
 
 @dataclass
 class Task:
@@ -21,11 +23,6 @@ class Task:
     num_classes: int
     collate_fn: Callable | None = None
     lengths: list[int] | None = None   # per training example (e.g. tokens): batches group similar lengths
-
-
-def logits_of(outputs) -> torch.Tensor:
-    """``outputs.logits`` for Hugging Face model outputs, else ``outputs`` itself."""
-    return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
 def cross_entropy(outputs, targets: torch.Tensor) -> torch.Tensor:
