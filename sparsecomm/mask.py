@@ -35,18 +35,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_fraction(value: float, field: str, meaning: str, example: str) -> float:
+    """``float(value)`` if it lies in (0, 1], else a ValueError naming ``field``, what the
+    fraction means and an ``example`` setting."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={value!r} is not a number; use a fraction in (0, 1], e.g. {example}") from None
+    if not (0.0 < f <= 1.0):
+        raise ValueError(f"{field}={value!r} is outside (0, 1]: it is {meaning}, e.g. {field}={example}")
+    return f
+
+
 def check_density(density: float, field: str = "density") -> float:
     """Validate a keep ratio in (0, 1]; the error names ``field`` and the fix."""
-    try:
-        d = float(density)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field}={density!r} is not a number; use a fraction in (0, 1], e.g. 0.005") from None
-    if not (0.0 < d <= 1.0):
-        raise ValueError(
-            f"{field}={density!r} is outside (0, 1]: it is the fraction of entries kept, "
-            f"e.g. {field}=0.005 keeps 0.5%"
-        )
-    return d
+    return check_fraction(density, field, "the fraction of entries kept", "0.005 keeps 0.5%")
 
 
 def count_for_density(density: float, numel: int, field: str = "density") -> int:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .mask import Mask, _unwrap
+from .mask import check_fraction as _check_fraction
 
 _PASS_THROUGH = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity,
                  nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
@@ -62,14 +63,8 @@ def _supported(model: nn.Module) -> bool:
 
 
 def check_fraction(fraction: float, field: str = "fraction") -> float:
-    try:
-        f = float(fraction)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field}={fraction!r} is not a number; use a fraction in (0, 1], e.g. 0.5") from None
-    if not 0.0 < f <= 1.0:
-        raise ValueError(f"{field}={fraction!r} is outside (0, 1]: it is the fraction of each hidden "
-                         f"layer's units in the core, e.g. {field}=0.5")
-    return f
+    """Validate the core's fraction of each hidden layer's units, in (0, 1]."""
+    return _check_fraction(fraction, field, "the fraction of each hidden layer's units in the core", "0.5")
 
 
 def core_width(width: int, fraction: float) -> int:
@@ -215,21 +210,22 @@ class NestedCore:
 
 def _narrow_linear(m: nn.Linear, o: int, i: int) -> nn.Linear:
     new = nn.Linear(i, o, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(m.weight[:o, :i])
-        if m.bias is not None:
-            new.bias.copy_(m.bias[:o])
-    return new
+    return _copy_narrowed(new, m, o, i)
 
 
 def _narrow_conv(m: nn.Conv2d, o: int, i: int) -> nn.Conv2d:
     new = nn.Conv2d(i, o, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
                     bias=m.bias is not None, padding_mode=m.padding_mode,
                     device=m.weight.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(m.weight[:o, :i])
-        if m.bias is not None:
-            new.bias.copy_(m.bias[:o])
+    return _copy_narrowed(new, m, o, i)
+
+
+@torch.no_grad()
+def _copy_narrowed(new: nn.Module, m: nn.Module, o: int, i: int) -> nn.Module:
+    """``new`` holding ``m``'s first ``o`` outputs over its first ``i`` inputs."""
+    new.weight.copy_(m.weight[:o, :i])
+    if m.bias is not None:
+        new.bias.copy_(m.bias[:o])
     return new
 
 
