@@ -27,14 +27,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = ("gloo", "nccl", "mpi")
-DEVICES = ("cpu", "cuda")
-START_METHODS = ("spawn", "fork", "forkserver")
+from .config import ClusterError, check_cluster, visible_gpus
+from .fields import whole_number
+
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
-
-
-class ClusterError(ValueError):
-    """The cluster config does not fit this machine or environment; the message names the field."""
 
 
 class WorkerUserError(ValueError):
@@ -59,52 +55,12 @@ class Plan:
         return self.nnodes * self.nproc_per_node
 
 
-def _positive_int(value: Any, field: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        v = 0
-    if v < 1 or str(v) != str(value).strip():
-        raise ClusterError(f"{field}={value!r} must be a whole number >= 1")
-    return v
-
-
 def resolve_nproc(cluster: Mapping) -> int:
     """``cluster.nproc_per_node`` as a number; ``auto`` is one per visible GPU."""
     n = cluster.get("nproc_per_node", 1)
     if str(n) == "auto":
-        import torch
-
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise ClusterError(
-                "cluster.nproc_per_node=auto counts GPUs, and torch sees none; set "
-                "cluster.nproc_per_node=N or use cluster=local_cpu")
-        return n
-    return _positive_int(n, "cluster.nproc_per_node")
-
-
-def check_cluster(cluster: Mapping) -> None:
-    """Fail early, naming the field, on a cluster config this machine cannot run."""
-    backend = cluster.get("backend", "gloo")
-    device = cluster.get("device", "cpu")
-    if backend not in BACKENDS:
-        raise ClusterError(f"cluster.backend={backend!r} is unknown; use gloo (CPU) or nccl (GPUs)")
-    if device not in DEVICES:
-        raise ClusterError(f"cluster.device={device!r} is unknown; use cpu or cuda")
-    method = cluster.get("start_method", "spawn")
-    if method not in START_METHODS:
-        raise ClusterError(f"cluster.start_method={method!r} is unknown; use one of {', '.join(START_METHODS)}")
-    _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
-    if backend == "nccl" or device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            field, value = ("cluster.backend", backend) if backend == "nccl" else ("cluster.device", device)
-            raise ClusterError(
-                f"{field}={value} needs CUDA GPUs, but torch sees none on this machine; use "
-                f"cluster=local_cpu (or cluster.backend=gloo cluster.device=cpu)")
-    resolve_nproc(cluster)
+        return visible_gpus("cluster.nproc_per_node", "auto")
+    return whole_number(n, "cluster.nproc_per_node", 1, ClusterError)
 
 
 def _slurm_world(environ: Mapping[str, str]) -> int:
@@ -135,7 +91,7 @@ def plan(cluster: Mapping, environ: Mapping[str, str] | None = None) -> Plan:
         world = _slurm_world(environ)
         nnodes = int(environ.get("SLURM_NNODES", "1"))
         return Plan("join", "slurm", nnodes, max(world // nnodes, 1))
-    nnodes = _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
+    nnodes = whole_number(cluster.get("nnodes", 1), "cluster.nnodes", 1, ClusterError)
     nproc = resolve_nproc(cluster)
     return Plan("single" if nnodes * nproc == 1 else "launch", "bare", nnodes, nproc)
 

@@ -250,26 +250,84 @@ def _has_field(cfg: DictConfig, key: str) -> bool:
 
 
 def _defined_by_another_option(key: str, groups: set[str]) -> bool:
-    """Does some option of the config group that ``key`` falls in define it (``mask.num_samples``)?"""
-    from importlib.resources import files
+    """Does the schema of some option of the config group that ``key`` falls in define it (``mask.num_samples``)?"""
+    from .schema import OPTIONS
 
     for group in sorted(groups, key=len, reverse=True):
         prefix = group.replace("/", ".") + "."
         if key.startswith(prefix):
-            folder = files(CONFIG_MODULE).joinpath(*group.split("/"))
-            return any(_has_field(OmegaConf.load(str(p)), key[len(prefix):])
-                       for p in folder.iterdir() if p.name.endswith(".yaml"))
+            return any(_has_field(OmegaConf.structured(node), key[len(prefix):])
+                       for node in OPTIONS.get(group, {}).values())
     return False
+
+
+def compose_checked(config_name: str, overrides: list[str], base: DictConfig) -> DictConfig:
+    """Hydra's ``compose``, a value its field's type refuses raised as our one-line ConfigError.
+
+    ``base``: the config of the same group choices, no value overridden (see :func:`preflight`).
+    """
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import composition_error
+
+    try:
+        return compose(config_name=config_name, overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - OmegaConf can fail with an AttributeError (a mapping into a null node)
+        error = composition_error(e, base, overrides)
+        if error is None and not isinstance(e, (HydraException, OmegaConfBaseException)):
+            error = _blame(config_name, overrides, base, e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _blame(config_name: str, overrides: list[str], base: DictConfig, exc: BaseException):
+    """The ConfigError for the first value override that alone makes ``compose`` fail (None: none does)."""
+    from hydra import compose
+
+    from .config import composition_error
+
+    groups = config_groups()
+    choices = [o.input_line for o in _parse_overrides(overrides) if o.key_or_group in groups]
+    for o in _parse_overrides(overrides):
+        if o.key_or_group in groups or o.is_delete():
+            continue
+        try:
+            compose(config_name=config_name, overrides=[*choices, o.input_line])
+        except Exception as e:  # noqa: BLE001
+            return composition_error(e, base, overrides, key=o.key_or_group)
+    return None
+
+
+def compose_config(overrides: list[str], config_name: str = CONFIG_NAME) -> DictConfig:
+    """The app's config for ``overrides`` (``conf/train.yaml`` + the schema), composed as the app
+    does: type errors as one-line ConfigErrors, no other check (:func:`preflight` also checks)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    parsed = _parse_overrides(overrides)
+    groups = config_groups()
+    choices = [o.input_line for o in parsed if o.key_or_group in groups]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose_checked(config_name, overrides, compose(config_name=config_name, overrides=choices))
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def preflight(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose and check the config before Hydra runs, so bad overrides fail in one line.
 
-    A multirun's sweep overrides (``a=1,2``) are checked value by value.
+    The schema (:mod:`sparsecomm.app.schema`) types every field while Hydra composes; the rest is
+    :func:`sparsecomm.app.config.check_config`. A multirun's sweep overrides (``a=1,2``) are
+    checked value by value.
     """
     from hydra import compose, initialize_config_module
 
-    from .config import check_config, check_field_types
+    from .config import check_config
 
     parsed = _parse_overrides(overrides)
     groups = config_groups()
@@ -277,15 +335,13 @@ def preflight(config_name: str, overrides: list[str]) -> DictConfig:
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     choices = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        defaults = compose(config_name=config_name, overrides=choices)
-        check_keys(overrides, defaults)
-        cfg = compose(config_name=config_name, overrides=fixed)
-        check_field_types(cfg, defaults)
+        base = compose(config_name=config_name, overrides=choices)
+        check_keys(overrides, base)
+        cfg = compose_checked(config_name, fixed, base)
         check_config(cfg)
         for o in sweeps:
             for value in o.sweep_string_iterator():
-                point = compose(config_name=config_name, overrides=[*fixed, f"{o.get_key_element()}={value}"])
-                check_field_types(point, defaults)
+                point = compose_checked(config_name, [*fixed, f"{o.get_key_element()}={value}"], base)
                 check_config(point)
     return cfg
 
@@ -298,7 +354,7 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
             explicit_dir = str(o.value())
     if explicit_dir is not None and "${" in explicit_dir:
         return None  # an interpolation only Hydra can resolve: Hydra's folder, unchecked
-    rid = str(cfg.run_id) if cfg.get("run_id") else rundir.launcher_run_id()
+    rid = str(cfg.run_id) if cfg.run_id else rundir.launcher_run_id()
     out_dir = os.path.join(str(cfg.out_dir), "multirun") if multirun else str(cfg.out_dir)
     fixed = explicit_dir or (os.path.join(out_dir, rid) if rid else None)
     field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
@@ -307,10 +363,10 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
             raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
                                      f"one with another run_id=..., or delete the folder")
         return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
-    rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=False)  # refuses another run's folder
+    rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
     if fixed is not None:
         check_same_training_config(fixed, cfg)
-    return rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=create)
+    return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
 
 
 def check_same_training_config(path: str, cfg: DictConfig) -> None:
@@ -319,16 +375,17 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
     Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
     record as it was. The checkpoint's own config is checked again when it is loaded.
     """
-    from . import fault
+    from .config import training_config
+    from .fault import config_differences
 
     saved_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(saved_path) or str((cfg.get("checkpoint") or {}).get("resume", "auto")) == "never":
+    if not os.path.isfile(saved_path) or str(cfg.checkpoint.resume) == "never":
         return
     try:
         saved = OmegaConf.load(saved_path)
     except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint's own check decides
         return
-    diffs = fault.config_differences(fault.training_config(saved), fault.training_config(cfg))
+    diffs = config_differences(training_config(saved), training_config(cfg))
     if diffs:
         raise rundir.RunDirError(
             f"run directory {os.path.abspath(path)} holds a run with another config: {'; '.join(diffs[:3])}"
