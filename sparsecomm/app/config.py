@@ -14,6 +14,7 @@ training config, and what a checkpoint records (a resumed run must match it).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -21,7 +22,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf, nodes
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sparsecomm.diff_pruning import _check_gate_args
@@ -34,6 +36,7 @@ from .fields import whole_number
 from .schedule import LRSchedule, Schedule
 
 MASK_KINDS = tuple(schema.OPTIONS["mask"])
+DENSITY_KINDS = tuple(k for k, node in schema.OPTIONS["mask"].items() if issubclass(node, schema.SparseMask))
 OPTIMIZERS = tuple(schema.OPTIONS["optim"])
 BACKENDS = ("gloo", "nccl", "mpi")
 DEVICES = ("cpu", "cuda")
@@ -118,10 +121,6 @@ def _kind(value) -> type | None:
 
 def _node_kind(node) -> str:
     """What a field of the schema takes, in words: "a whole number", "a mapping of project, ... or null"."""
-    import dataclasses
-
-    from omegaconf import nodes
-
     for cls, kind in ((nodes.BooleanNode, bool), (nodes.IntegerNode, int), (nodes.FloatNode, float),
                       (nodes.StringNode, str), (ListConfig, list), (DictConfig, dict)):
         if isinstance(node, cls):
@@ -133,7 +132,7 @@ def _node_kind(node) -> str:
     return "another value"
 
 
-def composition_error(exc: BaseException, base: DictConfig, overrides: list[str],
+def composition_error(exc: BaseException | None, base: DictConfig, overrides: list[str],
                       key: str | None = None) -> ConfigError | None:
     """The one-line :class:`ConfigError` for a value the schema refused while Hydra composed.
 
@@ -141,7 +140,7 @@ def composition_error(exc: BaseException, base: DictConfig, overrides: list[str]
     and gives the example); ``overrides``: the command line, to show the value as typed; ``key``:
     the field, when ``exc`` does not name it. None when the field is not known.
     """
-    cause: BaseException | None = exc
+    cause = exc
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__ or cause.__context__
     key = key or re.sub(r"\[\d+\]$", "", str(getattr(cause, "full_key", "") or ""))
@@ -156,11 +155,24 @@ def composition_error(exc: BaseException, base: DictConfig, overrides: list[str]
                  None)
     shown = typed if typed is not None else _show(getattr(cause, "value", None) if cause is not None else None)
     example = ""
-    if not field._is_missing() and not OmegaConf.is_interpolation(node, leaf) and field._value() is not None:
-        default = field._value() if not OmegaConf.is_config(field) else OmegaConf.to_container(field)
+    if not (field._is_missing() or field._is_none() or OmegaConf.is_interpolation(node, leaf)
+            or isinstance(field, DictConfig)):
+        default = OmegaConf.to_container(field) if isinstance(field, ListConfig) else field._value()
         default = str(default).lower() if isinstance(default, bool) else default
         example = f"; e.g. {key}={str(default).replace(' ', '')}"
     return ConfigError(f"{key}={shown} must be {_node_kind(field)}{example}")
+
+
+def strict_bool_error(base: DictConfig, key: str, value: Any, overrides: list[str]) -> ConfigError | None:
+    """OmegaConf takes 0, 1, "yes", ... for a boolean field; the app wants true or false."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent, default=None) if parent else base
+    field = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
+    if not isinstance(field, nodes.BooleanNode) or isinstance(value, bool) or (value is None and field._is_optional()):
+        return None
+    if isinstance(value, str) and value.startswith("${"):
+        return None  # an interpolation: checked once resolved
+    return composition_error(None, base, overrides, key=key)
 
 
 # --- every leaf: the fields of more than one type, and the ranges -------------------------------
@@ -193,8 +205,6 @@ def check_values(cfg: DictConfig, prefix: str = "") -> None:
 
 def visible_gpus(field: str, value: Any) -> int:
     """How many GPUs torch sees; :class:`ClusterError` naming ``field`` if none."""
-    import torch
-
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
         fix = ("set cluster.nproc_per_node=N or use cluster=local_cpu" if field == "cluster.nproc_per_node" else
@@ -229,7 +239,7 @@ def check_mask(mask: DictConfig) -> None:
     if mask.name == "file" and not os.path.isfile(str(mask.path)):
         raise ConfigError(f"mask.path={mask.path!r} is not a file; point it at a saved mask, e.g. "
                           f"mask.path=outputs/<run>/mask.safetensors")
-    if "density" in mask:
+    if mask.name in DENSITY_KINDS:
         check_density(mask.density, field="mask.density")
     always = mask.get("always")
     if always is not None and not (isinstance(always, str) or all(isinstance(p, str) for p in always)):
