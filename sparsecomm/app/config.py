@@ -220,11 +220,11 @@ def check_cluster(cluster: Mapping) -> None:
     for key, choices in (("backend", BACKENDS), ("device", DEVICES), ("start_method", START_METHODS)):
         if cluster.get(key) not in choices:
             raise ClusterError(f"cluster.{key}={cluster.get(key)!r} is unknown; use one of {', '.join(choices)}")
-    whole_number(cluster.get("nnodes"), "cluster.nnodes", 1, ClusterError)
-    if cluster.backend == "nccl" or cluster.device == "cuda":
-        field, value = ("cluster.backend", "nccl") if cluster.backend == "nccl" else ("cluster.device", "cuda")
+    whole_number(cluster["nnodes"], "cluster.nnodes", 1, ClusterError)
+    if cluster["backend"] == "nccl" or cluster["device"] == "cuda":
+        field, value = ("cluster.backend", "nccl") if cluster["backend"] == "nccl" else ("cluster.device", "cuda")
         visible_gpus(field, value)
-    nproc = cluster.get("nproc_per_node")
+    nproc = cluster["nproc_per_node"]
     if str(nproc) == "auto":
         visible_gpus("cluster.nproc_per_node", "auto")
     else:

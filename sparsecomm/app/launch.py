@@ -29,6 +29,7 @@ from typing import Any
 
 from .config import ClusterError, check_cluster, visible_gpus
 from .fields import whole_number
+from .netif import configure as configure_socket_ifname
 
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
 
@@ -148,8 +149,6 @@ def init_process_group(cluster: Mapping):
     environ = os.environ
     if "RANK" not in environ and "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
         export_slurm_env(cluster)
-    from .netif import configure as configure_socket_ifname
-
     configure_socket_ifname(cluster, environ)  # GLOO/NCCL_SOCKET_IFNAME: cluster.socket_ifname or a safe pick
     backend = cluster["backend"]
     local_rank = int(environ.get("LOCAL_RANK", 0))

@@ -27,12 +27,12 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 
+from .config import ClusterError
+
 ENV_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 def _error(message: str) -> Exception:
-    from .launch import ClusterError
-
     return ClusterError(message)
 
 

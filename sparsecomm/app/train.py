@@ -11,8 +11,10 @@ torchrun or Slurm, it takes its rank from the environment and starts nothing
 (:mod:`sparsecomm.app.launch`).
 
 A bad override, value or input ends in ONE line ``error: ...`` on stderr and exit code 2, never
-a traceback (``SPARSECOMM_TRACEBACK=1`` shows it). Configs live in ``conf/``, installed as the
-package ``sparsecomm.conf``, so the app works from a checkout and from a plain ``pip install``.
+a traceback (``SPARSECOMM_TRACEBACK=1`` shows it): the config is composed and checked before Hydra
+runs the app (:func:`sparsecomm.app.compose.preflight`). Configs live in ``conf/``, installed as the
+package ``sparsecomm.conf`` (each option a YAML over its schema, :mod:`sparsecomm.app.schema`), so
+the app works from a checkout and from a plain ``pip install``.
 """
 from __future__ import annotations
 
