@@ -151,15 +151,17 @@ def composition_error(exc: BaseException | None, base: DictConfig, overrides: li
     field = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
     if field is None:
         return None
-    typed = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == key and "=" in o),
-                 None)
-    shown = typed if typed is not None else _show(getattr(cause, "value", None) if cause is not None else None)
+    mine = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == key]
     example = ""
     if not (field._is_missing() or field._is_none() or OmegaConf.is_interpolation(node, leaf)
             or isinstance(field, DictConfig)):
         default = OmegaConf.to_container(field) if isinstance(field, ListConfig) else field._value()
         default = str(default).lower() if isinstance(default, bool) else default
         example = f"; e.g. {key}={str(default).replace(' ', '')}"
+    if any(o.startswith("~") for o in mine):
+        return ConfigError(f"~{key}: a field of the config cannot be deleted; set a value instead{example}")
+    typed = next((o.split("=", 1)[1] for o in mine if "=" in o), None)
+    shown = typed if typed is not None else _show(getattr(cause, "value", None) if cause is not None else None)
     return ConfigError(f"{key}={shown} must be {_node_kind(field)}{example}")
 
 
