@@ -1,7 +1,6 @@
 """Helpers for tests of the app: its config composed as the app composes it, a crash on cue."""
 from __future__ import annotations
 
-from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
@@ -9,13 +8,9 @@ import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
 
 
 def compose_app(*overrides: str) -> DictConfig:
-    """``conf/train.yaml`` with ``overrides``; Hydra's global state is left clear."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="sparsecomm.conf", version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    """``conf/train.yaml`` with ``overrides``, composed as the app does (a value of the wrong type is
+    the app's one-line ConfigError); Hydra's global state is left clear."""
+    return sparsecomm.app.train.compose_config(list(overrides))
 
 
 class Crash(Exception):

@@ -125,3 +125,16 @@ def test_submitit_launcher_config():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = compose_train("hydra/launcher=submitit_slurm", "cluster=slurm", hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node
+
+
+def test_every_option_extends_its_schema():
+    """schema.OPTIONS and conf/ list the same options; each YAML extends schema/<group>/<option> first."""
+    from sparsecomm.app.schema import OPTIONS
+
+    assert set(OPTIONS) == set(GROUPS)
+    for group in GROUPS:
+        assert set(OPTIONS[group]) == set(options(group)), group
+        for option in options(group):
+            body = yaml.safe_load(CONF.joinpath(group, f"{option}.yaml").read_text())
+            assert body["defaults"][0] == f"/schema/{group}/{option}@_here_", (group, option)
+    assert yaml.safe_load(CONF.joinpath("train.yaml").read_text())["defaults"][0] == "/schema/train@_here_"

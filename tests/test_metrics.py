@@ -7,7 +7,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from sparsecomm.app import metrics
+from sparsecomm.app import config, metrics
 
 
 def test_jsonl_records(tmp_path):
@@ -38,15 +38,15 @@ def test_missing_wandb_is_a_one_line_error():
         pass
     else:
         pytest.skip("wandb is installed")
-    with pytest.raises(metrics.MetricsError, match=r"pip install 'sparsecomm\[wandb\]'") as info:
-        metrics.check_wandb(OmegaConf.create({"wandb": {"mode": "offline"}}))
+    with pytest.raises(config.ConfigError, match=r"pip install 'sparsecomm\[wandb\]'") as info:
+        config.check_wandb(OmegaConf.create({"wandb": {"mode": "offline"}}))
     assert "\n" not in str(info.value)
 
 
 def test_wandb_mode_is_checked():
-    with pytest.raises(metrics.MetricsError, match=r"logging\.wandb\.mode='sometimes'"):
-        metrics.check_wandb(OmegaConf.create({"wandb": {"mode": "sometimes"}}))
-    metrics.check_wandb(OmegaConf.create({"wandb": None}))  # off: nothing to check
+    with pytest.raises(config.ConfigError, match=r"logging\.wandb\.mode='sometimes'"):
+        config.check_wandb(OmegaConf.create({"wandb": {"mode": "sometimes"}}))
+    config.check_wandb(OmegaConf.create({"wandb": None}))  # off: nothing to check
 
 
 def test_human_bytes():

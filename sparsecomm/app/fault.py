@@ -5,8 +5,8 @@
   file, fsync, rename, keep the last K, SHA-256 verified on read); on resume rank 0 picks the
   newest file that verifies (skipping damaged ones loudly) and broadcasts its bytes, so ranks
   need not share a file system. What a checkpoint holds is :meth:`sparsecomm.app.trainer.Trainer.state_dict`.
-* :func:`training_config` / :func:`training_hash`: the part of the config a resumed run must
-  share with the run that wrote the checkpoint (everything but :data:`RESUME_FREE`).
+* A checkpoint records the training config (:func:`sparsecomm.app.config.training_config`: all but
+  :data:`sparsecomm.app.config.RESUME_FREE`) and its hash (:func:`sparsecomm.app.config.config_hash`).
 * :class:`NonFiniteGuard`: counts steps skipped because the all-reduced gradient held NaN/Inf
   and stops the run after ``nonfinite.max_in_a_row`` of them in a row.
 
@@ -16,7 +16,6 @@ RNG state (a few kB per rank) to rank 0.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -26,19 +25,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sparsecomm import distributed as sdist
 from sparsecomm.checkpoint import CheckpointManager, CorruptCheckpoint, decode, encode, read_verified
 from .rundir import restart_count
-from .fields import whole_number
-
-FORMAT = 1
-RESUME_MODES = ("auto", "never")
-# Config fields a resumed run may change: where and how it runs, what it logs. Everything else
-# (task, mask, schedule, optim, steps, batch_size, seed, comm) must match the checkpoint's.
-RESUME_FREE = ("cluster", "checkpoint", "logging", "out_dir", "run_id", "num_workers", "eval_every",
-               "eval_batch_size", "save_model", "nonfinite")
 
 
 class CheckpointError(ValueError):
@@ -57,37 +48,7 @@ class NonFiniteGradients(ValueError):
     collective = True  # every rank sees the same all-reduced gradient
 
 
-# --- config ---------------------------------------------------------------------------------
-
-def check_config(cfg: Mapping) -> None:
-    """Check ``checkpoint.*`` and ``nonfinite.*``; errors name the field and the fix."""
-    ck = cfg.get("checkpoint") or {}
-    whole_number(ck.get("every", 0), "checkpoint.every", 0, error=CheckpointError)
-    whole_number(ck.get("keep", 3), "checkpoint.keep", 1, error=CheckpointError)
-    resume = ck.get("resume", "auto")
-    if resume is None or str(resume).strip() == "":
-        raise CheckpointError("checkpoint.resume is empty; use auto, never or the path of a checkpoint file or folder")
-    if str(resume) not in RESUME_MODES and not os.path.exists(str(resume)):
-        raise CheckpointError(
-            f"checkpoint.resume={resume!r} is neither auto, never nor an existing checkpoint file or folder; "
-            f"fix the path or use checkpoint.resume=auto")
-    directory = ck.get("dir")
-    if directory is not None and os.path.exists(str(directory)) and not os.path.isdir(str(directory)):
-        raise CheckpointError(f"checkpoint.dir={directory!r} is a file, not a folder; point it at a folder")
-    nf = cfg.get("nonfinite") or {}
-    whole_number(nf.get("max_in_a_row", 5), "nonfinite.max_in_a_row", 1, error=CheckpointError)
-
-
-def training_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without :data:`RESUME_FREE`: what a resumed run must share."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in container.items() if k not in RESUME_FREE and k != "hydra"}
-
-
-def training_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(training_config(cfg)), sort_keys=True).encode()).hexdigest()
-
-
+# --- config differences -----------------------------------------------------------------------
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, Mapping):
         out: dict[str, Any] = {}
@@ -131,12 +92,11 @@ class Checkpoints:
     fresh), ``never``, or the path of a checkpoint file or folder (must load, else an error).
     """
 
-    def __init__(self, cfg: Mapping | None, run_dir: str):
-        cfg = cfg or {}
-        self.every = int(cfg.get("every", 0) or 0)
-        self.keep = int(cfg.get("keep", 3))
-        self.resume = str(cfg.get("resume", "auto"))
-        self.directory = os.path.abspath(str(cfg.get("dir") or os.path.join(run_dir, "checkpoints")))
+    def __init__(self, cfg: DictConfig, run_dir: str):
+        self.every = int(cfg.every)
+        self.keep = int(cfg.keep)
+        self.resume = str(cfg.resume)
+        self.directory = os.path.abspath(str(cfg.dir or os.path.join(run_dir, "checkpoints")))
         self.manager = CheckpointManager(self.directory, keep=self.keep)
 
     def due(self, done: int, total: int) -> bool:

@@ -1,6 +1,8 @@
-"""Checks of single config fields, shared by the modules that read config groups.
+"""The app's one whole-number check, shared by the modules that read config values.
 
-Each raises the caller's error type with a message that names the field and the fix.
+A leaf (it imports nothing of the app): :mod:`sparsecomm.app.schedule`, :mod:`sparsecomm.app.launch`
+and :mod:`sparsecomm.app.config` all use it. It raises the caller's error type with a message that
+names the field and the fix.
 """
 from __future__ import annotations
 

@@ -35,13 +35,11 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from .config import ClusterError, check_cluster, visible_gpus
 from .fault import Interrupted
-from .netif import ClusterError
+from .fields import whole_number
 from .netif import configure as configure_socket_ifname
 
-BACKENDS = ("gloo", "nccl", "mpi")
-DEVICES = ("cpu", "cuda")
-START_METHODS = ("spawn", "fork", "forkserver")
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
 
 
@@ -67,48 +65,12 @@ class Plan:
         return self.nnodes * self.nproc_per_node
 
 
-def _positive_int(value: Any, field: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        v = 0
-    if v < 1 or str(v) != str(value).strip():
-        raise ClusterError(f"{field}={value!r} must be a whole number >= 1")
-    return v
-
-
 def resolve_nproc(cluster: Mapping) -> int:
     """``cluster.nproc_per_node`` as a number; ``auto`` is one per visible GPU."""
-    n = cluster.get("nproc_per_node", 1)
+    n = cluster["nproc_per_node"]
     if str(n) == "auto":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise ClusterError(
-                "cluster.nproc_per_node=auto counts GPUs, and torch sees none; set "
-                "cluster.nproc_per_node=N or use cluster=local_cpu")
-        return n
-    return _positive_int(n, "cluster.nproc_per_node")
-
-
-def check_cluster(cluster: Mapping) -> None:
-    """Fail early, naming the field, on a cluster config this machine cannot run."""
-    backend = cluster.get("backend", "gloo")
-    device = cluster.get("device", "cpu")
-    if backend not in BACKENDS:
-        raise ClusterError(f"cluster.backend={backend!r} is unknown; use gloo (CPU) or nccl (GPUs)")
-    if device not in DEVICES:
-        raise ClusterError(f"cluster.device={device!r} is unknown; use cpu or cuda")
-    method = cluster.get("start_method", "spawn")
-    if method not in START_METHODS:
-        raise ClusterError(f"cluster.start_method={method!r} is unknown; use one of {', '.join(START_METHODS)}")
-    _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
-    if backend == "nccl" or device == "cuda":
-        if not torch.cuda.is_available():
-            field, value = ("cluster.backend", backend) if backend == "nccl" else ("cluster.device", device)
-            raise ClusterError(
-                f"{field}={value} needs CUDA GPUs, but torch sees none on this machine; use "
-                f"cluster=local_cpu (or cluster.backend=gloo cluster.device=cpu)")
-    resolve_nproc(cluster)
+        return visible_gpus("cluster.nproc_per_node", "auto")
+    return whole_number(n, "cluster.nproc_per_node", 1, ClusterError)
 
 
 def _slurm_world(environ: Mapping[str, str]) -> int:
@@ -139,7 +101,7 @@ def plan(cluster: Mapping, environ: Mapping[str, str] | None = None) -> Plan:
         world = _slurm_world(environ)
         nnodes = int(environ.get("SLURM_NNODES", "1"))
         return Plan("join", "slurm", nnodes, max(world // nnodes, 1))
-    nnodes = _positive_int(cluster.get("nnodes", 1), "cluster.nnodes")
+    nnodes = whole_number(cluster["nnodes"], "cluster.nnodes", 1, ClusterError)
     nproc = resolve_nproc(cluster)
     return Plan("single" if nnodes * nproc == 1 else "launch", "bare", nnodes, nproc)
 
@@ -194,14 +156,14 @@ def init_process_group(cluster: Mapping):
     if "RANK" not in environ and "SLURM_PROCID" in environ and _slurm_world(environ) > 1:
         export_slurm_env(cluster)
     configure_socket_ifname(cluster, environ)  # GLOO/NCCL_SOCKET_IFNAME: cluster.socket_ifname or a safe pick
-    backend = cluster.get("backend", "gloo")
+    backend = cluster["backend"]
     local_rank = int(environ.get("LOCAL_RANK", 0))
     local_world = int(environ.get("LOCAL_WORLD_SIZE", 1))
-    threads = cluster.get("num_threads")
+    threads = cluster["num_threads"]
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) // max(local_world, 1))
     torch.set_num_threads(int(threads))
-    if cluster.get("device", "cpu") == "cuda":
+    if cluster["device"] == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ClusterError(
                 f"local rank {local_rank} has no GPU: torch sees {torch.cuda.device_count()}; set "
@@ -278,23 +240,23 @@ def _quiet_elastic_logs():
 
 def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
     """torch's ``LaunchConfig`` for this node: c10d rendezvous per ``cluster``."""
-    endpoint = cluster.get("rdzv_endpoint") or "localhost:0"
-    rdzv_id = cluster.get("rdzv_id") or run_id
+    endpoint = cluster["rdzv_endpoint"] or "localhost:0"
+    rdzv_id = cluster["rdzv_id"] or run_id
     if plan_.nnodes > 1:
         host, _, port = str(endpoint).rpartition(":")
         if host in ("", "localhost", "127.0.0.1") or port in ("", "0"):
             raise ClusterError(
                 f"cluster.rdzv_endpoint={endpoint!r}: with cluster.nnodes={plan_.nnodes} every node must "
                 f"reach the same rendezvous; set it to <head node host>:<port>, e.g. node001:29500")
-        if not cluster.get("rdzv_id"):
+        if not cluster["rdzv_id"]:
             raise ClusterError(
                 f"cluster.rdzv_id is not set: with cluster.nnodes={plan_.nnodes} all nodes must pass the "
                 f"same run id, e.g. cluster.rdzv_id=$SLURM_JOB_ID")
     return LaunchConfig(
         min_nodes=plan_.nnodes, max_nodes=plan_.nnodes, nproc_per_node=plan_.nproc_per_node,
-        run_id=str(rdzv_id or uuid.uuid4().hex), rdzv_backend=str(cluster.get("rdzv_backend", "c10d")),
-        rdzv_endpoint=str(endpoint), max_restarts=int(cluster.get("max_restarts", 0)),
-        monitor_interval=0.1, start_method=str(cluster.get("start_method", "spawn")))
+        run_id=str(rdzv_id or uuid.uuid4().hex), rdzv_backend=str(cluster["rdzv_backend"]),
+        rdzv_endpoint=str(endpoint), max_restarts=int(cluster["max_restarts"]),
+        monitor_interval=0.1, start_method=str(cluster["start_method"]))
 
 
 def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: Any,

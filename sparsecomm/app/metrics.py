@@ -23,28 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sparsecomm import distributed as sdist
-
-WANDB_MODES = ("offline", "online", "disabled")
-
-
-class MetricsError(ValueError):
-    """A logging setting cannot be honoured (e.g. wandb is not installed)."""
-
-
-def check_wandb(cfg: Any) -> None:
-    """Raise a one-line :class:`MetricsError` unless ``logging.wandb`` is off or usable."""
-    wb = cfg.get("wandb") if cfg is not None else None
-    if not wb:
-        return
-    mode = wb.get("mode", "offline")
-    if mode not in WANDB_MODES:
-        raise MetricsError(f"logging.wandb.mode={mode!r} is unknown; use one of {', '.join(WANDB_MODES)}")
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        raise MetricsError(
-            "logging.wandb is set (logging=wandb), which needs the wandb package, and it is not installed: "
-            "pip install 'sparsecomm[wandb]', or use logging=default") from None
+from .config import check_wandb
 
 
 def _jsonable(value: Any) -> Any:
@@ -95,10 +74,9 @@ class MetricsLogger(NullLogger):
             import wandb
 
             self._wandb = wandb.init(
-                project=wandb_cfg.get("project", "sparsecomm"), entity=wandb_cfg.get("entity"),
-                name=wandb_cfg.get("name") or os.path.basename(os.path.abspath(run_dir)),
-                mode=wandb_cfg.get("mode", "offline"), dir=run_dir, config=config,
-                tags=list(wandb_cfg.get("tags") or []))
+                project=wandb_cfg.project, entity=wandb_cfg.entity,
+                name=wandb_cfg.name or os.path.basename(os.path.abspath(run_dir)),
+                mode=wandb_cfg.mode, dir=run_dir, config=config, tags=list(wandb_cfg.tags))
 
     def log(self, event: str, step: int, **fields: Any) -> None:
         record = {"event": event, "step": step, "time": round(time.perf_counter() - self.start, 4)}
@@ -157,8 +135,8 @@ def make_logger(cfg: Any, run_dir: str, total_steps: int, config: dict | None = 
     if not sdist.is_main_process():
         return NullLogger()
     check_wandb(cfg)
-    return MetricsLogger(run_dir, total_steps, progress=bool(cfg.get("progress", True)),
-                         jsonl=bool(cfg.get("jsonl", True)), wandb_cfg=cfg.get("wandb"), config=config)
+    return MetricsLogger(run_dir, total_steps, progress=cfg.progress, jsonl=cfg.jsonl, wandb_cfg=cfg.wandb,
+                         config=config)
 
 
 def human_bytes(n: float) -> str:

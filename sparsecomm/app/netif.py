@@ -27,11 +27,9 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 
+from .config import ClusterError
+
 ENV_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-
-
-class ClusterError(ValueError):
-    """The cluster config does not fit this machine or environment; the message names the field."""
 
 
 def _error(message: str) -> Exception:

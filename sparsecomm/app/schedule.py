@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any
 
 from .fields import whole_number
+from .schema import LRConfig, ScheduleConfig
 
 LR_KINDS = ("constant", "cosine", "linear")
 
@@ -100,19 +101,20 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg: Any, steps: int, seed: int = 0, masked: bool = True) -> Schedule:
-        """Build from the ``schedule`` config node, checking every field (errors name it).
+        """Build from the ``schedule`` config node, checking every field (errors name it); a field
+        the node lacks takes its default in :class:`sparsecomm.app.schema.ScheduleConfig`.
 
         ``masked=False`` (mask=dense: every step is dense anyway) skips the check that the
         dense warm-up leaves sparse steps.
         """
         steps = _whole(steps, "steps", minimum=1)
-        dense_steps = _whole(cfg.get("dense_steps", 0), "schedule.dense_steps")
-        refresh_every = _whole(cfg.get("refresh_every", 0), "schedule.refresh_every")
+        dense_steps = _whole(cfg.get("dense_steps", ScheduleConfig.dense_steps), "schedule.dense_steps")
+        refresh_every = _whole(cfg.get("refresh_every", ScheduleConfig.refresh_every), "schedule.refresh_every")
         if masked and dense_steps >= steps:
             raise ScheduleError(
                 f"schedule.dense_steps={dense_steps} leaves no sparse step of steps={steps}; "
                 f"lower schedule.dense_steps or use mask=dense for dense training")
-        core_full = CoreFull.parse(cfg.get("core_full"), seed=seed)
+        core_full = CoreFull.parse(cfg.get("core_full", ScheduleConfig.core_full), seed=seed)
         return cls(name=str(cfg.get("name", "custom")), steps=steps, dense_steps=dense_steps,
                    refresh_every=refresh_every, core_full=core_full)
 
@@ -158,9 +160,9 @@ class LRSchedule:
         name = str(cfg.get("name", "constant"))
         if name not in LR_KINDS:
             raise ScheduleError(f"schedule.lr.name={name!r} is unknown; use one of {', '.join(LR_KINDS)}")
-        warmup = _whole(cfg.get("warmup_steps", 0), "schedule.lr.warmup_steps")
+        warmup = _whole(cfg.get("warmup_steps", LRConfig.warmup_steps), "schedule.lr.warmup_steps")
         try:
-            min_ratio = float(cfg.get("min_ratio", 0.0))
+            min_ratio = float(cfg.get("min_ratio", LRConfig.min_ratio))
         except (TypeError, ValueError):
             min_ratio = -1.0
         if not 0.0 <= min_ratio <= 1.0:

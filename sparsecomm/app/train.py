@@ -11,8 +11,10 @@ torchrun or Slurm, it takes its rank from the environment and starts nothing
 (:mod:`sparsecomm.app.launch`).
 
 A bad override, value or input ends in ONE line ``error: ...`` on stderr and exit code 2, never
-a traceback (``SPARSECOMM_TRACEBACK=1`` shows it). Configs live in ``conf/``, installed as the
-package ``sparsecomm.conf``, so the app works from a checkout and from a plain ``pip install``.
+a traceback (``SPARSECOMM_TRACEBACK=1`` shows it): the config is composed and checked before Hydra
+runs the app (:func:`sparsecomm.app.compose.preflight`). Configs live in ``conf/``, installed as the
+package ``sparsecomm.conf`` (each option a YAML over its schema, :mod:`sparsecomm.app.schema`), so
+the app works from a checkout and from a plain ``pip install``.
 """
 from __future__ import annotations
 
@@ -27,9 +29,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import rundir
+from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_config, config_groups, preflight  # noqa: F401
 
-CONFIG_MODULE = "sparsecomm.conf"
-CONFIG_NAME = "train"
 USER_ERROR_EXIT = 2
 _T0 = time.time()
 
@@ -180,115 +181,7 @@ def app(cfg: DictConfig) -> dict[str, Any] | None:
         return run(cfg)
 
 
-# --- before Hydra runs: the config checked, the run directory claimed --------------------------
-
-def _parse_overrides(overrides: list[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_overrides(overrides)
-
-
-def config_groups() -> set[str]:
-    """The config groups under ``sparsecomm.conf`` (``mask``, ``schedule/lr``, ...), Hydra's excluded."""
-    from importlib.resources import files
-
-    root = files(CONFIG_MODULE)
-    groups, todo = set(), [("", root)]
-    while todo:
-        prefix, node = todo.pop()
-        for child in node.iterdir():
-            if child.is_dir() and not child.name.startswith(("_", ".")) and child.name != "hydra":
-                name = f"{prefix}{child.name}"
-                groups.add(name)
-                todo.append((f"{name}/", child))
-    return groups
-
-
-def check_keys(overrides: list[str], base: DictConfig) -> None:
-    """Every ``key=value`` (also ``+key``/``++key``) must name a field the app reads.
-
-    ``base`` is the config composed with the config-group choices alone. Hydra's own message for
-    an unknown key suggests ``+key=value``, which would add a field nothing reads (a typo such as
-    ``+mask.densty=0.01`` would train at the default density): both are refused here, naming the
-    closest field. ``++key=value`` may name a field of another option of the key's group (it is
-    then not read, as with Hydra). ``hydra.*`` keys are Hydra's own.
-    """
-    import difflib
-
-    from .config import ConfigError
-
-    groups = config_groups()
-    for o in _parse_overrides(overrides):
-        key = o.key_or_group
-        if o.is_delete() or key in groups or key.split(".")[0].split("/")[0] == "hydra":
-            continue
-        if _has_field(base, key):
-            continue
-        if o.is_force_add() and _defined_by_another_option(key, groups):
-            continue  # ++: set where the chosen option has the field (one command line for several options)
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(base, parent, default=None) if parent else base
-        known = [str(k) for k in node.keys() if str(k) != "hydra"] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
-        where = f"{parent}." if parent else ""
-        hint = (f"did you mean {where}{close[0]}?" if close else
-                (f"the fields of {parent or 'the config'} are: {', '.join(known)}" if known else
-                 f"{parent} has no fields"))
-        plus = "; '+' cannot add a field: the app reads only those its configs define" \
-            if (o.is_add() or o.is_force_add()) else ""
-        raise ConfigError(f"{o.input_line}: no config field {key} ({hint}){plus}")
-
-
-_ABSENT = object()
-
-
-def _has_field(cfg: DictConfig, key: str) -> bool:
-    """``key`` (dotted) is a field of ``cfg``, set or mandatory (``???``)."""
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node.keys()
-
-
-def _defined_by_another_option(key: str, groups: set[str]) -> bool:
-    """Does some option of the config group that ``key`` falls in define it (``mask.num_samples``)?"""
-    from importlib.resources import files
-
-    for group in sorted(groups, key=len, reverse=True):
-        prefix = group.replace("/", ".") + "."
-        if key.startswith(prefix):
-            folder = files(CONFIG_MODULE).joinpath(*group.split("/"))
-            return any(_has_field(OmegaConf.load(str(p)), key[len(prefix):])
-                       for p in folder.iterdir() if p.name.endswith(".yaml"))
-    return False
-
-
-def preflight(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose and check the config before Hydra runs, so bad overrides fail in one line.
-
-    A multirun's sweep overrides (``a=1,2``) are checked value by value.
-    """
-    from hydra import compose, initialize_config_module
-
-    from .config import check_config, check_field_types
-
-    parsed = _parse_overrides(overrides)
-    groups = config_groups()
-    sweeps = [o for o in parsed if o.is_sweep_override()]
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    choices = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        defaults = compose(config_name=config_name, overrides=choices)
-        check_keys(overrides, defaults)
-        cfg = compose(config_name=config_name, overrides=fixed)
-        check_field_types(cfg, defaults)
-        check_config(cfg)
-        for o in sweeps:
-            for value in o.sweep_string_iterator():
-                point = compose(config_name=config_name, overrides=[*fixed, f"{o.get_key_element()}={value}"])
-                check_field_types(point, defaults)
-                check_config(point)
-    return cfg
-
+# --- before Hydra runs: the config checked (sparsecomm.app.compose), the run directory claimed -----
 
 def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, create: bool) -> rundir.Claim | None:
     """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice."""
@@ -298,7 +191,7 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
             explicit_dir = str(o.value())
     if explicit_dir is not None and "${" in explicit_dir:
         return None  # an interpolation only Hydra can resolve: Hydra's folder, unchecked
-    rid = str(cfg.run_id) if cfg.get("run_id") else rundir.launcher_run_id()
+    rid = str(cfg.run_id) if cfg.run_id else rundir.launcher_run_id()
     out_dir = os.path.join(str(cfg.out_dir), "multirun") if multirun else str(cfg.out_dir)
     fixed = explicit_dir or (os.path.join(out_dir, rid) if rid else None)
     field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
@@ -307,10 +200,10 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
             raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
                                      f"one with another run_id=..., or delete the folder")
         return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
-    rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=False)  # refuses another run's folder
+    rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
     if fixed is not None:
         check_same_training_config(fixed, cfg)
-    return rundir.claim(out_dir, fixed, cfg.get("checkpoint"), field=field, create=create)
+    return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
 
 
 def check_same_training_config(path: str, cfg: DictConfig) -> None:
@@ -319,16 +212,17 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
     Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
     record as it was. The checkpoint's own config is checked again when it is loaded.
     """
-    from . import fault
+    from .config import training_config
+    from .fault import config_differences
 
     saved_path = os.path.join(path, "config.yaml")
-    if not os.path.isfile(saved_path) or str((cfg.get("checkpoint") or {}).get("resume", "auto")) == "never":
+    if not os.path.isfile(saved_path) or str(cfg.checkpoint.resume) == "never":
         return
     try:
         saved = OmegaConf.load(saved_path)
     except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint's own check decides
         return
-    diffs = fault.config_differences(fault.training_config(saved), fault.training_config(cfg))
+    diffs = config_differences(training_config(saved), training_config(cfg))
     if diffs:
         raise rundir.RunDirError(
             f"run directory {os.path.abspath(path)} holds a run with another config: {'; '.join(diffs[:3])}"

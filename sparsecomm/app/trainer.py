@@ -28,7 +28,7 @@ from sparsecomm import distributed as sdist
 from sparsecomm.mask import Mask
 
 from . import fault, launch
-from .config import config_hash
+from .config import config_hash, training_config
 from .data import ShardedData, build_task, evaluate
 from .engine import StepEngine
 from .gradient_sync import GradientSync, wrap_ddp
@@ -55,8 +55,8 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.rank, self.world = sdist.rank(), sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
-        self.training_hash = fault.training_hash(cfg)
-        _assert_same_config(config_hash(cfg))
+        self.config_hash = config_hash(cfg)  # of the training config: ranks, checkpoints and resumes compare it
+        _assert_same_config(self.config_hash)
         torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP broadcasts rank 0's anyway)
         self.task = build_task(cfg.task)
         self.model = self.task.model.to(device)
@@ -137,7 +137,7 @@ class Trainer:
         if self.task_diff is not None:
             self.task_diff.set_base(self.model, step)  # the first time only: the weights masked training starts from
             self.task_diff.add_mask(mask)
-        _assert_same_config(self.training_hash)
+        _assert_same_config(self.config_hash)
         digest = mask.save(os.path.join(self.run_dir, "mask.safetensors")) if sdist.is_main_process() else mask.digest()
         seconds = time.perf_counter() - t
         self.log.log("mask", step, kind=self.kind.name, k=mask.num_selected, numel=mask.numel,
@@ -168,8 +168,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds (:mod:`sparsecomm.app.run_state`). Collective (RNG states)."""
         return self.state.state_dict({
-            "step": self.step, "world_size": self.world, "config": fault.training_config(self.cfg),
-            "config_hash": self.training_hash, "model_signature": fault.model_signature(self.model)})
+            "step": self.step, "world_size": self.world, "config": training_config(self.cfg),
+            "config_hash": self.config_hash, "model_signature": fault.model_signature(self.model)})
 
     def load_state_dict(self, sd: dict[str, Any], source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict` (collective: ranks check they agree on the mask and config)."""
@@ -179,8 +179,8 @@ class Trainer:
         why = fault.signature_difference(sd["model_signature"], fault.model_signature(self.model))
         if why is not None:
             raise fault.CheckpointError(f"{source} is a checkpoint of another model: {why}; {FIX}")
-        if sd["config_hash"] != self.training_hash:
-            diffs = fault.config_differences(sd["config"], fault.training_config(self.cfg))
+        if sd["config_hash"] != self.config_hash:
+            diffs = fault.config_differences(sd["config"], training_config(self.cfg))
             raise fault.CheckpointError(f"{source} was written with another config: "
                                         f"{'; '.join(diffs[:3]) or 'hash differs'}; rerun with the checkpoint's values, or {FIX}")
         self.step = int(sd["step"])
@@ -194,7 +194,7 @@ class Trainer:
                 f"resuming a {moved['saved_world']}-rank checkpoint on {self.world} ranks: the mask and the optimizer "
                 f"state are global and carry over; the data is re-sharded (epoch {moved['epoch']}, ~{moved['examples']} "
                 f"examples in) and the RNG reseeded, so this run is not bit-identical to an uninterrupted one")
-        _assert_same_config(self.training_hash)
+        _assert_same_config(self.config_hash)
         sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
                                        fix="Every rank must load the same checkpoint.")
 
