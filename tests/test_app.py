@@ -2,36 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from apptest import REPO, app_env, read_events, run_app
 
-REPO = Path(__file__).resolve().parents[1]
-APP = Path(sys.executable).with_name("sparsecomm-train")
-# A launcher's variables in the test's own environment would make the app join instead of launch.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID", "SPARSECOMM_TRACEBACK")
 SMALL = ["steps=10", "batch_size=16", "eval_every=5", "logging.log_every=2", "mask.num_samples=64"]
-
-
-def app_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_app(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    if not APP.exists():
-        pytest.fail(f"{APP} is missing: install the package first (pip install -e .)")
-    return subprocess.run([str(APP), *args], cwd=cwd, env=app_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_default_job_two_workers(tmp_path):
@@ -52,7 +29,7 @@ def test_default_job_two_workers(tmp_path):
     assert proc.stdout.count("== sparsecomm summary") == 1  # rank 0 alone reports
     assert "step/s" in proc.stderr  # rank 0's progress bar
 
-    records = read_metrics(run_dir)
+    records = read_events(run_dir)
     by_event = {e: [r for r in records if r["event"] == e] for e in ("train", "eval", "mask", "summary")}
     assert [r["step"] for r in by_event["train"]] == [2, 4, 6, 8, 10]
     assert [r["step"] for r in by_event["eval"]] == [5, 10]

@@ -114,7 +114,7 @@ def test_reset_mask_carries_state_of_kept_entries():
     grads_for(model, 0)
     opt.step()
     old = {}  # (param name, flat position) -> exp_avg
-    (packed,) = opt._packed
+    (packed,) = opt.param_groups[0]["params"]
     exp_avg = opt.state[packed]["exp_avg"]
     i = 0
     for n, _ in model.named_parameters():
@@ -122,7 +122,7 @@ def test_reset_mask_carries_state_of_kept_entries():
             old[(n, pos)] = exp_avg[i].item()
             i += 1
     opt.reset_mask(m2)
-    (packed,) = opt._packed
+    (packed,) = opt.param_groups[0]["params"]
     new = opt.state[packed]["exp_avg"]
     assert new.numel() == m2.num_selected
     i, carried = 0, 0

@@ -171,7 +171,7 @@ def test_minilm_fisher_scores_run_in_the_layers_engine_and_equal_the_loop(tmp_pa
 def test_app_two_workers_on_a_tiny_wordnet(tmp_path):
     """task=wordnet end to end: 2 workers, FISH mask from step 1 (no dense warm-up)."""
     pytest.importorskip("transformers")
-    from test_app import run_app
+    from apptest import run_app
 
     synsets = [(lex, [f"thing{i}"], "000", f"a {kind} of sort {i}") for i in range(24)
                for lex, kind in (("05", "beast"), ("13", "dish"))]
