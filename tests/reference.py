@@ -38,3 +38,17 @@ def reference_fisher(model: torch.nn.Module, batches, loss_fn) -> dict[str, torc
     finally:
         model.train(was_training)
     return {n: s.float() for n, s in out.items()}
+
+
+def assert_scores_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float = 1e-3,
+                        floor: float = 1e-6) -> None:
+    """Same parameters; per parameter ``|got - want| <= rtol x max|want[p]| + floor x max over all
+    of want``. The floor is for entries that are 0 in exact arithmetic and tiny float noise in
+    both (an attention key's bias: softmax ignores a shift shared by every key)."""
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    top = max(float(w.abs().max()) for w in want.values() if w.numel())
+    assert top > 0, "the reference scores are all zero: the test checks nothing"
+    for name, w in want.items():
+        err = float((got[name].double() - w.double()).abs().max()) if w.numel() else 0.0
+        bound = rtol * float(w.abs().max()) + floor * top if w.numel() else 0.0
+        assert err <= bound, f"{name}: max |got - want| = {err:.3g} > {bound:.3g}"
