@@ -176,7 +176,10 @@ def test_width_core_exported_and_evaluated_alone_and_trained_alone(tmp_path, cor
     with torch.no_grad():
         acc = (core.eval()(x).argmax(-1) == y).double().mean().item()
     assert s["core_acc"] == pytest.approx(acc)
-    assert 0.0 <= s["core_alone_acc"] <= 1.0 and s["core_alone_bytes"] == 6 * s["core_numel"] * 4
+    # The core trained alone (6 dense steps on the same batches; the same whatever core_full says):
+    # known-good numbers of this seeded CPU run (64 test examples: accuracy 4/64), to keep.
+    assert s["core_alone_acc"] == 4 / 64 and s["core_alone_loss"] == pytest.approx(2.3132375, rel=1e-5)
+    assert s["core_alone_bytes"] == 6 * s["core_numel"] * 4
     if core_full is None:  # core steps only: the full model IS the core, and the change is sparse
         assert s["core_acc"] == s["test_acc"] and s["task_diff_entries"] == k
         assert_same_state(sdiff.apply(base, tmp_path / "task_diff.safetensors").state_dict(), r0["state"])
