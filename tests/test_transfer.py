@@ -12,7 +12,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import transfer  # noqa: E402
-from test_wordnet import write_noun  # noqa: E402
+from test_wordnet import TWO_SUPERSENSES, write_noun  # noqa: E402
 
 
 def tiny_bert(folder):
@@ -32,9 +32,7 @@ def tiny_bert(folder):
 
 def test_transfer_part_and_merge(tmp_path):
     pytest.importorskip("transformers")
-    synsets = [(lex, [f"thing{i}"], "000", f"a {kind} of sort {i}") for i in range(24)
-               for lex, kind in (("05", "beast"), ("13", "dish"))]
-    data = write_noun(tmp_path / "wn", synsets=synsets)
+    data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)
     methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only"]  # the table's order
     res = transfer.main(["--methods", *methods, "--steps", "3", "--eval-every", "3", "--seeds", "1",
                          "--batch-size", "4", "--train-size", "40", "--test-size", "8", "--num-samples", "8",

@@ -45,6 +45,11 @@ def noun_lines(synsets=SYNSETS, header=HEADER) -> bytes:
     return out
 
 
+# 48 synsets, 24 of each of two supersenses (animal, food): enough for tiny end-to-end runs.
+TWO_SUPERSENSES = [(lex, [f"thing{i}"], "000", f"a {kind} of sort {i}") for i in range(24)
+                   for lex, kind in (("05", "beast"), ("13", "dish"))]
+
+
 def write_noun(folder: Path, data: bytes | None = None, synsets=SYNSETS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data.noun").write_bytes(noun_lines(synsets) if data is None else data)
@@ -168,9 +173,7 @@ def test_app_two_workers_on_a_tiny_wordnet(tmp_path):
     pytest.importorskip("transformers")
     from apptest import run_app
 
-    synsets = [(lex, [f"thing{i}"], "000", f"a {kind} of sort {i}") for i in range(24)
-               for lex, kind in (("05", "beast"), ("13", "dish"))]
-    data = write_noun(tmp_path / "wn", synsets=synsets)
+    data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)
     args = ["task=wordnet", f"task.data_dir={data}", "task.train_size=40", "task.test_size=8", "steps=4",
             "batch_size=4", "eval_every=4", "mask.num_samples=8", "mask.batch_size=4", "mask.chunk_size=4",
             "schedule=fish_fixed", "logging.progress=false", f"out_dir={tmp_path}", "run_id=wn"]
