@@ -21,6 +21,8 @@ import threading
 import time
 from collections import deque
 
+from apprun import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
 _ports = itertools.count(29500)
@@ -30,13 +32,6 @@ def torchrun_cmd(nproc: int, port: int, script: str, *args: str, nnodes: int = 1
                  master_addr: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
             "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), script, *args]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env(link, threads: int) -> dict:
@@ -57,7 +52,7 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     Lines starting with ``[worker]`` are echoed live. Exit code 124 means it was killed after
     ``timeout`` seconds.
     """
-    port = next(_ports) if link.isolated else _free_port()
+    port = next(_ports) if link.isolated else free_port()
     nnodes = getattr(link, "nnodes", 1)
     if nnodes == 1:
         cmds = [link.wrap(torchrun_cmd(nproc, port, script, *args))]

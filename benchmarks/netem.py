@@ -76,7 +76,7 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -91,7 +91,7 @@ def _kill_inside(name: str) -> None:
     """Kill the processes inside our namespace ``name`` (workers we started), by pid."""
     pids = [int(p) for p in _run(["ip", "netns", "pids", name], check=False).stdout.split() if p.isdigit()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in pids if _pid_alive(p)]
+        alive = [p for p in pids if pid_alive(p)]
         for p in alive:
             try:
                 os.kill(p, sig)
@@ -100,7 +100,7 @@ def _kill_inside(name: str) -> None:
         deadline = time.monotonic() + 5
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)
-            alive = [p for p in alive if _pid_alive(p)]
+            alive = [p for p in alive if pid_alive(p)]
         if not alive:
             return
 
@@ -118,7 +118,7 @@ def remove_stale() -> list[str]:
     removed = []
     for name in list_namespaces():
         m = re.match(re.escape(PREFIX) + r"(\d+)-\d+$", name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             delete_namespace(name)
             removed.append(name)
     return removed

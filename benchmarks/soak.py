@@ -16,57 +16,14 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(out: Path, run_id: str, args: list[str], max_restarts: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-           f"127.0.0.1:{free_port()}", "--rdzv-id", run_id, "--monitor-interval", "0.1",
-           "-m", "sparsecomm.app.train", *args, f"out_dir={out}", f"run_id={run_id}"]
-    log = open(out / f"{run_id}.log", "w")  # noqa: SIM115 - the child writes to it until it exits
-    return subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
-def worker_pid(run_id: str, rank: int) -> int | None:
-    want = {f"TORCHELASTIC_RUN_ID={run_id}".encode(), f"RANK={rank}".encode()}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if want <= set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")):
-                    return int(entry)
-            except OSError:
-                pass
-    return None
+sys.path.insert(0, str(HERE))
+from apprun import read_events, torchrun_app, worker_pid  # noqa: E402
 
 
 def steps_lost(evs: list[dict]) -> tuple[int, list[dict]]:
@@ -99,14 +56,14 @@ def main() -> None:
     planned = max(a.steps // a.kill_every - 1, 1)
     run_id = f"soak{os.getpid()}"
     t0 = time.time()
-    ref = torchrun(out, "reference", args, max_restarts=0)
-    soak = torchrun(out, run_id, args, max_restarts=planned + 1)
+    ref = torchrun_app(out, "reference", args, log=out / "reference.log")
+    soak = torchrun_app(out, run_id, args, max_restarts=planned + 1, log=out / f"{run_id}.log")
     kills: list[dict] = []
     next_kill = a.kill_every + rng.randint(-a.kill_every // 4, a.kill_every // 4)
     resumes_seen = 0
     try:
         while soak.poll() is None:
-            evs = events(out / run_id)
+            evs = read_events(out / run_id, live=True)
             resumes = sum(e["event"] == "resume" for e in evs)
             trained = [e["step"] for e in evs if e["event"] == "train"]
             ready = resumes == len(kills)  # the previous kill has been recovered from
@@ -132,7 +89,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
 
-    evs = events(out / run_id)
+    evs = read_events(out / run_id, live=True)
     lost, detail = steps_lost(evs)
     result = {"steps": a.steps, "kill_every": a.kill_every, "checkpoint_every": a.checkpoint_every, "seed": a.seed,
               "soak_exit": soak.returncode, "reference_exit": ref.returncode, "kills": kills,

@@ -361,14 +361,15 @@ def restart(st: dict, node: str, timeout: float = 60.0) -> None:
 
 
 # --- down -------------------------------------------------------------------------------------
-def _ns_pids(ns: str) -> list[int]:
+def ns_pids(ns: str) -> list[int]:
+    """The pids of the processes in network namespace ``ns`` (empty if it is gone)."""
     out = _sh(["ip", "netns", "pids", ns], check=False).stdout
     return [int(p) for p in out.split() if p.isdigit()]
 
 
 def kill_node(st: dict, node: str, sig: int = signal.SIGKILL) -> list[int]:
     """Send ``sig`` to every process in ``node``'s network namespace (what a power cut does)."""
-    pids = _ns_pids(netns(st, node))
+    pids = ns_pids(netns(st, node))
     for p in pids:
         try:
             os.kill(p, sig)
@@ -381,7 +382,7 @@ def _empty(ns: str, timeout: float = 10.0) -> None:
     """SIGKILL every process in ``ns`` by pid until none is left (children forked meanwhile too)."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [p for p in _ns_pids(ns) if netem._pid_alive(p)]
+        alive = [p for p in ns_pids(ns) if netem.pid_alive(p)]
         if not alive or time.monotonic() > deadline:
             return
         for p in alive:
@@ -408,7 +409,7 @@ def down(name: str | None = None) -> list[str]:
             munge_pid = int(open(os.path.join(state_dir(name), "munge", "munged.pid")).read())
         except (OSError, ValueError):
             munge_pid = None
-    if munge_pid and netem._pid_alive(munge_pid) and _is_munged(munge_pid, name):
+    if munge_pid and netem.pid_alive(munge_pid) and _is_munged(munge_pid, name):
         os.kill(munge_pid, signal.SIGKILL)
     shutil.rmtree(state_dir(name), ignore_errors=True)
     return mine
@@ -436,7 +437,7 @@ def status(name: str | None = None) -> str:
         ns = netns(st, n)
         c = counters(st, n).get("eth0", {}) if ns in left else {}
         q = _sh(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "eth0"], check=False).stdout.split("\n")[0]
-        lines.append(f"  {n:6} {st['addrs'].get(n, CTL_ADDR):12} netns {ns}: {len(_ns_pids(ns))} process(es), "
+        lines.append(f"  {n:6} {st['addrs'].get(n, CTL_ADDR):12} netns {ns}: {len(ns_pids(ns))} process(es), "
                      f"eth0 tx {c.get('tx_bytes', 0)} B rx {c.get('rx_bytes', 0)} B; {q.strip()}")
     if st["slurm"]:
         out = run(st, "ctl", ["sinfo", "-N", "-o", "%N %P %t %c"], capture_output=True, text=True)

@@ -191,7 +191,7 @@ class DiffPruning(nn.Module):
         """
         kw = self._gate_kw()
         per_tensor = torch.stack([prob_nonzero(la, **kw).sum() for la in self.log_alpha]) if len(self.log_alpha) \
-            else torch.zeros(0)
+            else torch.zeros(0, device=self.diff[0].device, dtype=self.diff[0].dtype)
         if self.group_log_alpha is not None:
             per_tensor = per_tensor * prob_nonzero(self.group_log_alpha, **kw)
         return per_tensor.sum()

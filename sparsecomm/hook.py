@@ -126,6 +126,12 @@ class MaskedAllReduceState:
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
 
+    @property
+    def num_plans(self) -> int:
+        """Packing plans held: one per DDP bucket the hook has seen (after DDP rebuilds its
+        buckets, the number of buckets). Tells whether a model really spans several buckets."""
+        return len(self._plans)
+
     def plan_for(self, bucket: dist.GradBucket) -> PackPlan:
         """The bucket's packing plan, rebuilt whenever its parameters (identity, order) changed."""
         params = bucket.parameters()

@@ -1,10 +1,33 @@
-"""Helpers for tests of the app: its config composed as the app composes it, a crash on cue."""
+"""The one home of the tests' shared helpers.
+
+* the app's config composed as the app composes it (:func:`compose_app`), a crash on cue
+  (:func:`crash_before`), the tiny one-process run (:data:`TINY`), the real entry point in this
+  process (:func:`main_in_process`) and in a subprocess (:func:`run_app`);
+* running the app under torchrun and reading its ``metrics.jsonl``: defined once in
+  ``benchmarks/apprun.py`` (the soak benchmark uses them too) and re-exported here;
+
+Two neighbours, each with one job: ``tests/multirank.py`` runs a function on N ranks (fork +
+file:// store), ``tests/reference.py`` holds the independent references tests compare the
+library with (written there once, never with the library's code).
+"""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from apprun import (  # noqa: E402,F401  (re-exported: one definition, shared with the benchmarks)
+    LAUNCHER_VARS, app_env, free_port, read_events, torchrun_app, torchrun_app_cmd, worker_pid)
+
+APP = Path(sys.executable).with_name("sparsecomm-train")
 
 
 def compose_app(*overrides: str) -> DictConfig:
@@ -28,18 +51,23 @@ def crash_before(trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
-# A launcher's variables in the test's own environment would make the app join instead of launch.
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS",
-                 "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SPARSECOMM_TRACEBACK")
 # One process, a few steps of digits: the smallest real run of the app.
 TINY = ["cluster.nproc_per_node=1", "steps=4", "schedule.dense_steps=1", "batch_size=8", "eval_every=0",
         "eval_batch_size=128", "logging.progress=false", "++mask.num_samples=16"]
 
 
 def clean_launcher_env(monkeypatch) -> None:
+    """This test's environment without a launcher's variables (the app launches, it does not join)."""
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
+
+
+def run_app(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The installed console entry ``sparsecomm-train args`` in a subprocess (text output captured)."""
+    if not APP.exists():
+        pytest.fail(f"{APP} is missing: install the package first (pip install -e .)")
+    return subprocess.run([str(APP), *args], cwd=cwd, env=app_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def main_in_process(args, capsys) -> tuple[int, str, str]:
@@ -60,3 +88,4 @@ def main_in_process(args, capsys) -> tuple[int, str, str]:
 
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
+

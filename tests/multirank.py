@@ -1,9 +1,14 @@
-"""Run a function on N Gloo ranks in forked processes (file:// store: ~0.1 s to start).
+"""Run a function on N ranks in child processes (file:// store: ~0.1 s to start when forked).
 
     results = run_ranks(fn, world_size=2, arg1, ...)   # fn(rank, world_size, *args) -> picklable
 
 Every rank's return value comes back in rank order; an exception on any rank fails the caller
 with that rank's traceback. A rank that hangs is killed after ``timeout`` seconds.
+
+Gloo on forked CPU processes by default. For CUDA (tests/test_gpu.py): ``backend="nccl"`` or
+Gloo with CUDA tensors, and ``start_method="spawn"`` (a forked child cannot use CUDA once the
+parent has); each rank's current device is then ``cuda:(rank % device_count)``, set before
+the process group starts. With spawn, ``fn`` must be importable (a module-level function).
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ import torch
 import torch.distributed as dist
 
 
-def _entry(fn, rank, world_size, init_file, queue, args):
+def _entry(fn, rank, world_size, init_file, queue, args, backend="gloo", cuda=False):
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        if cuda:
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
             out = fn(rank, world_size, *args)
         finally:
@@ -31,12 +38,18 @@ def _entry(fn, rank, world_size, init_file, queue, args):
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0):
-    ctx = mp.get_context("fork")
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, backend: str = "gloo",
+              start_method: str = "fork", cuda: bool = False):
+    """``fn(rank, world_size, *args)`` on ``world_size`` ranks of ``backend``; their results in rank order.
+
+    ``cuda=True``: every rank sets its current CUDA device first (use with ``start_method="spawn"``).
+    """
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "store")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args, backend, cuda),
+                             daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()

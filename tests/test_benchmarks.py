@@ -118,9 +118,24 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert res["exit_code"] == 0, res["error_tail"]
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"fish"}
+    # Step 0 is the seed's initial model (the digits CNN built after torch.manual_seed(0)), evaluated
+    # here on the whole test set; every point is a count of correct answers over that test set.
+    import torch
+
+    from sparsecomm.app.tasks import digits
+
+    torch.manual_seed(0)
+    task = digits.build()
+    test = task.test_set
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([int(test[i][1]) for i in range(len(test))])
+    with torch.no_grad():
+        initial = int((task.model.eval()(x).argmax(-1) == y).sum()) / len(y)
     for r in res["runs"]:
         assert [p["step"] for p in r["curve"]] == [0, 3, 6]
-        assert all(0.0 <= p["accuracy"] <= 1.0 for p in r["curve"])
+        assert r["curve"][0]["accuracy"] == initial, (r["curve"][0], initial)
+        for p in r["curve"]:
+            assert abs(p["accuracy"] * len(y) - round(p["accuracy"] * len(y))) < 1e-9, p
         secs = [p["seconds"] for p in r["curve"]]
         assert secs == sorted(secs) and secs[-1] > 0
     from sparsecomm.app import models

@@ -11,7 +11,6 @@ final parameters are bit-identical.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,16 +27,9 @@ RDZV_PORT = 29400
 pytestmark = [pytest.mark.box, pytest.mark.timeout(900)]  # a test may start the module's box and 2-3 jobs
 
 
-def _load_box():
-    spec = importlib.util.spec_from_file_location("sparsecomm_box", REPO / "cluster" / "box.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-box = _load_box()
 sys.path.insert(0, str(REPO / "benchmarks"))
 import comm  # noqa: E402  (ring prediction and the 10% check of the communication benchmark)
+from boxlink import box  # noqa: E402  (cluster/box.py, loaded once)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +52,11 @@ def cluster():
                 time.sleep(0.2)
         except Exception:  # noqa: BLE001 (the teardown below must run; the checks say what is left)
             pass
-        pids = [p for ns in box.namespaces(BOX_NAME) for p in box._ns_pids(ns)] + [st["pids"]["munged"]]
+        pids = [p for ns in box.namespaces(BOX_NAME) for p in box.ns_pids(ns)] + [st["pids"]["munged"]]
         box.down(BOX_NAME)
         left = box.namespaces(BOX_NAME)
         assert not left, f"box down left namespaces {left}"
-        alive = [p for p in pids if box.netem._pid_alive(p)]
+        alive = [p for p in pids if box.netem.pid_alive(p)]
         assert not alive, f"box down left processes {alive}"
         assert not os.path.exists(st["dir"])
 

@@ -8,61 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-from test_app import app_env
+from apptest import read_events, torchrun_app, worker_pid
 
 ARGS = ["steps=240", "batch_size=16", "eval_every=0", "logging.progress=false", "logging.log_every=10",
         "mask.num_samples=64", "schedule.dense_steps=20", "cluster.num_threads=1", "cluster.nproc_per_node=2",
         "checkpoint.every=40"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(out: Path, run_id: str, max_restarts: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", run_id, "--monitor-interval", "0.1",
-           "-m", "sparsecomm.app.train", *ARGS, f"out_dir={out}", f"run_id={run_id}"]
-    return subprocess.Popen(cmd, cwd=out, env={**app_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
-
-
-def worker_pid(run_id: str, rank: int) -> int | None:
-    """The pid of the worker of this torchrun run with this RANK, from /proc/<pid>/environ."""
-    want = {f"TORCHELASTIC_RUN_ID={run_id}".encode(), f"RANK={rank}".encode()}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if want <= env:
-            return int(entry)
-    return None
 
 
 def load_params(path: Path) -> dict[str, torch.Tensor]:
@@ -73,14 +27,14 @@ def load_params(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_one_rank_restarts_and_matches_the_uninterrupted_run(tmp_path):
     run_id = f"cut{os.getpid()}"
-    full = torchrun(tmp_path, "full", max_restarts=0)  # the reference, at the same time (start-up dominates)
-    cut = torchrun(tmp_path, run_id, max_restarts=2)
+    full = torchrun_app(tmp_path, "full", ARGS)  # the reference, at the same time (start-up dominates)
+    cut = torchrun_app(tmp_path, run_id, ARGS, max_restarts=2)
     run_dir = tmp_path / run_id
     killed = None
     deadline = time.time() + 120
     try:
         while killed is None and time.time() < deadline and cut.poll() is None:
-            evs = events(run_dir)
+            evs = read_events(run_dir, live=True)
             ckpts = [e["step"] for e in evs if e["event"] == "checkpoint"]
             trained = [e["step"] for e in evs if e["event"] == "train"]
             if ckpts and trained and trained[-1] > ckpts[-1] and trained[-1] < 200:
@@ -99,7 +53,7 @@ def test_sigkill_one_rank_restarts_and_matches_the_uninterrupted_run(tmp_path):
     assert killed is not None, f"the run ended before a kill was possible:\n{err[-3000:]}"
     assert cut.returncode == 0, err[-4000:]
 
-    evs = events(run_dir)
+    evs = read_events(run_dir)
     resumes = [e for e in evs if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] >= killed[1] and not resumes[0]["resharded"], resumes
     summary = json.loads((run_dir / "summary.json").read_text())

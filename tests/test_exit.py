@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from apptest import TINY, clean_launcher_env, compose_app
-from test_app import APP, REPO, app_env
-from test_elastic import events, free_port
+from apptest import APP, REPO, TINY, app_env, clean_launcher_env, compose_app, read_events, torchrun_app_cmd
 
 # A short job that still builds DDP, the masked hook and both optimizers on 2 ranks.
 SHORT = ["task=synthetic", "task.in_features=16", "task.hidden=32", "task.depth=1", "task.num_train=256",
@@ -49,10 +47,8 @@ def test_twenty_torchrun_launches_all_exit_zero(tmp_path):
     env = {**app_env(), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     failures = []
     for i in range(20):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", f"run{i}",
-               "--monitor-interval", "0.1", "-m", "sparsecomm.app.train", *SHORT, "save_model=false",
-               f"out_dir={tmp_path}", "cluster.nproc_per_node=2"]
+        cmd = torchrun_app_cmd([*SHORT, "save_model=false", f"out_dir={tmp_path}", "cluster.nproc_per_node=2"],
+                               nproc=2, run_id=f"run{i}")
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 or "terminate called" in proc.stderr or proc.stdout.count("== sparsecomm summary") != 1:
             failures.append(f"launch {i}: rc {proc.returncode}\n{proc.stderr[-2000:]}")
@@ -72,9 +68,7 @@ def test_a_bad_value_under_the_torchrun_script_is_one_line_and_never_retried(tmp
 
 def test_under_torchrun_rank_zero_alone_reports_a_bad_value(tmp_path):
     """Straight torchrun (no script): every rank checks the config, rank 0 alone prints it."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "bad",
-           "-m", "sparsecomm.app.train", *SHORT, "mask.density=7", f"out_dir={tmp_path}"]
+    cmd = torchrun_app_cmd([*SHORT, "mask.density=7", f"out_dir={tmp_path}"], nproc=2, run_id="bad")
     proc = subprocess.run(cmd, cwd=tmp_path, env={**app_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
@@ -92,7 +86,7 @@ def start_long_run(tmp_path: Path, run_id: str, nproc: int, extra=()) -> subproc
 def wait_for_training(proc: subprocess.Popen, run_dir: Path, timeout: float = 240, seen: int = 0) -> None:
     """Until a train record beyond the first ``seen`` records of ``metrics.jsonl`` appears."""
     deadline = time.time() + timeout
-    while not any(e["event"] == "train" for e in events(run_dir)[seen:]):
+    while not any(e["event"] == "train" for e in read_events(run_dir, live=True)[seen:]):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "the run did not start training"
         time.sleep(0.2)
@@ -117,7 +111,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_one_line(tmp_pa
     assert found is not None and found[0].endswith(f"step-{step:08d}.ckpt")
     assert "run_id=sig" in err and "resume with: sparsecomm-train" in err
     # The hinted command continues from that checkpoint (stopped again at once: the point is the resume).
-    seen = len(events(run_dir))
+    seen = len(read_events(run_dir, live=True))
     again = start_long_run(tmp_path, "sig", nproc)
     wait_for_training(again, run_dir, seen=seen)
     again.send_signal(signal.SIGTERM)

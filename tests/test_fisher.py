@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import sparsecomm
+from reference import reference_fisher
 from multirank import run_ranks
 from sparsecomm.fisher import fisher_scores
 
@@ -138,12 +139,8 @@ def test_dict_inputs():
     got, _ = fisher_scores(kw, [({"input_ids": ids, "attention_mask": am}, y)], nn.functional.cross_entropy,
                            num_samples=6, stats=stats)
     assert stats == {"engine": "layers"}  # nn.Embedding is scored by the layers engine
-    want = {n: torch.zeros_like(p) for n, p in kw.named_parameters()}
-    for i in range(6):
-        kw.zero_grad()
-        nn.functional.cross_entropy(kw(ids[i:i + 1], am[i:i + 1]), y[i:i + 1]).backward()
-        for n, p in kw.named_parameters():
-            want[n] += p.grad ** 2
+    want = reference_fisher(kw, [({"input_ids": ids, "attention_mask": am}, y)], nn.functional.cross_entropy)
+    assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n])
 
@@ -152,16 +149,7 @@ def test_dict_inputs():
 
 def loop_scores(m, x, y):
     """Independent reference: one example at a time, plain autograd, eval mode."""
-    m.eval()
-    out = {n: torch.zeros_like(p) for n, p in m.named_parameters() if p.requires_grad}
-    for i in range(len(x)):
-        m.zero_grad()
-        nn.functional.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
-        for n, p in m.named_parameters():
-            if p.requires_grad:
-                out[n] += p.grad ** 2
-    m.train()
-    return out
+    return reference_fisher(m, [(x, y)], nn.functional.cross_entropy)
 
 
 class Seq(nn.Module):
@@ -278,13 +266,8 @@ def test_layers_engine_embeddings_exact_with_repeated_ids_padding_and_broadcast_
                                ({"input_ids": ids[3:], "token_type_ids": types[3:]}, y[3:])],
                            nn.functional.cross_entropy, num_samples=4, engine="layers", stats=stats)
     assert stats == {"engine": "layers"}
-    m.eval()
-    want = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
-    for i in range(4):
-        m.zero_grad()
-        nn.functional.cross_entropy(m(ids[i:i + 1], types[i:i + 1]), y[i:i + 1]).backward()
-        for n, p in m.named_parameters():
-            want[n] += p.grad ** 2
+    want = reference_fisher(m, [({"input_ids": ids, "token_type_ids": types}, y)], nn.functional.cross_entropy)
+    assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-9)
     assert got["words.weight"][0].abs().sum() == 0 and got["words.weight"][3].abs().sum() > 0

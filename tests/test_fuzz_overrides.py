@@ -173,11 +173,31 @@ def test_every_field_runs_or_fails_in_one_line(case, tmp_path, capsys, capped_ap
     run_case(case, tmp_path, capsys)
 
 
+def assert_ran_with(case, out_dir) -> None:
+    """What a case that ran did: it started a run (one run folder, its ``config.yaml`` written)
+    and that run holds every value the case asked for: each overridden field as Hydra parses
+    the override, each group choice's option (its ``name``)."""
+    runs = [p for p in out_dir.iterdir() if (p / "config.yaml").exists()]
+    assert len(runs) == 1, (case, sorted(p.name for p in out_dir.iterdir()))
+    saved = OmegaConf.load(runs[0] / "config.yaml")
+    asked = compose_app(*TINY, *case)
+    for override in case:
+        key = key_of(override).replace("/", ".")
+        if "=" in override and "." not in key_of(override) and isinstance(OmegaConf.select(asked, key), DictConfig):
+            key = f"{key}.name"  # a group choice: the option the run holds
+        want = OmegaConf.select(asked, key, throw_on_resolution_failure=False)
+        assert OmegaConf.select(saved, key) == want, f"{case}: the run holds {key}={OmegaConf.select(saved, key)!r}"
+
+
 def test_seeded_combinations_run_or_fail_in_one_line(tmp_path, capsys, capped_app):
-    outcomes = [run_case(case, tmp_path / str(i), capsys, combined=True)
-                for i, case in enumerate(combined_cases(SEEDS))]
-    assert "error" in outcomes  # the combinations reached the checks, and the app (below)
-    assert len(outcomes) == SEEDS
+    """Each combination either ran with every value it asked for, or stopped with one line naming
+    one of its fields (run_case); between them, the combinations did both."""
+    outcomes = []
+    for i, case in enumerate(combined_cases(SEEDS)):
+        outcomes.append(run_case(case, tmp_path / str(i), capsys, combined=True))
+        if outcomes[-1] == "ran":
+            assert_ran_with(case, tmp_path / str(i))
+    assert set(outcomes) == {"ran", "error"}, outcomes
 
 
 def test_the_field_cases_cover_every_group_and_both_outcomes(tmp_path, capsys, capped_app):
@@ -187,6 +207,8 @@ def test_the_field_cases_cover_every_group_and_both_outcomes(tmp_path, capsys, c
             "steps"} <= groups
     sample = [("mask.density=0.5",), ("mask.density=-1",), ("optim.lr=0.5",), ("steps=abc",)]
     assert [run_case(c, tmp_path / str(i), capsys) for i, c in enumerate(sample)] == ["ran", "error", "ran", "error"]
+    for i in (0, 2):
+        assert_ran_with(sample[i], tmp_path / str(i))
 
 
 def test_a_typo_with_plus_is_refused_naming_the_field(tmp_path, capsys, capped_app):

@@ -19,7 +19,8 @@ import memory  # noqa: E402
 def test_width_and_fit_helpers():
     for mib in (128, 1024, 4096):
         w = memory.width_for(mib)
-        assert w % 16 == 0 and abs(memory.model_bytes(w) / memory.MIB - mib) / mib < 0.02
+        assert w % 16 == 0 and abs(8 * (w * w + w) * 4 / 2**20 - mib) / mib < 0.02
+        assert memory.model_bytes(w) == 8 * (w * w + w) * 4
     a, b = memory.fit_line([(1.0, 5.0), (2.0, 7.0), (4.0, 11.0)])
     assert abs(a - 3.0) < 1e-9 and abs(b - 2.0) < 1e-9
     assert memory.largest_model((3.0, 2.0), budget=26.0, world=2) == 5.0
@@ -33,7 +34,8 @@ def test_rows_run_in_fresh_processes_and_publish(tmp_path):
     for r in rows:
         assert "failed" not in r, r
         assert r["peak_extra"] >= 0 and r["rss_peak_total"] >= r["rss_before"], r
-        assert r["model_bytes"] == memory.model_bytes(r["width"]) and r["k"] == round(0.005 * r["model_bytes"] / 4)
+        w = r["width"]  # 8 fp32 nn.Linear(w, w) layers, weights and biases, counted by hand
+        assert r["model_bytes"] == 8 * (w * w + w) * 4 and r["k"] == round(0.005 * 8 * (w * w + w))
     pipe = rows[1]
     assert pipe["steps"] == 1 and pipe["loss_finite"] and {"fisher_mask", "train"} <= set(pipe["phases"])
     with open(tmp_path / "memory.json") as f:

@@ -114,7 +114,7 @@ def test_reset_mask_carries_state_of_kept_entries():
     grads_for(model, 0)
     opt.step()
     old = {}  # (param name, flat position) -> exp_avg
-    (packed,) = opt._packed
+    (packed,) = opt.param_groups[0]["params"]
     exp_avg = opt.state[packed]["exp_avg"]
     i = 0
     for n, _ in model.named_parameters():
@@ -122,7 +122,7 @@ def test_reset_mask_carries_state_of_kept_entries():
             old[(n, pos)] = exp_avg[i].item()
             i += 1
     opt.reset_mask(m2)
-    (packed,) = opt._packed
+    (packed,) = opt.param_groups[0]["params"]
     new = opt.state[packed]["exp_avg"]
     assert new.numel() == m2.num_selected
     i, carried = 0, 0
@@ -162,3 +162,30 @@ def test_ranks_stay_bit_identical(world):
         assert not moved
         for p, q in zip(params, results[0][0]):
             assert torch.equal(p, q)
+
+
+def test_optimizers_and_packing_follow_the_parameters_device():
+    """CUDA readiness checked without a GPU: on the "meta" device any tensor the library made on
+    the CPU by default and mixed with the parameters' would raise. State, packed values, plans
+    and reset_mask all stay on the parameters' device (tests/test_gpu.py runs them on CUDA)."""
+    from sparsecomm.packing import build_plan, pack, unpack_
+
+    cpu = net()
+    mask, other = (sparsecomm.random_mask(cpu, density=0.3, seed=s) for s in (1, 2))
+    model = copy.deepcopy(cpu).to("meta")
+    for cls in (sparsecomm.MaskedAdamW, sparsecomm.MaskedSGD):
+        opt = cls(model, mask, lr=0.1, **({"momentum": 0.9} if cls is sparsecomm.MaskedSGD else {}))
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.empty_like(p)
+            opt.step()
+            opt.reset_mask(other)
+        assert all(t.device.type == "meta" for t in opt.param_groups[0]["params"])
+        moments = [t for st in opt.state.values() for k, t in st.items() if k != "step"]  # torch keeps step on CPU
+        assert moments and all(t.device.type == "meta" for t in moments)
+    params = list(model.parameters())
+    bits = {p: mask[n].reshape(-1) for (n, _), p in zip(model.named_parameters(), params)}
+    plan = build_plan(params, bits, torch.device("meta"))
+    buffer = torch.empty(plan.numel, device="meta")
+    assert plan.index.device.type == "meta" and pack(buffer, plan).device.type == "meta"
+    assert unpack_(buffer, plan, torch.empty(plan.k, device="meta")).device.type == "meta"

@@ -10,9 +10,10 @@ import json
 
 import pytest
 import torch
-from apptest import Crash, compose_app, crash_before
+from apptest import Crash, compose_app, crash_before, read_events
 from multirank import run_ranks
 
+import sparsecomm
 import sparsecomm.diff as sdiff
 from sparsecomm.app import config, data, trainer
 from sparsecomm.width_core import export_core, isolate_core, width_core_mask
@@ -36,13 +37,13 @@ def model_bits(model) -> str:
 
 
 def _fit(rank, world, cfg, run_dir, probe=None):
-    cls = {"refresh": RefreshProbe}.get(probe, trainer.Trainer)
-    t = cls(cfg, run_dir, torch.device("cpu"))
+    refresh_log = probe_refresh() if probe == "refresh" else None
+    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
     summary = t.fit()
     out = {"summary": summary, "bits": model_bits(t.model), "digest": t.mask.digest() if t.mask else None,
            "state": {k: v.clone() for k, v in t.model.state_dict().items()} if rank == 0 else None}
     if probe == "refresh":
-        out["refresh"] = t.refresh_log
+        out["refresh"] = refresh_log
     return out
 
 
@@ -52,8 +53,7 @@ def run(tmp_path, *overrides, probe=None):
 
 
 def records(tmp_path, event):
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
+    return [r for r in read_events(tmp_path) if r["event"] == event]
 
 
 def initial_model(cfg):
@@ -176,7 +176,10 @@ def test_width_core_exported_and_evaluated_alone_and_trained_alone(tmp_path, cor
     with torch.no_grad():
         acc = (core.eval()(x).argmax(-1) == y).double().mean().item()
     assert s["core_acc"] == pytest.approx(acc)
-    assert 0.0 <= s["core_alone_acc"] <= 1.0 and s["core_alone_bytes"] == 6 * s["core_numel"] * 4
+    # The core trained alone (6 dense steps on the same batches; the same whatever core_full says):
+    # known-good numbers of this seeded CPU run (64 test examples: accuracy 4/64), to keep.
+    assert s["core_alone_acc"] == 4 / 64 and s["core_alone_loss"] == pytest.approx(2.3132375, rel=1e-5)
+    assert s["core_alone_bytes"] == 6 * s["core_numel"] * 4
     if core_full is None:  # core steps only: the full model IS the core, and the change is sparse
         assert s["core_acc"] == s["test_acc"] and s["task_diff_entries"] == k
         assert_same_state(sdiff.apply(base, tmp_path / "task_diff.safetensors").state_dict(), r0["state"])
@@ -187,46 +190,52 @@ def test_width_core_exported_and_evaluated_alone_and_trained_alone(tmp_path, cor
 
 # --- mask refresh ---------------------------------------------------------------------------------
 
-class RefreshProbe(trainer.Trainer):
-    """Records, at every mask (re)computation, the digest and what the masked optimizer did with
-    the state of entries that stay selected (carried) and of new entries (fresh zeros)."""
+def state_by_position(opt, mask):
+    """The optimizer's per-entry state keyed by global flat position, from the library's public
+    surface: ``param_groups`` holds the packed tensor, ``state`` its moments, ``mask`` says which
+    positions (model order, ascending) the packed entries are."""
+    names = [n for n, _ in opt.model.named_parameters()]
+    pos = torch.cat([mask[n].reshape(-1) for n in names]).nonzero().reshape(-1)
+    (packed,) = opt.param_groups[0]["params"]
+    st = opt.state.get(packed, {})
+    return {key: dict(zip(pos.tolist(), v.tolist())) for key, v in st.items() if torch.is_tensor(v) and v.dim()}
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.refresh_log = []
 
-    def _state_by_position(self):
-        names = [n for n, _ in self.model.named_parameters()]
-        pos = torch.cat([self.mask[n].reshape(-1) for n in names]).nonzero().reshape(-1)
-        (packed,) = self.sparse_opt._packed
-        st = self.sparse_opt.state.get(packed, {})
-        return {key: dict(zip(pos.tolist(), v.tolist())) for key, v in st.items() if torch.is_tensor(v) and v.dim()}
+def probe_refresh():
+    """Record, at every mask refresh (``reset_mask`` of the masked optimizer, public API), the new
+    mask's digest and what became of the state of entries that stay selected (carried) and of new
+    entries (fresh zeros). Called in a forked rank: the patch dies with it."""
+    log = []
+    real = sparsecomm.MaskedAdamW.reset_mask
 
-    def new_mask(self, step):
-        before = self._state_by_position() if self.sparse_opt is not None else None
-        super().new_mask(step)
-        entry = {"step": step, "digest": self.mask.digest()}
-        if before is not None:
-            after = self._state_by_position()
-            for key in ("exp_avg", "exp_avg_sq"):
-                kept = [p for p in after[key] if p in before[key]]
-                new = [p for p in after[key] if p not in before[key]]
-                entry[key] = {"kept": len(kept), "new": len(new),
-                              "carried": all(after[key][p] == before[key][p] for p in kept),
-                              "fresh": all(after[key][p] == 0.0 for p in new),
-                              "nonzero_carried": sum(before[key][p] != 0.0 for p in kept)}
-        self.refresh_log.append(entry)
+    def reset_mask(self, mask):
+        before = state_by_position(self, self.mask)
+        real(self, mask)
+        after = state_by_position(self, mask)
+        entry = {"digest": mask.digest()}
+        for key in ("exp_avg", "exp_avg_sq"):
+            kept = [p for p in after[key] if p in before[key]]
+            new = [p for p in after[key] if p not in before[key]]
+            entry[key] = {"kept": len(kept), "new": len(new),
+                          "carried": all(after[key][p] == before[key][p] for p in kept),
+                          "fresh": all(after[key][p] == 0.0 for p in new),
+                          "nonzero_carried": sum(before[key][p] != 0.0 for p in kept)}
+        log.append(entry)
+
+    sparsecomm.MaskedAdamW.reset_mask = reset_mask
+    return log
 
 
 def test_refresh_every_m_steps_ranks_agree_and_state_carries(tmp_path):
     r0, r1 = run(tmp_path, "schedule=refresh", "schedule.dense_steps=1", "schedule.refresh_every=3", "steps=8",
                  "mask.num_samples=32", "mask.density=0.1", probe="refresh")
     log0, log1 = r0["refresh"], r1["refresh"]
-    assert [e["step"] for e in log0] == [1, 4, 7]
-    assert [e["digest"] for e in log0] == [e["digest"] for e in log1]  # both ranks, every mask
-    assert [e["digest"] for e in log0] == [e["digest"] for e in records(tmp_path, "mask")]
-    assert len({e["digest"] for e in log0}) > 1  # the mask did change
-    for e in log0[1:]:
+    masks = records(tmp_path, "mask")
+    assert [e["step"] for e in masks] == [1, 4, 7]
+    assert [e["digest"] for e in log0] == [e["digest"] for e in log1]  # both ranks, every refresh
+    assert [e["digest"] for e in log0] == [e["digest"] for e in masks[1:]]  # the optimizer took each new mask
+    assert len({e["digest"] for e in masks}) > 1  # the mask did change
+    for e in log0:
         for key in ("exp_avg", "exp_avg_sq"):
             st = e[key]
             assert st["kept"] > 0 and st["nonzero_carried"] > 0 and st["carried"], (e["step"], key, st)
@@ -269,7 +278,7 @@ def test_app_diff_pruning_writes_a_task_diff_that_rebuilds_the_model(tmp_path):
     """`sparsecomm-train mask=diff_pruning` on digits, 2 workers: the summary reports the L0 phase's
     bytes and the task diff's size, and diff.apply(initial model, task_diff) == model.safetensors."""
     from safetensors.torch import load_model
-    from test_app import run_app
+    from apptest import run_app
 
     from sparsecomm.app import models
 

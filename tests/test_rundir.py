@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apptest import TINY, clean_launcher_env, crash_before, error_lines, main_in_process
+from apptest import TINY, clean_launcher_env, crash_before, error_lines, main_in_process, read_events
 from sparsecomm.app import rundir
 from sparsecomm.checkpoint import CheckpointManager
 
@@ -39,8 +39,8 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, capsys,
     dirs = sorted(p.name for p in tmp_path.iterdir())
     assert dirs == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_1"]
     for name, seed in zip(dirs, (0, 1)):
-        records = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        assert sum('"event": "summary"' in r for r in records) == 1  # one run's metrics, not two interleaved
+        records = read_events(tmp_path / name)
+        assert sum(r["event"] == "summary" for r in records) == 1  # one run's metrics, not two interleaved
         assert f"seed: {seed}" in (tmp_path / name / "config.yaml").read_text()
 
 

@@ -1,10 +1,8 @@
 """The trainer on 2 in-process Gloo ranks (fork + file store): schedules, masks, bytes, agreement."""
 from __future__ import annotations
 
-import json
-
 import pytest
-from apptest import compose_app
+from apptest import compose_app, read_events
 from multirank import run_ranks
 
 from sparsecomm.app import trainer
@@ -35,8 +33,7 @@ def run(tmp_path, *overrides):
 
 
 def mask_events(tmp_path):
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["event"] == "mask"]
+    return [r for r in read_events(tmp_path) if r["event"] == "mask"]
 
 
 def test_refresh_recomputes_the_mask_and_ranks_agree(tmp_path):
