@@ -64,7 +64,7 @@ def test_transfer_part_and_merge(tmp_path):
     assert rows["head-only"]["payload_bytes"] == 3 * 4 * head
     assert rows["head-only"]["optimizer_state_bytes"] < 3 * 4 * head  # AdamW moments of the head only
     fish = rows["fish-0.5"]
-    assert fish["diff_bytes"] > 12 * k and fish["model_file_bytes"] > 4 * n  # int64 index + fp32 value each
+    assert fish["diff_bytes"] > 5 * k and fish["model_file_bytes"] > 4 * n  # fp32 value + >= 1 byte of gap each
     assert rows["postlocal"]["diff_bytes"] is None
     part = tmp_path / "transfer_part_t.json"
     assert part.exists() and (tmp_path / "transfer_part_t.md").exists()
