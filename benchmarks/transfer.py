@@ -134,6 +134,10 @@ def summarize(runs: list[dict]) -> tuple[list[dict], float | None]:
                "optimizer_state_bytes": mean_info("optimizer_state_bytes"), "diff_bytes": mean_info("diff_bytes"),
                "model_file_bytes": mean_info("model_file_bytes"), "numel": rs[0].get("numel"),
                "others_cpu": mean_info("others_cpu_share")}
+        exchanges = [r["score_exchange"] for r in rs if r.get("score_exchange")]
+        if exchanges:  # how the Fisher scores were summed across ranks (sparsecomm.topk.sum_topk)
+            row["score_exchange"] = "/".join(sorted({e["exchange"] for e in exchanges}))
+            row["score_exchange_bytes"] = statistics.mean(e["bytes_sent"] for e in exchanges)
         if threshold is not None:
             rs_s = [reach(r, threshold, "seconds") for r in rs]
             rs_b = [reach(r, threshold, "wire_bytes_per_rank") for r in rs]
@@ -205,6 +209,8 @@ def columns(threshold) -> list[report.Column]:
         ("optimizer state MB", lambda r: report.mb(r["optimizer_state_bytes"])),
         ("k", lambda r: f"{int(r['k']):,}" if r["k"] else None),
         ("mask s", lambda r: report.fmt(r["mask_s"])),
+        ("score exchange MB/rank", lambda r: f"{r['score_exchange']} {report.mb(r['score_exchange_bytes'])}"
+         if r.get("score_exchange") else None),
         ("task diff kB (% of model file)", lambda r: f"{r['diff_bytes'] / 1e3:.0f} "
          f"({r['diff_bytes'] / r['model_file_bytes']:.2%})" if r.get("diff_bytes") else None),
         ("others' CPU", lambda r: f"{r['others_cpu']:.0%}" if r.get("others_cpu") is not None else None),
