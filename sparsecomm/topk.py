@@ -245,6 +245,9 @@ def sum_topk(tensors: Sequence[torch.Tensor], k: int, *, process_group=None,
        4x and the exchange is retried (at most ``rounds`` rounds in all, and only while a round
        costs under a quarter of the full exchange); then it falls back to the full exchange.
 
+    The certificate holds when the ranks' largest values sit at largely the same entries, as the
+    Fisher scores of one model on shards of one data set do; ranks whose values are independent
+    noise fail it (their local top 2k barely overlap) and pay a round plus the full exchange.
     Ranks decide identically (every decision uses all-reduced numbers), so all take the same path.
     A NaN on any rank raises ValueError on every rank (as the full exchange does).
 

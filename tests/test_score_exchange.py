@@ -195,3 +195,25 @@ def test_fisher_mask_candidates_equals_full_exchange_bit_for_bit(world, density,
 def test_bad_exchange_is_one_line():
     with pytest.raises(ValueError, match="exchange='fast' is not a score exchange; use one of"):
         sparsecomm.fisher_mask(nn.Linear(3, 2), [], nn.functional.cross_entropy, density=0.5, exchange="fast")
+
+
+def memory_of_the_exchange(rank, world, n, k, chunk):
+    from test_topk_stream import allocations
+
+    g, shared = torch.Generator().manual_seed(rank), torch.Generator().manual_seed(7)
+    common = torch.empty(n).exponential_(generator=shared) ** 3  # the signal the ranks' scores share
+    scores = common * torch.rand(n, generator=g)
+    tensors = [scores[:n // 2].clone(), scores[n // 2:].clone()]
+    del common, scores
+    stats = {}
+    seen = allocations(lambda: sum_topk(tensors, k, chunk_numel=chunk, stats=stats))
+    return seen, stats
+
+
+def test_the_exchange_never_allocates_n_float64():
+    n, k, chunk = 200_000, 500, 16384  # n x 8 = 1.6 MB
+    for seen, stats in run_ranks(memory_of_the_exchange, 2, n, k, chunk):
+        assert stats["exchange"] == "candidates"
+        m = 2 * k
+        assert seen[torch.float64] <= 8 * max(chunk, 4 * 2 * m) < n * 8 / 10, seen  # a chunk, or O(W m)
+        assert seen[torch.int64] <= 8 * max(chunk, 4 * 2 * m), seen
