@@ -280,6 +280,8 @@ def main(argv=None) -> dict:
     p.add_argument("--part", choices=["final", "sweep"], default="final")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--seeds", type=int, default=3, help=f"seeds for {', '.join(SEEDED)} (others: 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run are first-seed .. first-seed + seeds - 1 (a part per seed merges into one table)")
     p.add_argument("--steps", type=int, default=320, help="steps per run (320 x 32 x 2 ranks = 1.02 epochs)")
     p.add_argument("--sweep-steps", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
@@ -308,6 +310,8 @@ def main(argv=None) -> dict:
     if a.quick:
         a.seeds, a.steps, a.batch_size, a.eval_every = 1, 40, 16, 10
         a.train_size, a.test_size, a.num_samples = 4000, 600, 128
+    if a.first_seed < 0 or a.seeds < 1:
+        p.error(f"--first-seed {a.first_seed} / --seeds {a.seeds}: use --first-seed >= 0 and --seeds >= 1")
     netem.parse_rate(a.rate)
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
@@ -322,13 +326,14 @@ def main(argv=None) -> dict:
     if a.l0_steps is None:
         a.l0_steps = max(1, a.steps // 4)
     settings = {k: getattr(a, k) for k in ("steps", "batch_size", "eval_every", "train_size", "test_size",
-                                           "num_samples", "l0_steps", "rate", "ranks", "seeds", "part")}
+                                           "num_samples", "l0_steps", "rate", "ranks", "seeds", "first_seed",
+                                           "part")}
     settings.update(date=report.environment()["date"], cores=os.cpu_count(), grids={m: grid(m) for m in a.methods})
     if a.part == "sweep":
         runs = [{"method": m, "lr": lr, "seed": 0} for m in a.methods for lr in grid(m)]
     else:
         runs = [{"method": m, "lr": float(fixed.get(m, best.get(m, grid(m)[1]))), "seed": s}
-                for m in a.methods for s in range(a.seeds if m in SEEDED else 1)]
+                for m in a.methods for s in range(a.first_seed, a.first_seed + (a.seeds if m in SEEDED else 1))]
     t0 = time.monotonic()
     got, failures = run_part(runs, a, a.part)
     settings["elapsed_s"] = time.monotonic() - t0
