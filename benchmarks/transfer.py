@@ -74,7 +74,7 @@ def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
             with open(path + ".spec", "w") as f:
                 json.dump(spec, f)
             rc, tail = harness.run_torchrun(link, a.ranks, os.path.join(harness.HERE, "transfer_worker.py"),
-                                            [path + ".spec"], threads=threads, timeout=a.timeout,
+                                            [path + ".spec"], threads=threads, timeout=a.timeout * len(remaining),
                                             echo=lambda s: print(s, flush=True))
             os.unlink(path + ".spec")
             got = []
@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--no-namespace", action="store_true")
-    p.add_argument("--timeout", type=float, default=3600, help="per method")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (a torchrun of N runs gets N x this)")
     p.add_argument("--out", default=report.RESULTS)
     a = p.parse_args(argv)
     a.argv = argv
