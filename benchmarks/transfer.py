@@ -348,7 +348,19 @@ def main(argv=None) -> dict:
                        note=note + " Rows: each method at its best lr.")
     name = "transfer_quick" if a.quick else f"transfer_part_{a.tag}"
     return publish(got, a, name, "Transfer: quick run" if a.quick else f"Transfer: part {a.tag}", settings,
-                   failures, note=note + ("" if a.sweep else " Learning rates: the grid's middle (no sweep given)."))
+                   failures, note=note + lr_note(a, fixed))
+
+
+def lr_note(a, fixed: dict) -> str:
+    """How the part's learning rates were chosen, for its note."""
+    parts = []
+    if a.sweep:
+        parts.append(f"each method's best of the sweep {os.path.basename(a.sweep)} (the grid's middle where it has none)")
+    else:
+        parts.append("the grid's middle (no sweep given)")
+    if fixed:
+        parts.append("fixed by --lr: " + ", ".join(f"{m} {v}" for m, v in fixed.items()))
+    return " Learning rates: " + "; ".join(parts) + "."
 
 
 def merge(a) -> dict:
