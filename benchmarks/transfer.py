@@ -74,7 +74,7 @@ def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
             with open(path + ".spec", "w") as f:
                 json.dump(spec, f)
             rc, tail = harness.run_torchrun(link, a.ranks, os.path.join(harness.HERE, "transfer_worker.py"),
-                                            [path + ".spec"], threads=threads, timeout=a.timeout,
+                                            [path + ".spec"], threads=threads, timeout=a.timeout * len(remaining),
                                             echo=lambda s: print(s, flush=True))
             os.unlink(path + ".spec")
             got = []
@@ -134,6 +134,10 @@ def summarize(runs: list[dict]) -> tuple[list[dict], float | None]:
                "optimizer_state_bytes": mean_info("optimizer_state_bytes"), "diff_bytes": mean_info("diff_bytes"),
                "model_file_bytes": mean_info("model_file_bytes"), "numel": rs[0].get("numel"),
                "others_cpu": mean_info("others_cpu_share")}
+        exchanges = [r["score_exchange"] for r in rs if r.get("score_exchange")]
+        if exchanges:  # how the Fisher scores were summed across ranks (sparsecomm.topk.sum_topk)
+            row["score_exchange"] = "/".join(sorted({e["exchange"] for e in exchanges}))
+            row["score_exchange_bytes"] = statistics.mean(e["bytes_sent"] for e in exchanges)
         if threshold is not None:
             rs_s = [reach(r, threshold, "seconds") for r in rs]
             rs_b = [reach(r, threshold, "wire_bytes_per_rank") for r in rs]
@@ -205,6 +209,8 @@ def columns(threshold) -> list[report.Column]:
         ("optimizer state MB", lambda r: report.mb(r["optimizer_state_bytes"])),
         ("k", lambda r: f"{int(r['k']):,}" if r["k"] else None),
         ("mask s", lambda r: report.fmt(r["mask_s"])),
+        ("score exchange MB/rank", lambda r: f"{r['score_exchange']} {report.mb(r['score_exchange_bytes'])}"
+         if r.get("score_exchange") else None),
         ("task diff kB (% of model file)", lambda r: f"{r['diff_bytes'] / 1e3:.0f} "
          f"({r['diff_bytes'] / r['model_file_bytes']:.2%})" if r.get("diff_bytes") else None),
         ("others' CPU", lambda r: f"{r['others_cpu']:.0%}" if r.get("others_cpu") is not None else None),
@@ -274,6 +280,8 @@ def main(argv=None) -> dict:
     p.add_argument("--part", choices=["final", "sweep"], default="final")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--seeds", type=int, default=3, help=f"seeds for {', '.join(SEEDED)} (others: 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run are first-seed .. first-seed + seeds - 1 (a part per seed merges into one table)")
     p.add_argument("--steps", type=int, default=320, help="steps per run (320 x 32 x 2 ranks = 1.02 epochs)")
     p.add_argument("--sweep-steps", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=32)
@@ -293,7 +301,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--no-namespace", action="store_true")
-    p.add_argument("--timeout", type=float, default=3600, help="per method")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (a torchrun of N runs gets N x this)")
     p.add_argument("--out", default=report.RESULTS)
     a = p.parse_args(argv)
     a.argv = argv
@@ -302,6 +310,8 @@ def main(argv=None) -> dict:
     if a.quick:
         a.seeds, a.steps, a.batch_size, a.eval_every = 1, 40, 16, 10
         a.train_size, a.test_size, a.num_samples = 4000, 600, 128
+    if a.first_seed < 0 or a.seeds < 1:
+        p.error(f"--first-seed {a.first_seed} / --seeds {a.seeds}: use --first-seed >= 0 and --seeds >= 1")
     netem.parse_rate(a.rate)
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown:
@@ -316,13 +326,14 @@ def main(argv=None) -> dict:
     if a.l0_steps is None:
         a.l0_steps = max(1, a.steps // 4)
     settings = {k: getattr(a, k) for k in ("steps", "batch_size", "eval_every", "train_size", "test_size",
-                                           "num_samples", "l0_steps", "rate", "ranks", "seeds", "part")}
+                                           "num_samples", "l0_steps", "rate", "ranks", "seeds", "first_seed",
+                                           "part")}
     settings.update(date=report.environment()["date"], cores=os.cpu_count(), grids={m: grid(m) for m in a.methods})
     if a.part == "sweep":
         runs = [{"method": m, "lr": lr, "seed": 0} for m in a.methods for lr in grid(m)]
     else:
         runs = [{"method": m, "lr": float(fixed.get(m, best.get(m, grid(m)[1]))), "seed": s}
-                for m in a.methods for s in range(a.seeds if m in SEEDED else 1)]
+                for m in a.methods for s in range(a.first_seed, a.first_seed + (a.seeds if m in SEEDED else 1))]
     t0 = time.monotonic()
     got, failures = run_part(runs, a, a.part)
     settings["elapsed_s"] = time.monotonic() - t0
@@ -337,7 +348,19 @@ def main(argv=None) -> dict:
                        note=note + " Rows: each method at its best lr.")
     name = "transfer_quick" if a.quick else f"transfer_part_{a.tag}"
     return publish(got, a, name, "Transfer: quick run" if a.quick else f"Transfer: part {a.tag}", settings,
-                   failures, note=note + ("" if a.sweep else " Learning rates: the grid's middle (no sweep given)."))
+                   failures, note=note + lr_note(a, fixed))
+
+
+def lr_note(a, fixed: dict) -> str:
+    """How the part's learning rates were chosen, for its note."""
+    parts = []
+    if a.sweep:
+        parts.append(f"each method's best of the sweep {os.path.basename(a.sweep)} (the grid's middle where it has none)")
+    else:
+        parts.append("the grid's middle (no sweep given)")
+    if fixed:
+        parts.append("fixed by --lr: " + ", ".join(f"{m} {v}" for m, v in fixed.items()))
+    return " Learning rates: " + "; ".join(parts) + "."
 
 
 def merge(a) -> dict:

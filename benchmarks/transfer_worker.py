@@ -153,8 +153,11 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         if kind == "fish":
             fisher_batch = min(64, len(task.train_set) // world)
             fisher_data = (b for _, b in zip(range(10_000), batches(task, rank, world, fisher_batch, seed + 7)))
+            exchange = {}
             mask = sparsecomm.fisher_mask(model, fisher_data, task.loss_fn, density=density,
-                                          num_samples=spec["num_samples"], always=tuple(task.head))
+                                          num_samples=spec["num_samples"], always=tuple(task.head), stats=exchange)
+            counter.bytes += exchange.get("gathered_bytes", 0)  # the candidates' all-gather (not all_reduce)
+            info["score_exchange"] = exchange
         else:
             mask = sparsecomm.random_mask(model, density=density, seed=seed, always=tuple(task.head))
         ddp, state, opt = masked(model, mask)

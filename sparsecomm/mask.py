@@ -220,8 +220,14 @@ def topk_mask(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] 
 
 def select_topk(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str] = (), *,
                 reduce: Callable[[torch.Tensor], None] | None = None,
-                chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> tuple[dict, list[str], torch.Tensor]:
+                chunk_numel: int = DEFAULT_CHUNK_NUMEL,
+                ranker: Callable[[list[torch.Tensor], int], torch.Tensor] | None = None,
+                ) -> tuple[dict, list[str], torch.Tensor]:
     """:func:`topk_mask`'s selection without the bits: ``({name: shape}, names kept whole, positions)``.
+
+    ``ranker(tensors, k) -> positions`` (optional) replaces the streamed top-k over the ranked
+    tensors (``reduce`` is then unused): :func:`sparsecomm.fisher_mask` passes
+    :func:`sparsecomm.topk.sum_topk`, the exact candidate exchange.
 
     ``positions`` (int64, ascending, on the scores' device) index the concatenation of the
     ranked (not kept whole) tensors. Holds no reference to ``scores`` afterwards, so a caller
@@ -240,7 +246,9 @@ def select_topk(scores: Mapping[str, torch.Tensor], k: int, always: Iterable[str
             f"budget k={k} of {total}; raise the density to at least {n_whole / total:.3g} or narrow 'always'"
         )
     positions = torch.empty(0, dtype=torch.int64)
-    if ranked:
+    if ranked and ranker is not None:
+        positions = ranker([scores[n] for n in ranked], k - n_whole)
+    elif ranked:
         positions = stream_topk(((scores[n].numel(), copy_writer(scores[n])) for n in ranked), k - n_whole,
                                 device=scores[ranked[0]].device, chunk_numel=chunk_numel, reduce=reduce)
     return {n: scores[n].shape for n in names}, kept_whole, positions

@@ -195,3 +195,132 @@ def positions_to_bits(positions: torch.Tensor, shapes: Sequence[torch.Size]) -> 
         out.append(bits.reshape(shape))
         offset += m
     return out
+
+
+def values_at(tensors: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """float64 values of the concatenated flat ``tensors`` at ascending ``positions`` (O(len(positions)))."""
+    positions = positions.to(torch.int64)
+    device = tensors[0].device if tensors else positions.device
+    positions = positions.to(device)
+    out = torch.empty(positions.numel(), dtype=torch.float64, device=device)
+    offset = 0
+    for t in tensors:
+        m = t.numel()
+        lo, hi = torch.searchsorted(positions, torch.tensor([offset, offset + m], device=device)).tolist()
+        if hi > lo:
+            out[lo:hi] = t.detach().reshape(-1)[positions[lo:hi] - offset]
+        offset += m
+    return out
+
+
+#: Rounds of candidates tried before the full all-reduce (m = 2k, then 8k).
+CANDIDATE_ROUNDS = 2
+
+
+def _ring_allreduce_bytes(numel: int, world: int, itemsize: int = 8) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` entries: 2 (W-1)/W x payload."""
+    return (2 * (world - 1) * numel * itemsize) // world
+
+
+def sum_topk(tensors: Sequence[torch.Tensor], k: int, *, process_group=None,
+             chunk_numel: int = DEFAULT_CHUNK_NUMEL, first_m: int | None = None,
+             rounds: int = CANDIDATE_ROUNDS, stats: dict | None = None) -> torch.Tensor:
+    """Positions (int64, ascending) of the top ``k`` of the cross-rank float64 SUM of ``tensors``.
+
+    The same answer, bit for bit, as :func:`stream_topk` with ``reduce`` = a float64 all-reduce
+    of every entry (the "full" exchange, ``n x 8`` bytes of payload), at a fraction of its bytes,
+    by an exact candidate protocol (TPUT-style; values must be >= 0, true of Fisher scores):
+
+    1. each rank takes its local top ``m`` (``m = 2k`` at first; streamed, O(m) memory) and its
+       local m-th value ``t_r``; every entry outside rank r's top m has a value <= ``t_r`` there;
+    2. the candidate positions are all-gathered (``W x m`` int32, or int64 when there are
+       2^31 entries or more) and their union (sorted, the same on every rank) is formed;
+    3. the float64 values at the union, followed by ``t_r``, are all-reduced (summed), in
+       chunks of at most ``chunk_numel`` entries;
+    4. the top k over the union (value desc, position asc, as everywhere) has k-th value ``T``.
+       An entry outside the union has a sum <= ``sum_r t_r``; if ``T > sum_r t_r x (1 + 4 W 2^-53)``
+       (the factor covers float64 rounding of sums of W non-negative terms in any order), no
+       entry outside the union can reach ``T``, and every entry equal to ``T`` is in the union, so
+       the selection, with its tie-breaking by position, is the global one. Otherwise ``m`` grows
+       4x and the exchange is retried (at most ``rounds`` rounds in all, and only while a round
+       costs under a quarter of the full exchange); then it falls back to the full exchange.
+
+    The certificate holds when the ranks' largest values sit at largely the same entries, as the
+    Fisher scores of one model on shards of one data set do; ranks whose values are independent
+    noise fail it (their local top 2k barely overlap) and pay a round plus the full exchange.
+    Ranks decide identically (every decision uses all-reduced numbers), so all take the same path.
+    A NaN on any rank raises ValueError on every rank (as the full exchange does).
+
+    Over the network, per rank and round (ring collectives, W ranks, u <= W m candidates):
+    all-gather ``(W-1) x m x 4`` bytes, all-reduce ``2 (W-1)/W x 8 (u + 1)`` bytes. For
+    all-MiniLM-L6-v2 at 0.5% (n = 22.7M, k = 103k ranked, W = 2): about 0.8 + 3.3 MB against
+    the full exchange's 181 MB. Exactness caveat: the sums are the all-reduce's own float64 sums;
+    on 2 ranks they are bit-identical to the full exchange's (a + b == b + a), on more ranks a
+    ring all-reduce may add the W terms of an entry in another order depending on where the
+    entry sits in the buffer, which can move a sum by an ulp; two sums within an ulp of each
+    other at the k-th place could then be ordered differently than by the full exchange.
+
+    ``stats`` (optional dict) receives ``exchange`` ("candidates" or "full"), ``rounds``,
+    ``candidates`` (u of the last round), ``per_round`` ([m, u] of each round), ``bytes_sent``
+    (per rank, by the formulas above), ``full_bytes`` (what the full exchange sends) and
+    ``gathered_bytes`` (the payload handed to all-gather: m x 4 per round).
+
+    Memory: one float64 chunk of ``chunk_numel`` entries plus O(W m) (candidates and their sums).
+    """
+    from torch import distributed as dist
+
+    n = sum(t.numel() for t in tensors)
+    device = tensors[0].device if tensors else "cpu"
+    world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+    stats = {} if stats is None else stats
+    full_bytes = _ring_allreduce_bytes(n, world)
+    stats.update(exchange="full", rounds=0, candidates=0, bytes_sent=0, full_bytes=full_bytes, per_round=[],
+                 gathered_bytes=0)
+
+    def allreduce(chunk: torch.Tensor) -> None:
+        dist.all_reduce(chunk, op=dist.ReduceOp.SUM, group=process_group)
+
+    def sources():
+        return ((t.numel(), copy_writer(t)) for t in tensors)
+
+    if world == 1:
+        return stream_topk(sources(), k, device=device, chunk_numel=chunk_numel)
+    idx_dtype = torch.int32 if n < 2 ** 31 else torch.int64
+    idx_size = 4 if idx_dtype == torch.int32 else 8
+    m = max(1, min(n, first_m if first_m is not None else 2 * k))
+    spent = 0
+    for attempt in range(rounds if k > 0 else 0):
+        round_bytes = (world - 1) * m * idx_size + _ring_allreduce_bytes(world * m + 1, world)
+        if m >= n or 4 * round_bytes > full_bytes:
+            break
+        try:
+            local = stream_topk(sources(), m, device=device, chunk_numel=chunk_numel)
+            t_r = values_at(tensors, local).min()
+        except ValueError:  # a NaN here: take part in the exchange, let every rank see it and raise
+            local = torch.arange(m, device=device)
+            t_r = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+        gathered = [torch.empty(m, dtype=idx_dtype, device=device) for _ in range(world)]
+        dist.all_gather(gathered, local.to(idx_dtype), group=process_group)
+        union = torch.unique(torch.cat(gathered).to(torch.int64))  # sorted: the same on every rank
+        del gathered, local
+        sums = torch.empty(union.numel() + 1, dtype=torch.float64, device=device)
+        sums[:-1] = values_at(tensors, union)
+        sums[-1] = t_r
+        for lo in range(0, sums.numel(), chunk_numel):
+            allreduce(sums[lo:lo + chunk_numel])
+        spent += (world - 1) * m * idx_size + _ring_allreduce_bytes(sums.numel(), world)
+        stats.update(rounds=attempt + 1, candidates=union.numel(), bytes_sent=spent)
+        stats["per_round"].append([m, union.numel()])
+        stats["gathered_bytes"] += m * idx_size
+        if torch.isnan(sums).any():
+            raise ValueError("scores contain NaN: the model or the loss produced non-finite gradients")
+        bound, sums = sums[-1], sums[:-1]
+        if union.numel() >= k:
+            pick = first_k(sums, k)  # ascending indices into the (ascending) union
+            kth = sums[pick].min()
+            if bool(kth > bound * (1 + 4 * world * 2.0 ** -53)):
+                stats["exchange"] = "candidates"
+                return union[pick]
+        m = min(n, 4 * m)
+    stats["bytes_sent"] = spent + full_bytes
+    return stream_topk(sources(), k, device=device, chunk_numel=chunk_numel, reduce=allreduce)
