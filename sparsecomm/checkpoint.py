@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 MAGIC = b"SPARSECOMM-CKPT-1\n"
 _NAME = re.compile(r"step-(\d{8,})\.ckpt$")
@@ -63,8 +64,6 @@ def read_safetensors(path: str, what: str, fix: str) -> tuple[dict[str, str], di
     raises FileNotFoundError; a truncated, garbage or foreign file, a folder or an unreadable one
     raise ValueError, never safetensors' or the OS's own exception.
     """
-    from safetensors import SafetensorError, safe_open
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist; {fix}")
     try:

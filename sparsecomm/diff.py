@@ -31,8 +31,10 @@ import os
 from collections.abc import Mapping
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .checkpoint import read_safetensors, write_atomic
 from .mask import Mask, _unwrap
 
 DIFF_FORMAT = "sparsecomm-diff-v2"
@@ -170,10 +172,6 @@ def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike)
     mask, naming the first such parameter: the file would silently not rebuild ``model``.
     ``model`` and ``base`` may be DDP-wrapped. Writes atomically (temp file + rename).
     """
-    from safetensors.torch import save
-
-    from .checkpoint import write_atomic
-
     model, base = _unwrap(model), _unwrap(base)
     mask.validate(base)
     m_params, m_bufs = _state(model)
@@ -212,13 +210,11 @@ def save(model: nn.Module, base: nn.Module, mask: Mask, path: str | os.PathLike)
         "full_model_bytes": str(full_bytes),
         "params": json.dumps(sorted(m_params)),
     }
-    write_atomic(os.fspath(path), save(tensors, metadata=meta))
+    write_atomic(os.fspath(path), safetensors_bytes(tensors, metadata=meta))
     return meta
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from .checkpoint import read_safetensors
-
     path = os.fspath(path)
     meta, tensors = read_safetensors(path, "diff file", "write it with sparsecomm.diff.save and fix the path")
     if meta.get("format") not in READ_FORMATS:

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import distributed as sdist
+from .checkpoint import read_safetensors, write_atomic
 from .topk import DEFAULT_CHUNK_NUMEL, copy_writer, positions_to_bits, stream_topk
 
 MASK_FORMAT = "sparsecomm-mask-v1"
@@ -170,19 +172,13 @@ class Mask(Mapping[str, torch.Tensor]):
     # Persistence -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
         """Write a safetensors file (bool tensors + digest in the metadata), atomically."""
-        from safetensors.torch import save
-
-        from .checkpoint import write_atomic
-
         digest = self.digest()
-        write_atomic(os.fspath(path), save(dict(self._bits), metadata={"format": MASK_FORMAT, "digest": digest}))
+        write_atomic(os.fspath(path), safetensors_bytes(dict(self._bits), metadata={"format": MASK_FORMAT, "digest": digest}))
         return digest
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Mask":
         """Read a file written by :meth:`save`; verify its digest, and its fit to ``model`` if given."""
-        from .checkpoint import read_safetensors
-
         path = os.fspath(path)
         meta, bits = read_safetensors(path, "mask file", "compute a mask first (or save one with Mask.save) and fix the path")
         if meta.get("format") != MASK_FORMAT:

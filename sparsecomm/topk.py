@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch import distributed as dist
 
 #: Default chunk: 1 Mi entries = 8 MiB of float64.
 DEFAULT_CHUNK_NUMEL = 1 << 20
@@ -267,8 +268,6 @@ def sum_topk(tensors: Sequence[torch.Tensor], k: int, *, process_group=None,
 
     Memory: one float64 chunk of ``chunk_numel`` entries plus O(W m) (candidates and their sums).
     """
-    from torch import distributed as dist
-
     n = sum(t.numel() for t in tensors)
     device = tensors[0].device if tensors else "cpu"
     world = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
