@@ -26,26 +26,45 @@ the run's ``lr``):
                   dense), projection to D%, then the masked hook + MaskedAdamW for the remaining steps
     head-only     the encoder frozen (no gradient), DDP + AdamW on the classifier head alone
 
-Test accuracy is measured by rank 0 every ``eval_every`` steps with the clock stopped; the clock
-and the byte counters cover training only (mask computation included). Over the network: what
+Every method runs on the app's components: each rank's shard (``ShardedData``, examples of
+similar length batched together), the app's mask kinds' settings, the step engine
+(``sparsecomm.app.engine``) and the app's evaluation (every rank its slice of the test set, one
+all-reduce), measured every ``eval_every`` steps with the clock stopped; the clock and the byte
+counters cover training only (mask computation included). Over the network: what
 each method's hook sends; ``wire_bytes_per_rank`` is the link's counter / ranks, barriers of
 the evaluation points subtracted. Rank 0 writes the runs after each one (atomically).
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from safetensors.torch import save as safetensors_bytes
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
+from torch.distributed.algorithms.model_averaging import averagers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sparsecomm import diff as sdiff
+from sparsecomm.app import schema
+from sparsecomm.app.data import ShardedData, evaluate
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.diff_pruning import DiffPruning
+from sparsecomm.fisher import fisher_mask
+from sparsecomm.hook import register_masked_allreduce
+from sparsecomm.mask import Mask, count_for_density, matches_any
+from sparsecomm.optim import MaskedAdamW
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tta_worker import batches, build_task  # noqa: E402
+from tta_worker import build_task, mask_kind  # noqa: E402
 from worker import PayloadCounter, TxReader, barrier_cost, busy_cpu_seconds, optimizer_state_bytes  # noqa: E402
 
 
@@ -57,67 +76,36 @@ def parse(method: str) -> tuple[str, float | None]:
     return method, None
 
 
-@torch.no_grad()
-def shared_accuracy(task, model) -> float:
-    """Test accuracy, each rank evaluating every world-th example (in length order: less padding);
-    one all-reduce of 2 float64 numbers."""
-    from torch.utils.data import DataLoader, Subset
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    test = task.test_set
-    mine = list(range(rank, len(test), world))
-    if hasattr(test, "lengths"):
-        mine.sort(key=test.lengths.__getitem__)
-    was = model.training
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
-    for x, y in DataLoader(Subset(test, mine), batch_size=128, collate_fn=task.collate_fn):
-        out = model(**x) if isinstance(x, dict) else model(x)
-        logits = out.logits if hasattr(out, "logits") else out
-        counts += torch.tensor([float((logits.argmax(-1) == y).sum()), float(y.numel())], dtype=torch.float64)
-    model.train(was)
-    dist.all_reduce(counts)
-    return float(counts[0] / counts[1])
-
-
 def state_bytes(opt) -> int:
     return opt.state_bytes() if hasattr(opt, "state_bytes") else optimizer_state_bytes(opt)
 
 
 def diff_file_bytes(model, base, mask) -> dict:
     """Bytes of the task as a sparse diff (``sparsecomm.diff.save``) and of the whole model's file."""
-    import sparsecomm.diff as sdiff
-    from safetensors.torch import save
-
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "task_diff.safetensors")
         sdiff.save(model, base, mask, path)
         diff_bytes = os.path.getsize(path)
-    model_bytes = len(save({n: t.detach().contiguous() for n, t in model.state_dict().items()}))
+    model_bytes = len(safetensors_bytes({n: t.detach().contiguous() for n, t in model.state_dict().items()}))
     return {"diff_bytes": diff_bytes, "model_file_bytes": model_bytes}
 
 
 def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_barrier: float) -> dict:
-    import sparsecomm
-    from sparsecomm.mask import count_for_density
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
-    from torch.distributed.algorithms.model_averaging import averagers
-
+    """One (method, lr, seed) on the app's components: this rank's shard (``ShardedData``), the
+    app's Fisher/random mask kinds, the step engine and the app's evaluation."""
     method, lr, seed = run["method"], float(run["lr"]), int(run["seed"])
     kind, density = parse(method)
     rank, world = dist.get_rank(), dist.get_world_size()
     task = build_task(spec, seed)
     model = task.model
     model.train()
-    base = None
-    if kind in ("fish", "random", "diffprune"):
-        import copy
-        base = copy.deepcopy(model)  # the pretrained encoder + the seed's fresh head: the diff's base
+    device = torch.device("cpu")
+    data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=128, seed=seed, device=device)
+    base = copy.deepcopy(model) if kind in ("fish", "random", "diffprune") else None  # the diff's base
     numel = sum(p.numel() for p in model.parameters())
     k_half = count_for_density(0.005, numel)
-    data = batches(task, rank, world, spec["batch_size"], seed)
     info: dict = {"numel": numel}
-    state = averager = l0 = None
+    state = averager = wrapper = None
     opt = None
 
     excluded = 0  # bytes on the link that are not training: DDP's start-up broadcast, evaluation
@@ -135,8 +123,8 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     def masked(net, mask):
         """The masked hook on a fresh DDP of ``net`` (plain model) + MaskedAdamW."""
         ddp_ = make_ddp(net)
-        st = sparsecomm.register_masked_allreduce(ddp_, mask)
-        return ddp_, st, sparsecomm.MaskedAdamW(net, mask, lr=lr, weight_decay=0.0)
+        st = register_masked_allreduce(ddp_, mask)
+        return ddp_, st, MaskedAdamW(net, mask, lr=lr, weight_decay=0.0)
 
     dist.barrier()
     busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
@@ -146,37 +134,32 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     t_setup = time.perf_counter()
     if kind == "head-only":
         for n, p in model.named_parameters():
-            p.requires_grad_(sparsecomm.mask.matches_any(n, task.head))
+            p.requires_grad_(matches_any(n, task.head))
         ddp = make_ddp(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     elif kind in ("fish", "random"):
         if kind == "fish":
-            fisher_batch = min(64, len(task.train_set) // world)
-            fisher_data = (b for _, b in zip(range(10_000), batches(task, rank, world, fisher_batch, seed + 7)))
             exchange = {}
-            mask = sparsecomm.fisher_mask(model, fisher_data, task.loss_fn, density=density,
-                                          num_samples=spec["num_samples"], always=tuple(task.head), stats=exchange)
+            fisher = mask_kind("fisher", seed, task, data, model, density=density, num_samples=spec["num_samples"],
+                               batch_size=min(64, len(task.train_set) // world))
+            mask = fisher_mask(model, data.fisher_batches(0, int(fisher.cfg.batch_size)), task.loss_fn,
+                               density=density, num_samples=spec["num_samples"], always=fisher.always, stats=exchange)
             counter.bytes += exchange.get("gathered_bytes", 0)  # the candidates' all-gather (not all_reduce)
             info["score_exchange"] = exchange
         else:
-            mask = sparsecomm.random_mask(model, density=density, seed=seed, always=tuple(task.head))
+            mask = mask_kind("random", seed, task, data, model, density=density).new_mask(SimpleNamespace(model=model), 0)
         ddp, state, opt = masked(model, mask)
         info.update(k=mask.num_selected, mask_s=time.perf_counter() - t_setup)
     elif kind == "diffprune":
-        from omegaconf import OmegaConf
-        from sparsecomm.app.phases import L0Phase
-
-        cfg = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                          "conf", "mask", "diff_pruning.yaml"))
-        cfg.density = density
-        l0 = L0Phase(cfg, task.head, start=0)
-        wrapper = l0.wrap(model)
+        cfg = OmegaConf.structured(schema.DiffPruningMask)
+        wrapper = DiffPruning(model, structured=cfg.structured, stretch=tuple(cfg.stretch),
+                              log_alpha_init=cfg.log_alpha_init, temperature=cfg.temperature,
+                              ungated=task.head if cfg.ungated_head else ())
         ddp = make_ddp(wrapper)
-        state = sparsecomm.register_masked_allreduce(ddp, sparsecomm.Mask.full(wrapper))
+        state = register_masked_allreduce(ddp, Mask.full(wrapper))
         state.dense = True
-        gates = list(wrapper.log_alpha)
         opt = torch.optim.AdamW([{"params": list(wrapper.diff)},
-                                 {"params": gates, "lr": float(cfg.alpha_lr)}], lr=lr, weight_decay=0.0)
+                                 {"params": list(wrapper.log_alpha), "lr": float(cfg.alpha_lr)}], lr=lr, weight_decay=0.0)
         info.update(l0_steps=spec["l0_steps"], l0_penalty=float(cfg.l0_penalty))
     else:
         single_bucket = kind.startswith("powersgd")
@@ -198,40 +181,41 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             raise ValueError(f"unknown method {method!r}")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     net = model
+    engine = StepEngine(ddp, task.loss_fn)
     clock = time.perf_counter() - t_setup
     counter.active = False
 
     curve = []
     grad_payload = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
-    def checkpoint(step: int):
+    def checkpoint(step: int, evaluated: torch.nn.Module):
         nonlocal excluded
         dist.barrier()
         t_a = tx()
         wire = (t_a - tx0 - excluded - per_barrier) / world
-        acc = shared_accuracy(task, net)
+        acc = evaluate(evaluated, data.test_loader, task.loss_fn, device)["test_acc"]
         curve.append({"step": step, "seconds": clock, "wire_bytes_per_rank": wire,
                       "payload_bytes": counter.bytes, "accuracy": acc})
         dist.barrier()
         excluded += tx() - t_a + per_barrier
 
-    checkpoint(0)
+    checkpoint(0, net)
     for step in range(1, spec["steps"] + 1):
         t = time.perf_counter()
         counter.active = True
-        if l0 is not None and step == spec["l0_steps"] + 1:  # diff pruning: project, then fixed mask
-            mask, net = l0.finish(list(task.head), 0)
+        if wrapper is not None and step == spec["l0_steps"] + 1:  # diff pruning: project, then fixed mask
+            with torch.no_grad():
+                mask = wrapper.project(density, always=list(task.head), field="density")
+                net = wrapper.materialize(mask)
+                net.train(wrapper.training)
+            info.update(k=mask.num_selected, l0_gates_open=wrapper.nonzero_fraction())
             del ddp
+            wrapper = None
             ddp, state, opt = masked(net, mask)
-            info.update(k=mask.num_selected, l0_gates_open=l0.stats.get("l0_gates_open"))
-        x, y = next(data)
-        opt.zero_grad(set_to_none=True)
-        out = ddp(**x) if isinstance(x, dict) else ddp(x)
-        loss = task.loss_fn(out, y)
-        if l0 is not None and l0.active:
-            loss = loss + l0.penalty()
-        loss.backward()
-        opt.step()
+            engine = StepEngine(ddp, task.loss_fn)
+        l0 = wrapper
+        engine.step(data.next_batch(), opt,
+                    extra_loss=(lambda: float(cfg.l0_penalty) * l0.expected_l0()) if l0 is not None else None)
         if averager is not None:
             averager.average_parameters(net.parameters())
         if kind in ("dense", "head-only"):
@@ -239,12 +223,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         counter.active = False
         clock += time.perf_counter() - t
         if step % spec["eval_every"] == 0 or step == spec["steps"]:
-            if l0 is not None and l0.active:
-                net_eval, net = net, l0.wrapper  # evaluate base + z w with deterministic gates
-                checkpoint(step)
-                net = net_eval
-            else:
-                checkpoint(step)
+            checkpoint(step, wrapper if wrapper is not None else net)  # in the L0 phase: base + z w, gates deterministic
     # the share of the machine's cores that OTHER processes used meanwhile (a shared machine)
     ours = torch.tensor([time.process_time() - cpu0], dtype=torch.float64)
     dist.all_reduce(ours)
@@ -257,7 +236,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     if base is not None and rank == 0:
         info.update(diff_file_bytes(net, base, state.mask))
     result = {"method": method, "lr": lr, "seed": seed, "curve": curve, "world_size": world, **info}
-    del ddp, opt, state, model, net, base
+    del ddp, opt, state, model, net, base, engine
     gc.collect()
     return result
 

@@ -28,7 +28,6 @@ import json
 import os
 import sys
 import time
-from importlib.resources import files
 from types import SimpleNamespace
 
 import torch
@@ -40,6 +39,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from sparsecomm.app.data import ShardedData, evaluate
 from sparsecomm.app.engine import StepEngine
 from sparsecomm.app.gradient_sync import GradientSync
+from sparsecomm.app import schema
 from sparsecomm.app.masks import Setting, build_mask_kind
 from sparsecomm.optim import MaskedAdamW
 
@@ -53,14 +53,14 @@ def build_task(spec: dict, seed: int):
     return mod.build(**spec.get("task_kwargs", {}))
 
 
-def mask_kind(method: str, spec: dict, seed: int, task, data, model):
-    """The app's ``mask=fisher`` / ``mask=random`` (conf/mask/*.yaml) at the spec's density."""
-    cfg = OmegaConf.load(files("sparsecomm.conf") / "mask" / f"{method}.yaml")
-    cfg.density = spec["density"]
-    if method == "fisher":
-        cfg.num_samples = spec["num_samples"]
-    else:
+def mask_kind(name: str, seed: int, task, data, model, **fields):
+    """The app's ``mask=<name>`` kind (its schema's defaults, then ``fields``) on this model."""
+    cfg = OmegaConf.structured(schema.OPTIONS["mask"][name])
+    cfg.name = name
+    if "seed" in cfg:
         cfg.seed = seed
+    for key, value in fields.items():
+        cfg[key] = value
     return build_mask_kind(cfg, Setting(task, data, model, seed))
 
 
@@ -84,7 +84,9 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
                                             start_powerSGD_iter=2, orthogonalization_epsilon=1e-8)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
     elif method in ("fish", "random"):
-        kind = mask_kind("fisher" if method == "fish" else "random", spec, seed, task, data, model)
+        extra = {"num_samples": spec["num_samples"]} if method == "fish" else {}
+        kind = mask_kind("fisher" if method == "fish" else "random", seed, task, data, model, density=spec["density"],
+                         **extra)
         sync = GradientSync(ddp, masked=True, comm=OmegaConf.create({"wire_dtype": None, "fused": True}))
         state = sync.state
     elif method != "dense":

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
 # --- cluster/: sparsecomm/app/launch.py --------------------------------------------------------
@@ -313,8 +314,6 @@ OPTIONS: dict[str, dict[str, type]] = {
 
 def register() -> None:
     """Store every schema in Hydra's ConfigStore (``schema/train``, ``schema/<group>/<option>``)."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     for group, options in OPTIONS.items():

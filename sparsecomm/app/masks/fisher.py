@@ -1,16 +1,16 @@
 """``mask=fisher``: the FISH mask (Sung et al., 2021), scored by every rank on its own shard.
 
 Choosing it sends the exchange of Fisher scores that :func:`sparsecomm.fisher.fisher_mask`
-documents (counted as ``score_bytes``: 8 bytes per ranked entry, all but ``always``); training
-then sends the k selected gradient entries a step.
+documents (by default the exact candidate exchange of :func:`sparsecomm.topk.sum_topk`: a few
+MB instead of 8 bytes per ranked entry; counted per rank as ``score_bytes``); training then
+sends the k selected gradient entries a step.
 """
 from __future__ import annotations
 
 import torch
 
-from sparsecomm import distributed as sdist
 from sparsecomm.fisher import fisher_mask
-from sparsecomm.mask import Mask, matches_any
+from sparsecomm.mask import Mask
 
 from ..config import ConfigError
 from .base import DensityKind
@@ -25,10 +25,9 @@ class FisherKind(DensityKind):
                               "lower optim.dense_lr, or shorten schedule.dense_steps")
         cfg = self.cfg
         data = self.setting.data.fisher_batches(self.rounds, int(cfg.batch_size))
+        exchange: dict = {}
         mask = fisher_mask(model, data, self.setting.task.loss_fn, density=cfg.density,
                            num_samples=int(cfg.num_samples), method=cfg.method, always=self.always,
-                           chunk_size=int(cfg.chunk_size))
-        if sdist.world_size() > 1:  # float64 sums of the trainable scores not kept whole (sparsecomm.fisher)
-            self.score_bytes += 8 * sum(p.numel() for n, p in model.named_parameters()
-                                        if p.requires_grad and not matches_any(n, self.always))
+                           chunk_size=int(cfg.chunk_size), stats=exchange)
+        self.score_bytes += int(exchange.get("bytes_sent", 0))  # per rank, on the wire (sparsecomm.topk.sum_topk)
         return mask
