@@ -215,9 +215,8 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             engine = StepEngine(ddp, task.loss_fn)
         l0 = wrapper
         engine.step(data.next_batch(), opt,
-                    extra_loss=(lambda: float(cfg.l0_penalty) * l0.expected_l0()) if l0 is not None else None)
-        if averager is not None:
-            averager.average_parameters(net.parameters())
+                    extra_loss=(lambda: float(cfg.l0_penalty) * l0.expected_l0()) if l0 is not None else None,
+                    after_update=(lambda: averager.average_parameters(net.parameters())) if averager else None)
         if kind in ("dense", "head-only"):
             counter.bytes += grad_payload  # DDP's C++ reducer: not seen by the all_reduce counter
         counter.active = False

@@ -47,13 +47,15 @@ class StepEngine:
         self.last_skipped = False
 
     def step(self, batch: tuple[Any, Any], optimizer: torch.optim.Optimizer | None, lr: float | None = None, *,
-             step: int = 0, extra_loss: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
+             step: int = 0, extra_loss: Callable[[], torch.Tensor | None] | None = None,
+             after_update: Callable[[], None] | None = None) -> torch.Tensor:
         """One step on ``batch = (inputs, targets)``; returns this rank's loss (detached).
 
         ``optimizer`` None: forward and backward only (a benchmark's floor). ``lr``: set on every
         param group first (``lr_scale`` groups keep their ratio). ``extra_loss``: added to the
         loss before backward when it returns a tensor (diff pruning's L0 penalty); the returned loss
-        is the task's.
+        is the task's. ``after_update``: called after the optimizer's update, while the gradients
+        still exist (torch's post-local SGD averager averages the parameters that have one).
         """
         inputs, targets = batch
         if optimizer is not None and lr is not None:
@@ -72,6 +74,8 @@ class StepEngine:
         if optimizer is not None:
             if not self.last_skipped:
                 optimizer.step()
+                if after_update is not None:
+                    after_update()
             optimizer.zero_grad(set_to_none=True)
         else:
             self.module.zero_grad(set_to_none=True)
