@@ -26,10 +26,19 @@ import warnings
 from typing import Any
 
 import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from . import rundir
+from sparsecomm.distributed import RankDisagreement
+
+from . import launch, rundir, trainer
 from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_config, config_groups, preflight  # noqa: F401
+from .config import check_config, training_config
+from .fault import Interrupted, config_differences
+from .launch import WorkerFailed, WorkerUserError, env_rank, record_worker_error
 
 USER_ERROR_EXIT = 2
 _T0 = time.time()
@@ -67,12 +76,6 @@ for _name, _fn in (("sc_run_id", lambda explicit=None: run_id(explicit)), ("sc_r
 # --- errors a user can fix: one line, exit 2 ------------------------------------------------------
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sparsecomm.distributed import RankDisagreement
-    from .launch import WorkerUserError
-
     # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
     return (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RankDisagreement,
             WorkerUserError, HydraException, OmegaConfBaseException, OSError)
@@ -80,8 +83,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def one_line(exc: BaseException) -> str:
     """The user-facing message of ``exc`` on one line (Hydra's multi-line errors condensed)."""
-    from hydra.errors import MissingConfigException
-
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
         options = ", ".join(exc.options or [])
@@ -108,8 +109,6 @@ def one_line(exc: BaseException) -> str:
 
 def _quiet_rank() -> bool:
     """True on a rank other than 0 under torchrun/Slurm: errors every rank shares are rank 0's to print."""
-    from .launch import env_rank
-
     return env_rank() not in (None, 0)
 
 
@@ -122,9 +121,6 @@ def exit_on_user_error(quiet: bool = False):
     before the process group forms, and exceptions marked ``collective``); a rank's own error
     is printed by that rank. A run stopped by SIGINT/SIGTERM exits 128 + the signal's number.
     """
-    from .fault import Interrupted
-    from .launch import WorkerFailed, record_worker_error
-
     def report(message: str, collective: bool) -> None:
         if not record_worker_error(message) and not ((quiet or collective) and _quiet_rank()):
             print(message if message.startswith("sparsecomm:") else f"error: {message}", file=sys.stderr, flush=True)
@@ -151,19 +147,12 @@ def exit_on_user_error(quiet: bool = False):
 
 def _worker(container: dict, run_dir: str, t0: float) -> dict[str, Any]:
     """Entry point of each worker the bare app starts (torch elastic sets RANK etc.)."""
-    from . import trainer
-
     with exit_on_user_error():
         return trainer.run(OmegaConf.create(container), run_dir, t0)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Check the config, then join the world (torchrun / Slurm / one process) or start it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from . import launch, trainer
-    from .config import check_config
-
     check_config(cfg)  # again: a sweep job's own combination of values, or an app() called directly
     run_dir = HydraConfig.get().runtime.output_dir
     plan = launch.plan(cfg.cluster)
@@ -212,9 +201,6 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
     Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
     record as it was. The checkpoint's own config is checked again when it is loaded.
     """
-    from .config import training_config
-    from .fault import config_differences
-
     saved_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(saved_path) or str(cfg.checkpoint.resume) == "never":
         return
@@ -232,8 +218,6 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
 
 def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
     """How to continue the run in ``path`` after a crash or an interruption."""
-    from .launch import env_rank
-
     if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
         every = (checkpoint_cfg or {}).get("every", 0)
         return (f"no checkpoint was written (checkpoint.every={every}), so a rerun starts from step 0; set "
@@ -253,10 +237,6 @@ def main(argv: list[str] | None = None) -> Any:
     nothing (the cluster scripts run it before torchrun, so a bad value is reported once and
     never retried by torchrun's restarts). Exit code 0, or 2 with one ``error:`` line.
     """
-    from hydra._internal.utils import get_args_parser
-
-    from .launch import env_rank
-
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check" in argv
     argv = [a for a in argv if a != "--check"]
