@@ -205,16 +205,23 @@ def profile(r: dict, floor: dict) -> str:
 
 
 # --- output ----------------------------------------------------------------------------------------
-COLUMNS: list[report.Column] = [
-    ("model", lambda r: r["model"]),
-    ("link", lambda r: r["link"]),
-    ("N", lambda r: r["world_size"]),
-    ("variant", lambda r: r["variant"]),
-    ("step s", lambda r: report.fmt(r["step_s"])),
-    ("x floor", lambda r: report.fmt(r["x_floor"])),
-    ("dense / this", lambda r: report.fmt(r["dense_speedup"])),
-    ("fwd / bwd+comm / opt s", lambda r: "/".join(report.fmt(r["phases_s"][k], 2) or "0"
-                                                  for k in ("forward", "backward", "optimizer"))),
+def step_columns(ranks: str) -> list[report.Column]:
+    """The columns every communication table starts with: configuration, step time, ratios, phases;
+    ``ranks`` heads the world-size column."""
+    return [
+        ("model", lambda r: r["model"]),
+        ("link", lambda r: r["link"]),
+        (ranks, lambda r: r["world_size"]),
+        ("variant", lambda r: r["variant"]),
+        ("step s", lambda r: report.fmt(r["step_s"])),
+        ("x floor", lambda r: report.fmt(r["x_floor"])),
+        ("dense / this", lambda r: report.fmt(r["dense_speedup"])),
+        ("fwd / bwd+comm / opt s", lambda r: "/".join(report.fmt(r["phases_s"][k], 2) or "0"
+                                                      for k in ("forward", "backward", "optimizer"))),
+    ]
+
+
+COLUMNS: list[report.Column] = step_columns("N") + [
     ("wire MB/rank/step", lambda r: report.mb(r["wire_bytes_per_rank"])),
     ("payload MB (ours)", lambda r: report.mb(r["payload_bytes"])),
     ("wire / 2(N-1)/N payload", lambda r: report.fmt(r["wire_vs_expected"])),
@@ -283,9 +290,7 @@ def render(result: dict) -> str:
         "",
         report.verdicts_md(result["verdicts"]),
     ]
-    if result["failures"]:
-        parts += ["", "Failed variants:", ""]
-        parts += [f"- `{k}`: {v.splitlines()[0]}" for k, v in result["failures"].items()]
+    parts += report.failures_md(result["failures"])
     if result.get("fallback"):
         parts += ["", f"Rows marked `unshaped*`: {result['fallback']}"]
     return "\n".join(parts)
@@ -311,6 +316,46 @@ def merge_previous(path: str, rows: list[dict], failures: dict) -> tuple[list[di
                        if tuple(k.split("/")[:2]) not in {(m, link) for m, link, _, _ in fresh}}
     merged_failures.update(failures)
     return kept + rows, merged_failures
+
+
+# --- driver pieces shared with comm_multinode.py ----------------------------------------------------
+def worker_spec(a: argparse.Namespace, model: str, variants: list[dict], **link_fields) -> dict:
+    """What ``worker.py`` runs for one model: the variants, batch, steps, seed and lr of the command
+    line; ``link_fields`` say which byte counters it reads (``tx_path`` or ``ifaces``)."""
+    return {"model": model, "batch_size": a.batch_size or workloads.get(model).default_batch, "warmup": a.warmup,
+            "steps": a.steps, "seed": 0, "lr": a.lr, "variants": variants, **link_fields}
+
+
+def rebuild(out: str, name: str, annotate, targets, write) -> dict:
+    """``--render-only``: measure nothing; rebuild ``<name>.md``, the verdicts, the plots and the README
+    block from ``<out>/<name>.json``."""
+    with open(os.path.join(out, f"{name}.json")) as f:
+        result = json.load(f)
+    annotate(result["rows"])
+    result["verdicts"] = targets(result["rows"])
+    write(result, out)
+    report.print_verdicts(result["verdicts"])
+    return result
+
+
+def conclude(a: argparse.Namespace, argv, t_start: float, rows: list[dict], failures: dict, *, name: str,
+             annotate, targets, write, columns: list[report.Column], **fields) -> dict:
+    """After the launches: stamp the new rows with this run, keep earlier rows (``--merge``), annotate,
+    judge, write ``<name>.*`` (``write``) and print the table and verdicts. ``fields`` (what else the
+    result records) follow the failures in the JSON."""
+    command, environment = report.command_line(__file__, argv), report.environment()
+    for r in rows:
+        r["run"] = {"command": command, "date": environment["date"], "elapsed_s": time.monotonic() - t_start}
+    if a.merge:  # keep the earlier rows of the configurations this run did not measure
+        rows, failures = merge_previous(os.path.join(a.out, f"{name}.json"), rows, failures)
+    annotate(rows)
+    result = {"command": command, "environment": environment, "elapsed_s": time.monotonic() - t_start,
+              "steps": a.steps, "warmup": a.warmup, "rows": rows, "failures": failures, **fields}
+    result["verdicts"] = targets(rows)
+    write(result, a.out)
+    harness.remove_workdir(os.path.join(a.out, "tmp"))  # empty unless a launch left something behind
+    report.print_result(result, columns, a.out, name)
+    return result
 
 
 # --- driver ----------------------------------------------------------------------------------------
@@ -376,13 +421,7 @@ def main(argv=None) -> dict:
         import comm_multinode
         return comm_multinode.main(a, argv)
     if a.render_only:
-        with open(os.path.join(a.out, "comm.json")) as f:
-            result = json.load(f)
-        annotate(result["rows"])
-        result["verdicts"] = targets(result["rows"])
-        write_outputs(result, a.out)
-        report.print_verdicts(result["verdicts"])
-        return result
+        return rebuild(a.out, "comm", annotate, targets, write_outputs)
     t_start = time.monotonic()
     os.makedirs(a.out, exist_ok=True)
     workdir = os.path.join(a.out, "tmp")
@@ -403,36 +442,14 @@ def main(argv=None) -> dict:
                 print(f"WARNING: {link.fallback}")
             print(f"link {link.label}" + (f" ({link.qdisc()})" if link.isolated else ""))
             for _, n, model in [c for c in a.configs if c[0] == rate]:
-                wl = workloads.get(model)
-                spec = {"model": model, "batch_size": a.batch_size or wl.default_batch, "warmup": a.warmup,
-                        "steps": a.steps, "seed": 0, "lr": a.lr, "variants": vs,
-                        "tx_path": "/sys/class/net/lo/statistics/tx_bytes"}
+                spec = worker_spec(a, model, vs, tx_path="/sys/class/net/lo/statistics/tx_bytes")
                 print(f"  {model} on {n} ranks, batch {spec['batch_size']}/rank", flush=True)
                 got, failed = harness.launch(link, n, spec, workdir=workdir, timeout=a.launch_timeout,
                                              echo=lambda s: print(s, flush=True))
                 rows += got
                 failures.update({f"{model}/{link.label}/N{n}/{k}": v for k, v in failed.items()})
-    command, env = report.command_line(__file__, argv), report.environment()
-    for r in rows:
-        r["run"] = {"command": command, "date": env["date"], "elapsed_s": time.monotonic() - t_start}
-    if a.merge:
-        rows, failures = merge_previous(os.path.join(a.out, "comm.json"), rows, failures)
-    annotate(rows)
-    result = {"command": command, "environment": env,
-              "elapsed_s": time.monotonic() - t_start, "steps": a.steps, "warmup": a.warmup,
-              "rows": rows, "failures": failures, "fallback": fallback}
-    result["verdicts"] = targets(rows)
-    write_outputs(result, a.out)
-    try:
-        os.rmdir(workdir)  # empty unless a launch left something behind
-    except OSError:
-        pass
-    print()
-    print(report.md_table(rows, COLUMNS))
-    print()
-    report.print_verdicts(result["verdicts"])
-    print(f"\nwrote {a.out}/comm.md, comm.json" + "".join(f", {os.path.basename(p)}" for p in result["plots"]))
-    return result
+    return conclude(a, argv, t_start, rows, failures, name="comm", annotate=annotate, targets=targets,
+                    write=write_outputs, columns=COLUMNS, fallback=fallback)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ to ``--out`` and (default ``--out``) the ``comm_multinode`` block of ``benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -125,16 +124,7 @@ def where_time(r: dict, floor: dict) -> str:
 
 
 # --- output ----------------------------------------------------------------------------------------
-COLUMNS: list[report.Column] = [
-    ("model", lambda r: r["model"]),
-    ("link", lambda r: r["link"]),
-    ("W", lambda r: r["world_size"]),
-    ("variant", lambda r: r["variant"]),
-    ("step s", lambda r: report.fmt(r["step_s"])),
-    ("x floor", lambda r: report.fmt(r["x_floor"])),
-    ("dense / this", lambda r: report.fmt(r["dense_speedup"])),
-    ("fwd / bwd+comm / opt s", lambda r: "/".join(report.fmt(r["phases_s"][k], 2) or "0"
-                                                  for k in ("forward", "backward", "optimizer"))),
+COLUMNS: list[report.Column] = comm.step_columns("W") + [
     ("payload MB/rank", lambda r: report.mb(r["payload_bytes"])),
     ("inter-node MB/step (eth0, all nodes)", lambda r: report.mb(r["inter_bytes"])),
     ("eth0 / ring", lambda r: report.fmt(r["inter_vs_ring"])),
@@ -159,9 +149,7 @@ def render(result: dict) -> str:
         "",
         report.verdicts_md(result["verdicts"]),
     ]
-    if result["failures"]:
-        parts += ["", "Failed variants:", ""]
-        parts += [f"- `{k}`: {v.splitlines()[0]}" for k, v in result["failures"].items()]
+    parts += report.failures_md(result["failures"])
     return "\n".join(parts)
 
 
@@ -172,14 +160,8 @@ def publish(result: dict, out: str) -> None:
 
 
 def main(a: argparse.Namespace, argv=None) -> dict:
-    if a.render_only:  # measure nothing: rebuild the outputs from --out/comm_multinode.json
-        with open(os.path.join(a.out, f"{NAME}.json")) as f:
-            result = json.load(f)
-        annotate(result["rows"])
-        result["verdicts"] = targets(result["rows"])
-        publish(result, a.out)
-        report.print_verdicts(result["verdicts"])
-        return result
+    if a.render_only:
+        return comm.rebuild(a.out, NAME, annotate, targets, publish)
     t_start = time.monotonic()
     os.makedirs(a.out, exist_ok=True)
     workdir = os.path.join(a.out, "tmp")
@@ -190,33 +172,12 @@ def main(a: argparse.Namespace, argv=None) -> dict:
         with boxlink.BoxLink(rate, a.nodes) as link:
             print(f"link {link.label} ({link.qdisc()})", flush=True)
             for _, _, model in [c for c in a.configs if c[0] == rate]:
-                wl = workloads.get(model)
-                spec = {"model": model, "batch_size": a.batch_size or wl.default_batch, "warmup": a.warmup,
-                        "steps": a.steps, "seed": 0, "lr": a.lr, "variants": vs, "ifaces": IFACES}
+                spec = comm.worker_spec(a, model, vs, ifaces=IFACES)
                 print(f"  {model} on {a.nodes} nodes x {a.procs_per_node} ranks, batch {spec['batch_size']}/rank",
                       flush=True)
                 got, failed = harness.launch(link, a.procs_per_node, spec, workdir=workdir, threads=threads,
                                              timeout=a.launch_timeout, echo=lambda s: print(s, flush=True))
                 rows += got
                 failures.update({f"{model}/{link.label}/{k}": v for k, v in failed.items()})
-    command, environment = report.command_line(comm.__file__, argv), report.environment()
-    for r in rows:
-        r["run"] = {"command": command, "date": environment["date"], "elapsed_s": time.monotonic() - t_start}
-    if a.merge:  # keep the earlier rows of the (model, link, variant) this run did not measure
-        rows, failures = comm.merge_previous(os.path.join(a.out, f"{NAME}.json"), rows, failures)
-    annotate(rows)
-    result = {"command": command, "environment": environment,
-              "elapsed_s": time.monotonic() - t_start, "steps": a.steps, "warmup": a.warmup, "nodes": a.nodes,
-              "procs_per_node": a.procs_per_node, "rows": rows, "failures": failures}
-    result["verdicts"] = targets(rows)
-    publish(result, a.out)
-    try:
-        os.rmdir(workdir)
-    except OSError:
-        pass
-    print()
-    print(report.md_table(rows, COLUMNS))
-    print()
-    report.print_verdicts(result["verdicts"])
-    print(f"\nwrote {a.out}/{NAME}.md, {NAME}.json" + "".join(f", {os.path.basename(p)}" for p in result["plots"]))
-    return result
+    return comm.conclude(a, argv, t_start, rows, failures, name=NAME, annotate=annotate, targets=targets,
+                         write=publish, columns=COLUMNS, nodes=a.nodes, procs_per_node=a.procs_per_node)

@@ -149,12 +149,10 @@ def main(argv=None) -> dict:
                                + (f"; auto fell back to vmap: {r['fallback_reason']}" if r.get("fallback_reason") else "")
                                + ("" if r["max_rel_diff"] < 1e-3 else f"; scores DISAGREE ({r['max_rel_diff']:.1e})"))
                 for r in rows]
-    result = {"command": report.command_line(__file__, argv), "environment": report.environment(), "rows": rows,
-              "verdicts": verdicts}
-    text = (f"Command: `{result['command']}` ({result['environment']['date']}; auto: median of {a.repeats} after a "
-            f"warm-up, chunk {a.chunk_size}; loop and torch.func vmap: one run)\n\n"
-            + report.md_table(rows, COLUMNS) + "\n\n" + EXPLAIN + "\n\n" + report.verdicts_md(verdicts))
-    report.publish(a.out, "fisher_speed", "Fisher scoring speed", result, text)
+    result = report.publish_measurements(
+        a.out, "fisher_speed", "Fisher scoring speed", __file__, argv, rows, COLUMNS, verdicts,
+        conditions=f"; auto: median of {a.repeats} after a warm-up, chunk {a.chunk_size}; loop and torch.func vmap: "
+                   f"one run", explanation=EXPLAIN)
     print()
     report.print_verdicts(verdicts)
     return result

@@ -8,6 +8,10 @@ was running is recorded as failed (with the output's tail) and the remaining one
 again, so one broken variant costs one row, not the run. Every launch is bounded by
 ``timeout`` seconds; on expiry its process group (the torchrun we started and its ranks) is
 killed.
+
+Both sides of the spec and results files live here: :func:`run_worker` writes a worker's spec,
+runs it and reads back what rank 0 wrote; inside the ranks, :func:`join` reads the spec and joins
+the process group, and :func:`record_each` rewrites the results file after each finished item.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ import sys
 import threading
 import time
 from collections import deque
+
+import torch
+import torch.distributed as dist
 
 from apprun import free_port
 
@@ -95,6 +102,35 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     return rc, "\n".join(tail)
 
 
+def run_worker(link, nproc: int, script: str, spec: dict, spec_path: str, *, threads: int, timeout: float,
+               echo=print) -> tuple[int, str, dict | None]:
+    """Write ``spec`` to ``spec_path``, run ``script spec_path`` on ``nproc`` ranks (:func:`run_torchrun`)
+    and read back the JSON the worker wrote to ``spec['out']``; both files are removed.
+
+    Returns (exit code, last output lines, the worker's JSON or None if it wrote none).
+    """
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    try:
+        rc, tail = run_torchrun(link, nproc, script, [spec_path], threads=threads, timeout=timeout, echo=echo)
+    finally:
+        os.unlink(spec_path)
+    written = None
+    if os.path.exists(spec["out"]):
+        with open(spec["out"]) as f:
+            written = json.load(f)
+        os.unlink(spec["out"])
+    return rc, tail, written
+
+
+def remove_workdir(workdir: str) -> None:
+    """Remove the workers' scratch folder if it is empty (a launch that went wrong may leave files)."""
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stop the torchrun we started (its own session) and its ranks: SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -124,16 +160,10 @@ def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0
         spec_path = os.path.join(workdir, f"spec-{tag}.json")
         out_path = os.path.join(workdir, f"rows-{tag}.json")
         run_spec = dict(spec, variants=remaining, out=out_path, threads=threads)
-        with open(spec_path, "w") as f:
-            json.dump(run_spec, f)
         t0 = time.monotonic()
-        rc, tail = run_torchrun(link, nproc, WORKER, [spec_path], threads=threads, timeout=timeout, echo=echo)
-        got = []
-        if os.path.exists(out_path):
-            with open(out_path) as f:
-                got = json.load(f)["rows"]
-            os.unlink(out_path)
-        os.unlink(spec_path)
+        rc, tail, written = run_worker(link, nproc, WORKER, run_spec, spec_path, threads=threads, timeout=timeout,
+                                       echo=echo)
+        got = written["rows"] if written else []
         for r in got:
             r["link"] = link.label
             r["link_note"] = link.fallback or ""
@@ -149,3 +179,39 @@ def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0
             echo(f"    {failed['id']}: FAILED (exit {rc}); last lines:\n" +
                  "\n".join("      " + line for line in tail.splitlines()[-8:]))
     return rows, failures
+
+
+# --- inside a rank: the workers' side of the spec and results files ----------------------------------
+def join(spec_path: str) -> dict:
+    """Read this rank's spec, set its CPU threads (``threads``, default 1) and join the Gloo process
+    group that torchrun set up; returns the spec."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    dist.init_process_group("gloo")
+    return spec
+
+
+def write_results(path: str, results: dict) -> None:
+    """Replace ``path`` with ``results`` as JSON in one step, so a crash leaves the previous file whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, path)
+
+
+def record_each(out: str, key: str, per_barrier: float, jobs, line) -> None:
+    """Run ``jobs`` (callables, one result each) in turn; on rank 0, after each, print
+    ``[worker] line(result, seconds it took)`` and rewrite ``out`` with ``{key: the results so far,
+    "barrier_bytes": per_barrier}``, so a crash keeps what finished. Leaves the process group."""
+    results = []
+    try:
+        for job in jobs:
+            t = time.perf_counter()
+            results.append(job())
+            if dist.get_rank() == 0:
+                print(f"[worker] {line(results[-1], time.perf_counter() - t)}", flush=True)
+                write_results(out, {key: results, "barrier_bytes": per_barrier})
+    finally:
+        dist.destroy_process_group()
+

@@ -87,16 +87,26 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def namespace_pids(name: str) -> list[int]:
+    """The processes inside network namespace ``name`` (``ip netns pids``); [] if it has none or is gone."""
+    return [int(p) for p in _run(["ip", "netns", "pids", name], check=False).stdout.split() if p.isdigit()]
+
+
+def signal_pids(pids: list[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids``; one that has exited meanwhile is passed over."""
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _kill_inside(name: str) -> None:
     """Kill the processes inside our namespace ``name`` (workers we started), by pid."""
-    pids = [int(p) for p in _run(["ip", "netns", "pids", name], check=False).stdout.split() if p.isdigit()]
+    pids = namespace_pids(name)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in pids if pid_alive(p)]
-        for p in alive:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
+        signal_pids(alive, sig)
         deadline = time.monotonic() + 5
         while alive and time.monotonic() < deadline:
             time.sleep(0.1)

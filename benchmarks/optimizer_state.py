@@ -73,11 +73,8 @@ def main(argv=None) -> dict:
                                   else f"; state_bytes() says {r['masked_bytes']}, the state holds "
                                        f"{r['independent_bytes']}"))
                 for r in rows]
-    result = {"command": report.command_line(__file__, argv), "environment": report.environment(), "rows": rows,
-              "verdicts": verdicts}
-    text = (f"Command: `{result['command']}` ({result['environment']['date']})\n\n"
-            + report.md_table(rows, COLUMNS) + "\n\n" + report.verdicts_md(verdicts))
-    report.publish(a.out, "optimizer_state", "Optimizer state", result, text)
+    result = report.publish_measurements(a.out, "optimizer_state", "Optimizer state", __file__, argv, rows, COLUMNS,
+                                         verdicts)
     print(report.md_table(rows, COLUMNS))
     report.print_verdicts(verdicts)
     return result

@@ -151,11 +151,8 @@ def main(argv=None) -> dict:
                        f"parameters; the O(n) zeroing grew {bigr['zero_s'] / base['zero_s']:.1f}x"
                        + (f"; 4x k on the 25M model: {rows[2]['ok_s'] / base['ok_s']:.1f}x" if len(rows) > 2 else "")),
     ]
-    result = {"command": report.command_line(__file__, argv), "environment": report.environment(), "rows": rows,
-              "verdicts": verdicts}
-    text = (f"Command: `{result['command']}` ({result['environment']['date']}, 1 thread, median of {reps})\n\n"
-            + report.md_table(rows, COLUMNS) + "\n\n" + report.verdicts_md(verdicts))
-    report.publish(a.out, "overhead", "Per-step overhead", result, text)
+    result = report.publish_measurements(a.out, "overhead", "Per-step overhead", __file__, argv, rows, COLUMNS,
+                                         verdicts, conditions=f", 1 thread, median of {reps}")
     print()
     print(report.md_table(rows, COLUMNS))
     report.print_verdicts(verdicts)

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 
@@ -77,6 +78,31 @@ def mb(nbytes: float | None) -> str | None:
     return None if nbytes is None else fmt(nbytes / 1e6)
 
 
+def failures_md(failures: dict[str, str]) -> list[str]:
+    """Lines naming each failed variant with the first line of its failure; none without failures."""
+    if not failures:
+        return []
+    return ["", "Failed variants:", "", *(f"- `{k}`: {v.splitlines()[0]}" for k, v in failures.items())]
+
+
+# --- accuracy curves -------------------------------------------------------------------------------
+def reach(run: dict, threshold: float, key: str):
+    """``key`` (seconds, bytes) at the first point of ``run['curve']`` with accuracy >= ``threshold``;
+    None if the run never gets there."""
+    for p in run["curve"]:
+        if p["accuracy"] >= threshold:
+            return p[key]
+    return None
+
+
+def mean_curve(runs: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(mean ``key``, mean accuracy) per curve point over ``runs`` (seeds), cut to the shortest curve."""
+    n = min(len(r["curve"]) for r in runs)
+    xs = [statistics.mean(r["curve"][i][key] for r in runs) for i in range(n)]
+    ys = [statistics.mean(r["curve"][i]["accuracy"] for r in runs) for i in range(n)]
+    return xs, ys
+
+
 # --- files -----------------------------------------------------------------------------------------
 def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     """The command that reproduces this run, from the repository root."""
@@ -131,6 +157,28 @@ def publish(out: str, name: str, title: str, result: dict, text: str) -> None:
     write_text(os.path.join(out, f"{name}.md"), f"# {title}\n\n" + text)
     if is_default_out(out):
         update_readme(name, text)
+
+
+def publish_measurements(out: str, name: str, title: str, script: str, argv: Sequence[str] | None, rows: list[dict],
+                         columns: Sequence[Column], verdicts: list[dict], conditions: str = "",
+                         explanation: str = "") -> dict:
+    """Publish a one-table benchmark: ``{command, environment, rows, verdicts}`` as ``<name>.json``, and
+    ``<name>.md``: the command with the date and ``conditions``, the table, ``explanation``, the verdicts."""
+    result = {"command": command_line(script, argv), "environment": environment(), "rows": rows,
+              "verdicts": verdicts}
+    text = (f"Command: `{result['command']}` ({result['environment']['date']}{conditions})\n\n"
+            + md_table(rows, columns) + "\n\n" + (explanation + "\n\n" if explanation else "") + verdicts_md(verdicts))
+    publish(out, name, title, result, text)
+    return result
+
+
+def print_result(result: dict, columns: Sequence[Column], out: str, name: str) -> None:
+    """The table, the verdicts and the files written (``<name>.md``, ``.json`` and the plots)."""
+    print()
+    print(md_table(result["rows"], columns))
+    print()
+    print_verdicts(result["verdicts"])
+    print(f"\nwrote {out}/{name}.md, {name}.json" + "".join(f", {os.path.basename(p)}" for p in result["plots"]))
 
 
 def save_figure(plt, fig, out: str, fname: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -48,15 +47,8 @@ def summarize(runs: list[dict], threshold: float) -> list[dict]:
     for method in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == method]
         finals = [r["curve"][-1] for r in rs]
-
-        def first_reach(r, key):
-            for p in r["curve"]:
-                if p["accuracy"] >= threshold:
-                    return p[key]
-            return None
-
-        reach_s = [first_reach(r, "seconds") for r in rs]
-        reach_b = [first_reach(r, "wire_bytes_per_rank") for r in rs]
+        reach_s = [report.reach(r, threshold, "seconds") for r in rs]
+        reach_b = [report.reach(r, threshold, "wire_bytes_per_rank") for r in rs]
         rows.append({
             "method": method, "seeds": len(rs),
             "final_acc": statistics.mean(f["accuracy"] for f in finals),
@@ -96,10 +88,7 @@ def plots(task: str, runs: list[dict], out: str) -> list[str]:
                                      ("wire_bytes_per_rank", "bytes on the wire per rank", f"tta_{task}_bytes.png", True)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method in dict.fromkeys(r["method"] for r in runs):
-            rs = [r for r in runs if r["method"] == method]
-            n = min(len(r["curve"]) for r in rs)
-            xs = [statistics.mean(r["curve"][i][key] for r in rs) for i in range(n)]
-            ys = [statistics.mean(r["curve"][i]["accuracy"] for r in rs) for i in range(n)]
+            xs, ys = report.mean_curve([r for r in runs if r["method"] == method], key)
             if logx:
                 xs, ys = xs[1:], ys[1:]  # the step-0 point has 0 bytes
             ax.plot(xs, ys, marker=".", label=LABELS.get(method, method))
@@ -174,19 +163,12 @@ def main(argv=None) -> dict:
                 print(f"WARNING: {link.fallback}")
             threads = max(1, (os.cpu_count() or 1) // a.ranks)
             spec["threads"] = threads
-            spec_path = spec["out"] + ".spec"
-            with open(spec_path, "w") as f:
-                json.dump(spec, f)
             print(f"{task}: {len(a.methods)} methods x {a.seeds} seeds on {a.ranks} ranks, link {link.label}", flush=True)
-            rc, tail = harness.run_torchrun(link, a.ranks, os.path.join(harness.HERE, "tta_worker.py"), [spec_path],
-                                            threads=threads, timeout=a.timeout, echo=lambda s: print(s, flush=True))
-            os.unlink(spec_path)
+            rc, tail, written = harness.run_worker(link, a.ranks, os.path.join(harness.HERE, "tta_worker.py"), spec,
+                                                   spec["out"] + ".spec", threads=threads, timeout=a.timeout,
+                                                   echo=lambda s: print(s, flush=True))
             label, note = link.label, link.fallback or ""
-        runs = []
-        if os.path.exists(spec["out"]):
-            with open(spec["out"]) as f:
-                runs = json.load(f)["runs"]
-            os.unlink(spec["out"])
+        runs = written["runs"] if written else []
         if rc != 0:
             print(f"{task}: worker exit {rc}; last lines:\n{tail}")
         rows = summarize(runs, a.threshold)
@@ -206,10 +188,7 @@ def main(argv=None) -> dict:
         print(report.md_table(rows, columns(a.threshold)))
         report.print_verdicts(vds)
         results[task] = res
-    try:
-        os.rmdir(workdir)
-    except OSError:
-        pass
+    harness.remove_workdir(workdir)
     return results
 
 

@@ -24,7 +24,6 @@ Rank 0 writes the curves after each method.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 import time
@@ -32,9 +31,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from omegaconf import OmegaConf
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
 from sparsecomm.app.data import ShardedData, evaluate
 from sparsecomm.app.engine import StepEngine
@@ -44,7 +41,8 @@ from sparsecomm.app.masks import Setting, build_mask_kind
 from sparsecomm.optim import MaskedAdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from worker import PayloadCounter, TxReader, barrier_cost  # noqa: E402
+from harness import join, record_each  # noqa: E402
+from worker import PayloadCounter, TxReader, barrier_cost, baseline_ddp  # noqa: E402
 
 
 def build_task(spec: dict, seed: int):
@@ -74,23 +72,19 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
     device = torch.device("cpu")
     data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=256, seed=seed,
                        device=device)
-    single_bucket = method.startswith("powersgd")
-    ddp = DDP(model, bucket_cap_mb=(1 << 16) if single_bucket else 25, broadcast_buffers=False)
-    sync, state, kind = None, None, None
-    if method == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif method.startswith("powersgd"):
-        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=int(method.split("-r")[1]),
-                                            start_powerSGD_iter=2, orthogonalization_epsilon=1e-8)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif method in ("fish", "random"):
+    if method.startswith("powersgd"):
+        ddp, state = baseline_ddp(model, "powersgd", int(method.split("-r")[1]))
+    elif method in ("dense", "fp16", "fish", "random"):
+        ddp, state = baseline_ddp(model, "fp16" if method == "fp16" else None)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    sync, kind = None, None
+    if method in ("fish", "random"):
         extra = {"num_samples": spec["num_samples"]} if method == "fish" else {}
         kind = mask_kind("fisher" if method == "fish" else "random", seed, task, data, model, density=spec["density"],
                          **extra)
         sync = GradientSync(ddp, masked=True, comm=OmegaConf.create({"wire_dtype": None, "fused": True}))
         state = sync.state
-    elif method != "dense":
-        raise ValueError(f"unknown method {method!r}")
     opt = torch.optim.AdamW(model.parameters(), lr=spec["dense_lr"], weight_decay=0.0)
     engine = StepEngine(ddp, task.loss_fn, sync=sync)
 
@@ -139,30 +133,21 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
 
 
 def main(spec_path: str) -> None:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo")
+    spec = join(spec_path)
     counter = PayloadCounter()
     tx = TxReader(spec["tx_path"])
     per_barrier = barrier_cost(tx)
-    runs = []
-    try:
-        for seed in spec["seeds"]:
-            for method in spec["methods"]:
-                t = time.perf_counter()
-                runs.append(run_method(method, seed, spec, counter, tx, per_barrier))
-                if dist.get_rank() == 0:
-                    last = runs[-1]["curve"][-1]
-                    print(f"[worker] seed {seed} {method:>12}: accuracy {last['accuracy']:.3f}, "
-                          f"{last['seconds']:.1f} s training, {last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank "
-                          f"on the wire ({time.perf_counter() - t:.0f} s)", flush=True)
-                    tmp = spec["out"] + ".tmp"
-                    with open(tmp, "w") as f:
-                        json.dump({"runs": runs, "barrier_bytes": per_barrier}, f)
-                    os.replace(tmp, spec["out"])
-    finally:
-        dist.destroy_process_group()
+    record_each(spec["out"], "runs", per_barrier,
+                (lambda seed=seed, method=method: run_method(method, seed, spec, counter, tx, per_barrier)
+                 for seed in spec["seeds"] for method in spec["methods"]),
+                progress)
+
+
+def progress(run: dict, seconds: float) -> str:
+    """Rank 0's line after a method: final accuracy, training time and bytes, wall time in all."""
+    last = run["curve"][-1]
+    return (f"seed {run['seed']} {run['method']:>12}: accuracy {last['accuracy']:.3f}, {last['seconds']:.1f} s "
+            f"training, {last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank on the wire ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

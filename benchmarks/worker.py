@@ -31,7 +31,6 @@ bucket). For sparsecomm the hook's own ``state.bytes_sent`` is reported as well.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import statistics
 import sys
@@ -40,11 +39,14 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import sparsecomm
 from sparsecomm.app.engine import StepEngine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 import workloads  # noqa: E402
 
 SINGLE_BUCKET_MB = 1 << 16  # PowerSGD on Gloo needs one bucket (see PITFALLS.md)
@@ -171,39 +173,46 @@ class TxReader:
 
 
 # --- one variant ---------------------------------------------------------------------------------
+def baseline_ddp(model: nn.Module, hook: str | None = None, powersgd_rank: int | None = None):
+    """DDP over ``model`` with a baseline's communication; returns (ddp, PowerSGD state or None).
+
+    ``hook``: None (DDP's own all-reduce of every gradient byte, 25 MB buckets), ``"fp16"``
+    (``fp16_compress_hook``: 2 bytes per gradient entry), ``"powersgd"`` (PowerSGD of rank
+    ``powersgd_rank`` in one bucket, ``start_powerSGD_iter=2``, eps 1e-8, error feedback, warm start).
+    BatchNorm buffers are not broadcast (they would add the same bytes to every method's rows).
+    """
+    bucket_mb = SINGLE_BUCKET_MB if hook == "powersgd" else 25
+    ddp = DDP(model, bucket_cap_mb=bucket_mb, broadcast_buffers=False)
+    state = None
+    if hook == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(powersgd_rank), start_powerSGD_iter=2,
+            orthogonalization_epsilon=1e-8, use_error_feedback=True, warm_start=True)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif hook is not None:
+        raise ValueError(f"unknown baseline hook {hook!r}; use None, 'fp16' or 'powersgd'")
+    return ddp, state
+
+
 def build_variant(v: dict, model: nn.Module, lr: float):
     """Wrap ``model`` as variant ``v`` wants; returns (net, optimizer, hook_state, extra facts)."""
-    import sparsecomm
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-
     kind = v["kind"]
     facts: dict = {}
     if kind == "floor":
         return model, None, None, facts
-    bucket_mb = SINGLE_BUCKET_MB if kind == "powersgd" else 25
-    # broadcast_buffers=False: BatchNorm buffers would otherwise travel from rank 0 every forward,
-    # the same bytes for every variant; they are left out so the rows compare gradient traffic.
-    ddp = DDP(model, bucket_cap_mb=bucket_mb, broadcast_buffers=False)
-    state = None
-    if kind == "dense":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    elif kind == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    elif kind == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=int(v["rank"]), start_powerSGD_iter=2,
-            orthogonalization_epsilon=1e-8, use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    elif kind == "sparsecomm":
+    if kind not in ("dense", "fp16", "powersgd", "sparsecomm"):
+        raise ValueError(f"unknown variant kind {kind!r}")
+    ddp, state = baseline_ddp(model, kind if kind in ("fp16", "powersgd") else None, v.get("rank"))
+    if kind == "sparsecomm":
         mask = sparsecomm.random_mask(model, density=float(v["density"]), seed=0)
         wire = None if v.get("wire", "fp32") == "fp32" else v["wire"]
         state = sparsecomm.register_masked_allreduce(ddp, mask, wire_dtype=wire, fused=v.get("fused", True))
         opt = sparsecomm.MaskedAdamW(model, mask, lr=lr)
         facts["k"] = mask.num_selected
     else:
-        raise ValueError(f"unknown variant kind {kind!r}")
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
     return ddp, opt, state, facts
 
 
@@ -253,18 +262,20 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
     gc.collect()
     reset_ok = reset_ok and reset_peak_rss()  # from here: the steady state of the timed steps
     lib0 = state.bytes_sent if v["kind"] == "sparsecomm" else 0
+
+    def read_counters():
+        """Link bytes (rank 0, or per node), busy CPU s of the machine and of this process, wall clock."""
+        return (tx() if rank == 0 and node_tx is None else 0, node_tx() if node_tx else {},
+                busy_cpu_seconds(), time.process_time(), time.perf_counter())
+
     dist.barrier()
-    tx0 = tx() if rank == 0 and node_tx is None else 0
-    n0 = node_tx() if node_tx else {}
-    busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    tx0, n0, busy0, cpu0, wall0 = read_counters()
     counter.bytes = counter.calls = 0
     counter.active = True
     times = [step(True) for _ in range(spec["steps"])]
     counter.active = False
     dist.barrier()
-    tx1 = tx() if rank == 0 and node_tx is None else 0
-    n1 = node_tx() if node_tx else {}
-    busy1, cpu1, wall1 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+    tx1, n1, busy1, cpu1, wall1 = read_counters()
     steps = spec["steps"]
 
     if v["kind"] == "dense":
@@ -339,36 +350,22 @@ def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
 
 
 def main(spec_path: str) -> None:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    spec = harness.join(spec_path)
     counter = PayloadCounter()
     tx = TxReader(spec.get("tx_path", "/sys/class/net/lo/statistics/tx_bytes"))
     node_tx = NodeCounters(spec["ifaces"]) if spec.get("ifaces") else None
     node_barrier = node_barrier_cost(node_tx) if node_tx else None
     per_barrier = sum(node_barrier.values()) if node_tx else barrier_cost(tx)
-    rows = []
-    try:
-        for v in spec["variants"]:
-            t = time.perf_counter()
-            rows.append(run_variant(v, spec, counter, tx, per_barrier, node_tx, node_barrier))
-            if rank == 0:
-                r = rows[-1]
-                print(f"[worker] {v['id']:>16}: {r['step_s']:.3f} s/step, "
-                      f"{r['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step on the wire "
-                      f"({time.perf_counter() - t:.1f} s)", flush=True)
-                _write(spec["out"], rows, per_barrier)
-    finally:
-        dist.destroy_process_group()
+    harness.record_each(spec["out"], "rows", per_barrier,
+                (lambda v=v: run_variant(v, spec, counter, tx, per_barrier, node_tx, node_barrier)
+                 for v in spec["variants"]),
+                progress)
 
 
-def _write(path: str, rows: list, per_barrier: float) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"rows": rows, "barrier_bytes": per_barrier}, f)
-    os.replace(tmp, path)
+def progress(row: dict, seconds: float) -> str:
+    """Rank 0's line after a variant: step time, bytes per rank per step, wall time in all."""
+    return (f"{row['variant']:>16}: {row['step_s']:.3f} s/step, {row['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step "
+            f"on the wire ({seconds:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
-import netem  # noqa: E402  (tc rate parsing, tbf burst size, namespace listing)
+import netem  # noqa: E402  (tc rate parsing, tbf burst size, namespace listing, their processes)
 
 SUBNET = "10.213.7"
 CTL_ADDR = f"{SUBNET}.2"
@@ -361,20 +361,13 @@ def restart(st: dict, node: str, timeout: float = 60.0) -> None:
 
 
 # --- down -------------------------------------------------------------------------------------
-def ns_pids(ns: str) -> list[int]:
-    """The pids of the processes in network namespace ``ns`` (empty if it is gone)."""
-    out = _sh(["ip", "netns", "pids", ns], check=False).stdout
-    return [int(p) for p in out.split() if p.isdigit()]
+ns_pids = netem.namespace_pids  # the processes in a namespace (one home: netem)
 
 
 def kill_node(st: dict, node: str, sig: int = signal.SIGKILL) -> list[int]:
     """Send ``sig`` to every process in ``node``'s network namespace (what a power cut does)."""
     pids = ns_pids(netns(st, node))
-    for p in pids:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
+    netem.signal_pids(pids, sig)
     return pids
 
 
@@ -385,11 +378,7 @@ def _empty(ns: str, timeout: float = 10.0) -> None:
         alive = [p for p in ns_pids(ns) if netem.pid_alive(p)]
         if not alive or time.monotonic() > deadline:
             return
-        for p in alive:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        netem.signal_pids(alive, signal.SIGKILL)
         time.sleep(0.05)
 
 
