@@ -15,6 +15,7 @@ from torch import nn
 
 import sparsecomm
 from multirank import run_ranks
+from test_topk_stream import Dead  # a CNN whose dead branch scores exactly 0 (ties)
 from sparsecomm.topk import sum_topk
 
 
@@ -143,20 +144,6 @@ def nan_on_one_rank(rank, world):
 def test_nan_on_one_rank_raises_on_every_rank_instead_of_hanging():
     for message in run_ranks(nan_on_one_rank, 2, timeout=60):
         assert "NaN" in message
-
-
-class Dead(nn.Module):
-    """A CNN with a branch multiplied by zero: its scores are exactly 0 (ties)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.dead = nn.Linear(4 * 6 * 6, 4 * 6 * 6)
-        self.fc = nn.Linear(4 * 6 * 6, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x)).flatten(1)
-        return self.fc(h + 0.0 * self.dead(h))
 
 
 def fisher_both_exchanges(rank, world, density, always):
