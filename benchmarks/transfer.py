@@ -92,21 +92,11 @@ def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
                 print(f"{bad['method']}: FAILED (exit {rc}); last lines:\n{tail[-2000:]}", flush=True)
             elif rc != 0:
                 failures.append(f"worker exit {rc} after the last run\n{tail[-3000:]}")
-    try:
-        os.rmdir(workdir)
-    except OSError:
-        pass
+    harness.remove_workdir(workdir)
     return out, failures
 
 
 # ------------------------------------------------------------------------------------------ summary
-
-def reach(run: dict, threshold: float, key: str):
-    for p in run["curve"]:
-        if p["accuracy"] >= threshold:
-            return p[key]
-    return None
-
 
 def summarize(runs: list[dict]) -> tuple[list[dict], float | None]:
     """One row per method (its runs at one lr: the final part's), and 95% of dense's final accuracy."""
@@ -139,8 +129,8 @@ def summarize(runs: list[dict]) -> tuple[list[dict], float | None]:
             row["score_exchange"] = "/".join(sorted({e["exchange"] for e in exchanges}))
             row["score_exchange_bytes"] = statistics.mean(e["bytes_sent"] for e in exchanges)
         if threshold is not None:
-            rs_s = [reach(r, threshold, "seconds") for r in rs]
-            rs_b = [reach(r, threshold, "wire_bytes_per_rank") for r in rs]
+            rs_s = [report.reach(r, threshold, "seconds") for r in rs]
+            rs_b = [report.reach(r, threshold, "wire_bytes_per_rank") for r in rs]
             row["reach_s"] = statistics.mean(rs_s) if None not in rs_s else None
             row["reach_bytes"] = statistics.mean(rs_b) if None not in rs_b else None
             row["reached"] = sum(v is not None for v in rs_s)

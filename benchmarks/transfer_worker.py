@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from sparsecomm.mask import Mask, count_for_density, matches_any
 from sparsecomm.optim import MaskedAdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import join, record_each  # noqa: E402
 from tta_worker import build_task, mask_kind  # noqa: E402
 from worker import PayloadCounter, TxReader, barrier_cost, busy_cpu_seconds, optimizer_state_bytes  # noqa: E402
 
@@ -241,30 +241,20 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
 
 
 def main(spec_path: str) -> None:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo")
+    spec = join(spec_path)
     counter = PayloadCounter()
     tx = TxReader(spec["tx_path"])
     per_barrier = barrier_cost(tx)
-    runs = []
-    try:
-        for run in spec["runs"]:
-            t = time.perf_counter()
-            runs.append(run_one(run, spec, counter, tx, per_barrier))
-            if dist.get_rank() == 0:
-                last = runs[-1]["curve"][-1]
-                print(f"[worker] {run['method']:>13} lr {run['lr']:g} seed {run['seed']}: accuracy "
-                      f"{last['accuracy']:.3f}, {last['seconds']:.1f} s training, "
-                      f"{last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank on the wire "
-                      f"({time.perf_counter() - t:.0f} s)", flush=True)
-                tmp = spec["out"] + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"runs": runs, "barrier_bytes": per_barrier}, f)
-                os.replace(tmp, spec["out"])
-    finally:
-        dist.destroy_process_group()
+    record_each(spec["out"], "runs", per_barrier,
+                (lambda run=run: run_one(run, spec, counter, tx, per_barrier) for run in spec["runs"]), progress)
+
+
+def progress(run: dict, seconds: float) -> str:
+    """Rank 0's line after a run: final accuracy, training time and bytes, wall time in all."""
+    last = run["curve"][-1]
+    return (f"{run['method']:>13} lr {run['lr']:g} seed {run['seed']}: accuracy {last['accuracy']:.3f}, "
+            f"{last['seconds']:.1f} s training, {last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank on the wire "
+            f"({seconds:.0f} s)")
 
 
 if __name__ == "__main__":
