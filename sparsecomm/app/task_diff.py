@@ -37,7 +37,7 @@ class TaskDiffRecorder:
         self.union = None
         self.skip_reason: str | None = None
 
-    # checkpoints (the trainer's ``extra_state``): the base weights and the masks so far
+    # its part of a checkpoint (the component ``task_diff``): the base weights and the masks so far
     def state_dict(self) -> dict[str, Any]:
         return {"base": {k: v.detach().cpu().clone() for k, v in self.base.state_dict().items()}
                 if self.base is not None else None,
