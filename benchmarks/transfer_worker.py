@@ -63,9 +63,8 @@ from sparsecomm.mask import Mask, count_for_density, matches_any
 from sparsecomm.optim import MaskedAdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import join, record_each  # noqa: E402
 from tta_worker import build_task, mask_kind  # noqa: E402
-from worker import PayloadCounter, TxReader, barrier_cost, busy_cpu_seconds, optimizer_state_bytes  # noqa: E402
+from worker import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, optimizer_state_bytes  # noqa: E402
 
 
 def parse(method: str) -> tuple[str, float | None]:
@@ -241,12 +240,8 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
 
 
 def main(spec_path: str) -> None:
-    spec = join(spec_path)
-    counter = PayloadCounter()
-    tx = TxReader(spec["tx_path"])
-    per_barrier = barrier_cost(tx)
-    record_each(spec["out"], "runs", per_barrier,
-                (lambda run=run: run_one(run, spec, counter, tx, per_barrier) for run in spec["runs"]), progress)
+    measure_runs(spec_path, lambda spec, *link: (lambda run=run: run_one(run, spec, *link) for run in spec["runs"]),
+                 progress)
 
 
 def progress(run: dict, seconds: float) -> str:

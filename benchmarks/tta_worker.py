@@ -41,8 +41,7 @@ from sparsecomm.app.masks import Setting, build_mask_kind
 from sparsecomm.optim import MaskedAdamW
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import join, record_each  # noqa: E402
-from worker import PayloadCounter, TxReader, barrier_cost, baseline_ddp  # noqa: E402
+from worker import PayloadCounter, TxReader, baseline_ddp, measure_runs  # noqa: E402
 
 
 def build_task(spec: dict, seed: int):
@@ -133,14 +132,8 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
 
 
 def main(spec_path: str) -> None:
-    spec = join(spec_path)
-    counter = PayloadCounter()
-    tx = TxReader(spec["tx_path"])
-    per_barrier = barrier_cost(tx)
-    record_each(spec["out"], "runs", per_barrier,
-                (lambda seed=seed, method=method: run_method(method, seed, spec, counter, tx, per_barrier)
-                 for seed in spec["seeds"] for method in spec["methods"]),
-                progress)
+    measure_runs(spec_path, lambda spec, *link: (lambda seed=seed, method=method: run_method(method, seed, spec, *link)
+                                                 for seed in spec["seeds"] for method in spec["methods"]), progress)
 
 
 def progress(run: dict, seconds: float) -> str:

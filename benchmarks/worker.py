@@ -349,6 +349,17 @@ def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
     return {i: sum(r[i] for r in everyone) / n for i in node_tx.ifaces}
 
 
+def measure_runs(spec_path: str, jobs_of, progress) -> None:
+    """A rank of an accuracy benchmark (time to accuracy, transfer): join, read the link's
+    counters and a barrier's cost, then run ``jobs_of(spec, counter, tx, per_barrier)`` one by
+    one, recorded under ``"runs"`` in the spec's ``out`` (``harness.record_each``)."""
+    spec = harness.join(spec_path)
+    counter = PayloadCounter()
+    tx = TxReader(spec["tx_path"])
+    per_barrier = barrier_cost(tx)
+    harness.record_each(spec["out"], "runs", per_barrier, jobs_of(spec, counter, tx, per_barrier), progress)
+
+
 def main(spec_path: str) -> None:
     spec = harness.join(spec_path)
     counter = PayloadCounter()
