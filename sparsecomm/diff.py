@@ -70,21 +70,23 @@ def base_hash(model: nn.Module) -> str:
     persistent buffer: the identity of a base model, independent of device."""
     params, buffers = _state(_unwrap(model))
     h = hashlib.sha256()
-    for kind, tensors in (("param", params), ("buffer", buffers)):
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(f"{kind}:{name}:{str(t.dtype)}:{list(t.shape)}\n".encode())
-            h.update(_as_bytes(t))
+    _hash_into(h, params, "param:")
+    _hash_into(h, buffers, "buffer:")
     return h.hexdigest()
 
 
 def _tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
+    _hash_into(h, tensors)
+    return h.hexdigest()
+
+
+def _hash_into(h, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Feed ``prefix name:dtype:shape`` and the raw bytes of each tensor, by sorted name, to ``h``."""
     for name in sorted(tensors):
         t = tensors[name]
-        h.update(f"{name}:{str(t.dtype)}:{list(t.shape)}\n".encode())
+        h.update(f"{prefix}{name}:{str(t.dtype)}:{list(t.shape)}\n".encode())
         h.update(_as_bytes(t))
-    return h.hexdigest()
 
 
 def _bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
