@@ -354,20 +354,37 @@ def lr_note(a, fixed: dict) -> str:
 
 
 def merge(a) -> dict:
-    runs, failures, sweep, settings = [], [], None, None
-    for path in a.merge:
-        with open(path) as f:
-            part = json.load(f)
+    """Join parts. ``PATH:m1,m2`` takes only those methods' runs from PATH; runs of one method
+    must share one lr (a row is a method at one lr). ``--tag`` other than "all" names the output
+    ``transfer_<tag>`` instead of ``transfer``."""
+    runs, failures, sweep, settings, sources = [], [], None, None, []
+    for item in a.merge:
+        path, _, only = item.partition(":") if not os.path.exists(item) else (item, "", "")
+        keep = set(only.split(",")) if only else None
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: cannot read {path!r} ({e}); give transfer_part_<tag>.json files "
+                             f"written by --part") from None
         if part.get("sweep"):
             sweep = part["sweep"]
             continue
         settings = settings or part["settings"]
-        runs += part["runs"]
+        taken = [r for r in part["runs"] if keep is None or r["method"] in keep]
+        runs += taken
         failures += part.get("failures", [])
+        sources.append(f"{os.path.basename(path)}" + (f" ({', '.join(sorted(keep))} only)" if keep else ""))
     if settings is None:
         raise SystemExit("--merge: no final part among the files (only a sweep?)")
-    note = settings_note(settings) + f" Merged from {len(a.merge)} file(s)."
-    return publish(runs, a, "transfer", "Transfer: WordNet supersenses with MiniLM", settings, failures,
+    for method in {r["method"] for r in runs}:
+        lrs = sorted({r["lr"] for r in runs if r["method"] == method})
+        if len(lrs) > 1:
+            raise SystemExit(f"--merge: {method} has runs at several lrs {lrs}; take one lr per method "
+                             f"(PATH:method,... selects methods from a file)")
+    note = settings_note(settings) + f" Merged from: {'; '.join(sources)}."
+    name = "transfer" if a.tag == "all" else f"transfer_{a.tag}"
+    return publish(runs, a, name, "Transfer: WordNet supersenses with MiniLM", settings, failures,
                    sweep=sweep, note=note)
 
 
