@@ -45,9 +45,16 @@ def test_refresh_recomputes_the_mask_and_ranks_agree(tmp_path):
     n, k = s["numel"], s["k"]
     assert [e["step"] for e in mask_events(tmp_path)] == [2, 5]
     assert s["bytes_sent"] == 2 * n * 4 + 6 * k * 4 and s["dense_bytes"] == 8 * n * 4
-    # Each Fisher mask sums, in float64, the scores of every entry not kept whole (the head): the
-    # synthetic MLP's head is its last Linear, 64 -> 10 (10 x 64 weights + 10 biases).
-    assert s["mask_score_bytes"] == 2 * 8 * (n - (10 * 64 + 10))
+    # Each Fisher mask ranks the entries not kept whole (the head: the synthetic MLP's last Linear,
+    # 64 -> 10, 10 x 64 weights + 10 biases) by the candidate exchange (sparsecomm.topk.sum_topk):
+    # on 2 ranks each rank sends its m = 2 (k - head) int32 candidate positions, then its half of
+    # a ring all-reduce of the float64 sums at the union of both ranks' candidates (u entries,
+    # m <= u <= 2m) plus one bound: 4 m + 8 (u + 1) bytes, far below the full exchange's 8 (n - head).
+    head = 10 * 64 + 10
+    m = 2 * (k - head)
+    sums = s["mask_score_bytes"] - 2 * 4 * m  # two masks
+    assert sums % 8 == 0 and 2 * 8 * (m + 1) <= sums <= 2 * 8 * (2 * m + 1), (s["mask_score_bytes"], m)
+    assert s["mask_score_bytes"] < 2 * 8 * (n - head)
     untimed = lambda d: {key: v for key, v in d.items() if not key.endswith("_s")}  # noqa: E731
     assert untimed(s) == untimed(r1["summary"])  # every rank reports the same run
 
