@@ -21,6 +21,10 @@ the run's ``lr``):
                   every ``period`` steps, period = n / k(0.5%), so its payload per step equals FISH 0.5%'s
     fish-D        FISH mask at D% (``fisher_mask`` over ``num_samples`` examples at step 0, no dense
                   warm-up, the head kept whole) + sparsecomm's masked hook + MaskedAdamW
+    fishhead-D    the head alone for ``head_steps`` steps (the masked hook with the head as its mask:
+                  its 10,010 gradient entries a step), then the FISH mask scored through that trained
+                  head (a fresh head's random weights are what the encoder's gradients pass through
+                  at step 0), then as fish-D for the remaining steps (the head's AdamW state restarts)
     random-D      a random mask at D% (head kept whole), same hook and optimizer
     diffprune-D   diff pruning: ``l0_steps`` L0 steps (dense traffic: w and log_alpha gradients, ~2x
                   dense), projection to D%, then the masked hook + MaskedAdamW for the remaining steps
@@ -70,7 +74,7 @@ from worker import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, opt
 def parse(method: str) -> tuple[str, float | None]:
     """``"fish-0.5"`` -> ("fish", 0.005); ``"dense"`` -> ("dense", None)."""
     kind, _, arg = method.partition("-")
-    if kind in ("fish", "random", "diffprune"):
+    if kind in ("fish", "fishhead", "random", "diffprune"):
         return kind, float(arg) / 100
     return method, None
 
@@ -100,7 +104,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     model.train()
     device = torch.device("cpu")
     data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=128, seed=seed, device=device)
-    base = copy.deepcopy(model) if kind in ("fish", "random", "diffprune") else None  # the diff's base
+    base = copy.deepcopy(model) if kind in ("fish", "fishhead", "random", "diffprune") else None  # the diff's base
     numel = sum(p.numel() for p in model.parameters())
     k_half = count_for_density(0.005, numel)
     info: dict = {"numel": numel}
@@ -125,6 +129,17 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         st = register_masked_allreduce(ddp_, mask)
         return ddp_, st, MaskedAdamW(net, mask, lr=lr, weight_decay=0.0)
 
+    def fish(net) -> Mask:
+        """The FISH mask of ``net`` as it is now (the app's Fisher settings, the candidate exchange)."""
+        exchange = {}
+        fisher = mask_kind("fisher", seed, task, data, net, density=density, num_samples=spec["num_samples"],
+                           batch_size=min(64, len(task.train_set) // world))
+        got = fisher_mask(net, data.fisher_batches(0, int(fisher.cfg.batch_size)), task.loss_fn,
+                          density=density, num_samples=spec["num_samples"], always=fisher.always, stats=exchange)
+        counter.bytes += exchange.get("gathered_bytes", 0)  # the candidates' all-gather (not all_reduce)
+        info["score_exchange"] = exchange
+        return got
+
     dist.barrier()
     busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     tx0 = tx()
@@ -136,15 +151,13 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             p.requires_grad_(matches_any(n, task.head))
         ddp = make_ddp(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    elif kind == "fishhead":
+        head_mask = Mask({n: torch.full(p.shape, matches_any(n, task.head)) for n, p in model.named_parameters()})
+        ddp, state, opt = masked(model, head_mask)
+        info["head_steps"] = spec["head_steps"]
     elif kind in ("fish", "random"):
         if kind == "fish":
-            exchange = {}
-            fisher = mask_kind("fisher", seed, task, data, model, density=density, num_samples=spec["num_samples"],
-                               batch_size=min(64, len(task.train_set) // world))
-            mask = fisher_mask(model, data.fisher_batches(0, int(fisher.cfg.batch_size)), task.loss_fn,
-                               density=density, num_samples=spec["num_samples"], always=fisher.always, stats=exchange)
-            counter.bytes += exchange.get("gathered_bytes", 0)  # the candidates' all-gather (not all_reduce)
-            info["score_exchange"] = exchange
+            mask = fish(model)
         else:
             mask = mask_kind("random", seed, task, data, model, density=density).new_mask(SimpleNamespace(model=model), 0)
         ddp, state, opt = masked(model, mask)
@@ -212,6 +225,13 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             wrapper = None
             ddp, state, opt = masked(net, mask)
             engine = StepEngine(ddp, task.loss_fn)
+        if kind == "fishhead" and step == spec["head_steps"] + 1:  # the head is trained: score, then mask
+            t_mask = time.perf_counter()
+            del ddp
+            mask = fish(net)
+            ddp, state, opt = masked(net, mask)
+            engine = StepEngine(ddp, task.loss_fn)
+            info.update(k=mask.num_selected, mask_s=time.perf_counter() - t_mask)
         l0 = wrapper
         engine.step(data.next_batch(), opt,
                     extra_loss=(lambda: float(cfg.l0_penalty) * l0.expected_l0()) if l0 is not None else None,

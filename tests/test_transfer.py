@@ -33,8 +33,8 @@ def tiny_bert(folder):
 def test_transfer_part_and_merge(tmp_path):
     pytest.importorskip("transformers")
     data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)
-    methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only"]  # the table's order
-    res = transfer.main(["--methods", *methods, "--steps", "3", "--eval-every", "3", "--seeds", "1",
+    methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only", "fishhead-0.5"]  # the table's order
+    res = transfer.main(["--methods", *methods, "--head-steps", "1", "--steps", "3", "--eval-every", "3", "--seeds", "1",
                          "--batch-size", "4", "--train-size", "40", "--test-size", "8", "--num-samples", "8",
                          "--rate", "unshaped", "--data-dir", str(data), "--model-dir", str(tiny_bert(tmp_path / "bert")), "--tag", "t", "--lr", "postlocal=2e-4",
                          "--out", str(tmp_path)])
@@ -59,6 +59,12 @@ def test_transfer_part_and_merge(tmp_path):
     assert [m for m, _ in ex["per_round"]] == [2 * (k - head), 8 * (k - head)][:ex["rounds"]]
     score_bytes = sum(4 * m + 8 * (u + 1) for m, u in ex["per_round"]) + 8 * (n - head) * (ex["exchange"] == "full")
     assert rows["fish-0.5"]["k"] == k and rows["fish-0.5"]["payload_bytes"] == score_bytes + 3 * 4 * k
+    # head first: 1 step sending the head's gradient alone, the score exchange through the trained
+    # head (its own rounds), then 2 masked steps
+    ex = next(r for r in res["runs"] if r["method"] == "fishhead-0.5")["score_exchange"]
+    score_bytes = sum(4 * m + 8 * (u + 1) for m, u in ex["per_round"]) + 8 * (n - head) * (ex["exchange"] == "full")
+    assert rows["fishhead-0.5"]["k"] == k
+    assert rows["fishhead-0.5"]["payload_bytes"] == 4 * head + score_bytes + 2 * 4 * k
     assert rows["postlocal"]["period"] == round(n / k)
     assert rows["postlocal"]["payload_bytes"] == 4 * n + 4 * n  # step 1's gradients + one parameter average
     # diff pruning: 1 L0 step (w and the gates of every non-head entry), then 2 masked steps
