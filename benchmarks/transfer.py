@@ -44,7 +44,8 @@ GRIDS = {"dense": (3e-5, 1e-4, 3e-4), "masked": (3e-4, 1e-3, 3e-3), "head": (1e-
 LABELS = {"dense": "dense DDP", "fp16": "fp16 hook", "powersgd-r1": "PowerSGD rank 1",
           "powersgd-r4": "PowerSGD rank 4", "postlocal": "post-local SGD", "fish-0.5": "FISH 0.5%",
           "fish-2": "FISH 2%", "random-0.5": "random 0.5%", "random-2": "random 2%",
-          "diffprune-0.5": "diff pruning 0.5%", "fishhead-0.5": "FISH 0.5%, head trained first", "head-only": "head only (frozen encoder)"}
+          "diffprune-0.5": "diff pruning 0.5%", "head-only": "head only (frozen encoder)",
+          "fishhead-0.5": "FISH 0.5%, head trained first"}
 
 
 def grid(method: str) -> tuple[float, ...]:
@@ -287,7 +288,8 @@ def main(argv=None) -> dict:
                    help="fishhead-D: steps training the head alone before the Fisher mask (default: steps / 5)")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="fix a method's lr")
     p.add_argument("--sweep", help="a transfer_sweep.json whose best lr per method --part final uses")
-    p.add_argument("--tag", default="all", help="--part final writes transfer_part_<tag>.json")
+    p.add_argument("--tag", default="all",
+                   help="--part final writes transfer_part_<tag>.json, --part sweep transfer_sweep_<tag>.json")
     p.add_argument("--merge", nargs="+", metavar="PART.json", help="join parts into transfer.{md,json}")
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 40 steps of 16/rank, 4000/600 synsets, Fisher over 128, grid-middle lr")
@@ -340,7 +342,8 @@ def main(argv=None) -> dict:
     if a.part == "sweep":
         table, best = sweep_table(got)
         top = [r for r in got if r["lr"] == best.get(r["method"])]
-        return publish(top, a, "transfer_sweep", "Transfer: learning-rate sweep", settings, failures,
+        name = "transfer_sweep" if a.tag == "all" else f"transfer_sweep_{a.tag}"
+        return publish(top, a, name, "Transfer: learning-rate sweep", settings, failures,
                        sweep={"best": best, "table": table, "steps": a.steps, "grids": settings["grids"]},
                        note=note + " Rows: each method at its best lr.")
     name = "transfer_quick" if a.quick else f"transfer_part_{a.tag}"
@@ -360,6 +363,18 @@ def lr_note(a, fixed: dict) -> str:
     return " Learning rates: " + "; ".join(parts) + "."
 
 
+def join_sweeps(into: dict | None, sweep: dict, path: str) -> dict:
+    """One sweep of several sweep parts (``--part sweep --tag T``): their rows and best lrs; the
+    parts must have swept the same number of steps."""
+    if into is None:
+        return dict(sweep)
+    if sweep["steps"] != into["steps"]:
+        raise SystemExit(f"--merge: {path} swept {sweep['steps']} steps, an earlier sweep {into['steps']}; "
+                         f"merge sweeps of one budget")
+    return {**into, "best": {**into["best"], **sweep["best"]}, "grids": {**into["grids"], **sweep["grids"]},
+            "table": into["table"] + "\n" + "\n".join(sweep["table"].splitlines()[2:])}
+
+
 def merge(a) -> dict:
     """Join parts. ``PATH:m1,m2`` takes only those methods' runs from PATH; runs of one method
     must share one lr (a row is a method at one lr). ``--tag`` other than "all" names the output
@@ -375,7 +390,7 @@ def merge(a) -> dict:
             raise SystemExit(f"--merge: cannot read {path!r} ({e}); give transfer_part_<tag>.json files "
                              f"written by --part") from None
         if part.get("sweep"):
-            sweep = part["sweep"]
+            sweep = join_sweeps(sweep, part["sweep"], path)
             continue
         settings = settings or part["settings"]
         taken = [r for r in part["runs"] if keep is None or r["method"] in keep]
