@@ -32,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import boxlink  # noqa: E402
 import harness  # noqa: E402
 import netem  # noqa: E402
 import report  # noqa: E402
@@ -63,16 +64,19 @@ def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
     workdir = os.path.join(a.out, "tmp")
     os.makedirs(workdir, exist_ok=True)
     remaining = list(runs)
-    with netem.Link(a.rate, isolate=not a.no_namespace) as link:
+    link_cm = boxlink.BoxLink(a.rate, a.nodes) if a.nodes > 1 else netem.Link(a.rate, isolate=not a.no_namespace)
+    with link_cm as link:
         if link.fallback:
             print(f"WARNING: {link.fallback}")
-        threads = max(1, (os.cpu_count() or 1) // a.ranks)
+        threads = max(1, (os.cpu_count() or 1) // (a.ranks * a.nodes))
         while remaining:
             path = os.path.join(workdir, f"transfer-{label}-{os.getpid()}-{len(out) + len(failures)}.json")
             spec = {"task": "wordnet", "task_kwargs": task_kwargs, "runs": remaining, "steps": a.steps,
                     "batch_size": a.batch_size, "eval_every": a.eval_every, "num_samples": a.num_samples,
                     "l0_steps": a.l0_steps, "head_steps": a.head_steps, "threads": threads, "out": path,
                     "tx_path": "/sys/class/net/lo/statistics/tx_bytes"}
+            if a.nodes > 1:  # every node's eth0 (between nodes) and lo (inside one), summed over nodes
+                spec["ifaces"] = ["eth0", "lo"]
             with open(path + ".spec", "w") as f:
                 json.dump(spec, f)
             rc, tail = harness.run_torchrun(link, a.ranks, os.path.join(harness.HERE, "transfer_worker.py"),
@@ -257,10 +261,13 @@ def publish(runs: list[dict], a, name: str, title: str, settings: dict, failures
 
 
 def settings_note(s: dict) -> str:
+    nodes = s.get("nodes", 1)
     return (f"WordNet noun supersenses ({s['train_size']} train / {s['test_size']} test synsets), packaged "
-            f"all-MiniLM-L6-v2 mean-pooled, {s['ranks']} ranks on a {s.get('link', s['rate'])} link, "
-            f"{s['steps']} steps x {s['batch_size']} examples/rank "
-            f"({s['steps'] * s['batch_size'] * s['ranks'] / s['train_size']:.2f} epochs), AdamW (no decay), "
+            f"all-MiniLM-L6-v2 mean-pooled, " + (f"{nodes} emulated nodes x {s['ranks']} ranks, each node's eth0 "
+                                                 f"at {s['rate']}, " if nodes > 1 else
+                                                 f"{s['ranks']} ranks on a {s.get('link', s['rate'])} link, ")
+            + f"{s['steps']} steps x {s['batch_size']} examples/rank "
+            f"({s['steps'] * s['batch_size'] * s['ranks'] * nodes / s['train_size']:.2f} epochs), AdamW (no decay), "
             f"Fisher over {s['num_samples']} examples, diff pruning {s['l0_steps']} L0 steps"
             + (f", head alone for {s['head_steps']} steps before FISH's mask in fishhead-D" if "head_steps" in s
                else "") + "; "
@@ -292,11 +299,13 @@ def main(argv=None) -> dict:
                    help="--part final writes transfer_part_<tag>.json, --part sweep transfer_sweep_<tag>.json")
     p.add_argument("--merge", nargs="+", metavar="PART.json", help="join parts into transfer.{md,json}")
     p.add_argument("--quick", action="store_true",
-                   help="1 seed, 40 steps of 16/rank, 4000/600 synsets, Fisher over 128, grid-middle lr")
+                   help="1 seed, 30 steps of 16/rank, 4000/400 synsets, Fisher over 128, grid-middle lr")
     p.add_argument("--data-dir", help="task.data_dir (folder with WordNet's data.noun; default: the system's)")
     p.add_argument("--model-dir", help="task.model_dir (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--rate", default="1gbit")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2, help="ranks (per node with --nodes)")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="emulated nodes (cluster/box.py; root): N nodes x --ranks, each node's eth0 at --rate")
     p.add_argument("--no-namespace", action="store_true")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run (a torchrun of N runs gets N x this)")
     p.add_argument("--out", default=report.RESULTS)
@@ -305,8 +314,8 @@ def main(argv=None) -> dict:
     if a.merge:
         return merge(a)
     if a.quick:
-        a.seeds, a.steps, a.batch_size, a.eval_every = 1, 40, 16, 10
-        a.train_size, a.test_size, a.num_samples = 4000, 600, 128
+        a.seeds, a.steps, a.batch_size, a.eval_every = 1, 30, 16, 15
+        a.train_size, a.test_size, a.num_samples = 4000, 400, 128
     if a.first_seed < 0 or a.seeds < 1:
         p.error(f"--first-seed {a.first_seed} / --seeds {a.seeds}: use --first-seed >= 0 and --seeds >= 1")
     netem.parse_rate(a.rate)
@@ -325,7 +334,7 @@ def main(argv=None) -> dict:
     if a.head_steps is None:
         a.head_steps = max(1, a.steps // 5)
     settings = {k: getattr(a, k) for k in ("steps", "batch_size", "eval_every", "train_size", "test_size",
-                                           "num_samples", "l0_steps", "head_steps", "rate", "ranks", "seeds",
+                                           "num_samples", "l0_steps", "head_steps", "rate", "ranks", "nodes", "seeds",
                                            "first_seed", "part")}
     settings.update(date=report.environment()["date"], cores=os.cpu_count(), grids={m: grid(m) for m in a.methods})
     if a.part == "sweep":

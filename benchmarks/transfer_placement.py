@@ -1,13 +1,18 @@
 """Where FISH 0.5% and random 0.5% put their entries in MiniLM (issue 11's "find out why").
 
-    python benchmarks/transfer_placement.py --num-samples 256 --out benchmarks/results
+    python benchmarks/transfer_placement.py --num-samples 256 --head-steps 25 --out benchmarks/results
 
 One process: the WordNet task as ``transfer.py`` builds it (seed 0, 4,000 training synsets), the
-Fisher scores of the first ``--num-samples`` training examples of rank 0's batches of 64 (the
-benchmark's FISH masks sum two ranks' shards of 128 each: the same estimator, other examples),
-the FISH mask at 0.5% with the head kept whole, and the random mask of seed 0. Writes
-``transfer_mask_placement.{md,json}``: per group of parameters, its entries, the share of the k
-selected entries each mask puts there, and the density inside the group.
+Fisher scores of the first ``--num-samples`` training examples (``ShardedData.fisher_batches``
+of a world of 1, batches of 64; the benchmark's FISH masks sum two ranks' shards: the same
+estimator, other examples), and three masks at 0.5% with the head kept whole: FISH through the
+fresh head (what ``fish-0.5`` trains), FISH through a head trained alone for ``--head-steps``
+steps of 32 examples at lr 1e-3 (what ``fishhead-0.5`` trains), and the random mask of seed 0.
+Writes ``transfer_mask_placement.{md,json}``: per group of parameters, its entries, the share of
+the k selected entries each mask puts there and the density inside the group; the overlap of
+the two FISH masks; and how the entries spread over the 384 channels of the residual stream
+(each weight's side that reads or writes it: a few "outlier" channels holding most of a mask
+means the mask trains few directions, however many entries it has).
 """
 from __future__ import annotations
 
@@ -42,51 +47,129 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def residual_axis(name: str, shape: torch.Size, hidden: int) -> int | None:
+    """The axis of ``name`` that indexes the residual stream's ``hidden`` channels, else None."""
+    if re.search(r"attention\.self\.(query|key|value)\.weight|intermediate\.dense\.weight|embeddings\.\w+\.weight$",
+                 name) and "LayerNorm" not in name:
+        return 1  # reads the stream: [out, in = hidden] (embeddings: [rows, hidden])
+    if re.search(r"output\.dense\.(weight|bias)$|LayerNorm\.(weight|bias)$", name):
+        return 0  # writes the stream (or normalises it): [hidden, ...]
+    return None
+
+
+def channel_counts(mask, params: dict, hidden: int) -> torch.Tensor:
+    """Selected entries per residual channel (int64 [hidden]) over every parameter that reads/writes it."""
+    counts = torch.zeros(hidden, dtype=torch.int64)
+    for name, p in params.items():
+        axis = residual_axis(name, p.shape, hidden)
+        if axis is None or p.shape[axis] != hidden:
+            continue
+        bits = mask[name].to(torch.int64)
+        counts += bits.sum(dim=1) if axis == 0 and bits.dim() == 2 else bits.sum(dim=0) if axis == 1 else bits
+    return counts
+
+
+def train_head(task, model, steps: int, lr: float, seed: int) -> None:
+    """The head alone, ``steps`` AdamW steps of 32 training examples (the encoder frozen, eval mode off)."""
+    from sparsecomm.app.data import ShardedData
+    from sparsecomm.mask import matches_any
+    from sparsecomm.modelio import forward
+
+    head = [p for n, p in model.named_parameters() if matches_any(n, task.head)]
+    opt = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
+    data = ShardedData(task, 0, 1, batch_size=32, eval_batch_size=32, seed=seed, device=torch.device("cpu"))
+    model.train()
+    for _ in range(steps):
+        x, y = data.next_batch()
+        loss = task.loss_fn(forward(model, x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, p in model.named_parameters():
+            if not matches_any(n, task.head):
+                p.grad = None
+        opt.step()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--density", type=float, default=0.005)
     p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--head-steps", type=int, default=25, help="steps training the head alone (0: skip that mask)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
     import sparsecomm
+    from sparsecomm.app.data import ShardedData
     from sparsecomm.fisher import fisher_scores
     from sparsecomm.mask import count_for_density, topk_mask
-    from tta_worker import batches, build_task
+    from tta_worker import build_task
 
     torch.set_num_threads(1)
     task = build_task({"task": "wordnet", "task_kwargs": {"train_size": a.train_size, "test_size": 8}}, 0)
     model = task.model
-    t0 = time.perf_counter()
-    scores, seen = fisher_scores(model, batches(task, 0, 1, 64, 7), task.loss_fn, num_samples=a.num_samples)
-    fisher_s = time.perf_counter() - t0
+    data = ShardedData(task, 0, 1, batch_size=16, eval_batch_size=16, seed=0, device=torch.device("cpu"))
     params = dict(model.named_parameters())
     n = sum(p.numel() for p in params.values())
     k = count_for_density(a.density, n)
-    masks = {"FISH": topk_mask(scores, k, task.head),
-             "random": sparsecomm.random_mask(model, density=a.density, seed=0, always=task.head)}
+
+    def fish() -> tuple:
+        t = time.perf_counter()
+        scores, seen = fisher_scores(model, data.fisher_batches(0, 64), task.loss_fn, num_samples=a.num_samples)
+        return topk_mask(scores, k, task.head), seen, time.perf_counter() - t
+
+    masks = {}
+    masks["FISH"], seen, fisher_s = fish()
+    masks["random"] = sparsecomm.random_mask(model, density=a.density, seed=0, always=task.head)
+    if a.head_steps:
+        train_head(task, model, a.head_steps, 1e-3, seed=0)
+        masks["FISH, head first"] = fish()[0]
+    kinds = list(masks)
     rows = {}
-    for name, p in params.items():
-        g = rows.setdefault(group_of(name), {"entries": 0, "FISH": 0, "random": 0})
-        g["entries"] += p.numel()
+    for name, prm in params.items():
+        g = rows.setdefault(group_of(name), {"entries": 0, **{kind: 0 for kind in kinds}})
+        g["entries"] += prm.numel()
         for kind, mask in masks.items():
             g[kind] += int(mask[name].sum())
-    lines = ["| parameter group | entries (% of model) | FISH 0.5%: share of k | density inside | "
-             "random 0.5%: share of k | density inside |", "|---|---|---|---|---|---|"]
+    lines = ["| parameter group | entries (% of model) | " + " | ".join(f"{kd} 0.5%: share of k | density inside"
+                                                             for kd in kinds) + " |",
+             "|---|---|" + "---|---|" * len(kinds)]
     for label, g in sorted(rows.items(), key=lambda kv: -kv[1]["entries"]):
-        lines.append(f"| {label} | {g['entries']:,} ({g['entries'] / n:.1%}) | {g['FISH'] / k:.1%} | "
-                     f"{g['FISH'] / g['entries']:.2%} | {g['random'] / k:.1%} | {g['random'] / g['entries']:.2%} |")
+        lines.append(f"| {label} | {g['entries']:,} ({g['entries'] / n:.1%}) | " + " | ".join(
+            f"{g[kd] / k:.1%} | {g[kd] / g['entries']:.2%}" for kd in kinds) + " |")
     # how many distinct rows of the word embedding each mask touches
     we = next(nm for nm in params if "word_embeddings" in nm)
     touched = {kind: int(mask[we].any(dim=1).sum()) for kind, mask in masks.items()}
+    # the residual stream's channels: the share of each mask's stream-touching entries in its top 8 channels
+    hidden = params[we].shape[1]
+    channels = {}
+    for kind, mask in masks.items():
+        c = channel_counts(mask, params, hidden)
+        top = torch.topk(c, 8)
+        channels[kind] = {"entries": int(c.sum()), "top8_share": float(top.values.sum() / c.sum()),
+                          "top8_channels": top.indices.tolist()}
+    overlap = None
+    if "FISH, head first" in masks:
+        a_, b_ = masks["FISH"], masks["FISH, head first"]
+        both = sum(int((a_[nm] & b_[nm]).sum()) for nm in params)
+        overlap = {"shared_entries": both, "share_of_k": both / k}
     res = {"command": "python benchmarks/transfer_placement.py " + " ".join(argv or sys.argv[1:]),
-           "num_samples": seen, "k": k, "numel": n, "fisher_s": fisher_s, "groups": rows,
-           "word_embedding_rows_touched": touched}
+           "num_samples": seen, "k": k, "numel": n, "fisher_s": fisher_s, "head_steps": a.head_steps,
+           "groups": rows, "word_embedding_rows_touched": touched, "residual_channels": channels,
+           "fish_overlap": overlap}
+    chan_lines = ["| mask | entries on stream channels | share in its top 8 of 384 channels | those channels |",
+                  "|---|---|---|---|"] + [f"| {kd} | {c['entries']:,} | {c['top8_share']:.1%} | "
+                                          f"{', '.join(map(str, sorted(c['top8_channels'])))} |"
+                                          for kd, c in channels.items()]
     text = (f"# Where the 0.5% masks sit in MiniLM\n\nCommand: `{res['command']}`  \n"
             f"Fisher over {seen} training examples (one process, {fisher_s:.0f} s), k = {k:,} of {n:,} entries "
-            f"(head kept whole in both masks).\n\n" + "\n".join(lines) +
-            f"\n\nWord-embedding rows (tokens) with at least one selected entry: FISH {touched['FISH']:,}, "
-            f"random {touched['random']:,} (of {params[we].shape[0]:,}).\n")
+            f"(head kept whole in every mask). \"FISH, head first\": scored after {a.head_steps} steps "
+            f"training the head alone (32 examples a step, lr 1e-3).\n\n" + "\n".join(lines) +
+            "\n\nWord-embedding rows (tokens) with at least one selected entry: "
+            + ", ".join(f"{kd} {t:,}" for kd, t in touched.items()) + f" (of {params[we].shape[0]:,}).\n\n"
+            + "Residual-stream channels (a uniform spread puts 8/384 = 2.1% in any 8 channels):\n\n"
+            + "\n".join(chan_lines) + "\n"
+            + (f"\nThe two FISH masks share {overlap['shared_entries']:,} entries ({overlap['share_of_k']:.1%} of k).\n"
+               if overlap else ""))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "transfer_mask_placement.json"), "w") as f:
         json.dump(res, f, indent=1)

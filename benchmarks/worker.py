@@ -159,6 +159,21 @@ class NodeCounters:
         return {i: tx.get(i, 0) for i in self.ifaces}
 
 
+class ClusterTx:
+    """Bytes every node has sent on ``ifaces`` (eth0: to other nodes; lo: inside the node), summed
+    over nodes: each node's local rank 0 reads its counters (:class:`NodeCounters`), one int64
+    all-reduce adds them up. A collective: every rank calls it at the same points (the accuracy
+    workers on a multi-node link, ``"ifaces"`` in the spec)."""
+
+    def __init__(self, ifaces: list[str]):
+        self.node = NodeCounters(ifaces)
+
+    def __call__(self) -> int:
+        total = torch.tensor([sum(self.node().values())], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total)
+
+
 def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: b[k] - a[k] for k in a}
 
@@ -328,12 +343,13 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
 
 
 def barrier_cost(tx, n: int = 8) -> float:
-    """Bytes on the link per barrier (all ranks together), to subtract from a timed window."""
+    """Bytes on the link per barrier (all ranks together), to subtract from a timed window.
+    Every rank reads ``tx`` (a :class:`ClusterTx` is a collective)."""
     dist.barrier()
-    a = tx() if dist.get_rank() == 0 else 0
+    a = tx()
     for _ in range(n):
         dist.barrier()
-    b = tx() if dist.get_rank() == 0 else 0
+    b = tx()
     return (b - a) / n
 
 
@@ -351,11 +367,12 @@ def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
 
 def measure_runs(spec_path: str, jobs_of, progress) -> None:
     """A rank of an accuracy benchmark (time to accuracy, transfer): join, read the link's
-    counters and a barrier's cost, then run ``jobs_of(spec, counter, tx, per_barrier)`` one by
+    counters (the namespace's ``tx_path``, or with ``"ifaces"`` every node's, :class:`ClusterTx`:
+    then the jobs must read ``tx`` on every rank) and a barrier's cost, then run ``jobs_of(spec, counter, tx, per_barrier)`` one by
     one, recorded under ``"runs"`` in the spec's ``out`` (``harness.record_each``)."""
     spec = harness.join(spec_path)
     counter = PayloadCounter()
-    tx = TxReader(spec["tx_path"])
+    tx = ClusterTx(spec["ifaces"]) if spec.get("ifaces") else TxReader(spec["tx_path"])
     per_barrier = barrier_cost(tx)
     harness.record_each(spec["out"], "runs", per_barrier, jobs_of(spec, counter, tx, per_barrier), progress)
 

@@ -106,3 +106,26 @@ def test_summary_threshold_reach_and_verdicts():
     # within 1 point of dense; NOT 10 points above random (5); beats PowerSGD r4 with 1/10 of its
     # bytes; fastest to the threshold; the diff is 0.6% of the model file
     assert [d["status"] for d in v] == ["HOLDS", "MISSED", "HOLDS", "HOLDS", "HOLDS"], v
+
+
+@pytest.mark.box
+@pytest.mark.timeout(600)
+def test_transfer_across_two_emulated_nodes(tmp_path):
+    """--nodes 2: one torchrun per box node; the wire counter is every node's eth0 + lo, summed."""
+    pytest.importorskip("transformers")
+    box = transfer.boxlink.box
+    reason = box.why_not()
+    if reason:
+        pytest.skip(f"cluster in a box: {reason}")
+    data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)
+    res = transfer.main(["--methods", "dense", "fish-0.5", "--nodes", "2", "--ranks", "1", "--steps", "2",
+                         "--eval-every", "2", "--seeds", "1", "--batch-size", "4", "--train-size", "40",
+                         "--test-size", "8", "--num-samples", "8", "--rate", "1gbit", "--data-dir", str(data),
+                         "--model-dir", str(tiny_bert(tmp_path / "bert")), "--tag", "nodes", "--out", str(tmp_path)])
+    assert not res["failures"], res["failures"]
+    assert {r["world_size"] for r in res["runs"]} == {2}
+    for row in res["rows"]:
+        # one rank per node: every gradient byte of the 2-rank ring crosses eth0 (plus headers), once
+        assert row["payload_bytes"] <= row["wire_bytes_per_rank"] < 1.5 * row["payload_bytes"] + 1e5, row
+    assert "2 emulated nodes x 1 ranks" in (tmp_path / "transfer_part_nodes.md").read_text()
+    assert not box.namespaces(transfer.boxlink.NAME)
