@@ -1,13 +1,14 @@
 """Where FISH 0.5% and random 0.5% put their entries in MiniLM (issue 11's "find out why").
 
-    python benchmarks/transfer_placement.py --num-samples 256 --head-steps 25 --out benchmarks/results
+    python benchmarks/transfer_placement.py --num-samples 256 --more-samples 1024 --head-steps 25 --out benchmarks/results
 
 One process: the WordNet task as ``transfer.py`` builds it (seed 0, 4,000 training synsets), the
 Fisher scores of the first ``--num-samples`` training examples (``ShardedData.fisher_batches``
 of a world of 1, batches of 64; the benchmark's FISH masks sum two ranks' shards: the same
-estimator, other examples), and three masks at 0.5% with the head kept whole: FISH through the
+estimator, other examples), and the masks at 0.5% with the head kept whole: FISH through the
 fresh head (what ``fish-0.5`` trains), FISH through a head trained alone for ``--head-steps``
-steps of 32 examples at lr 1e-3 (what ``fishhead-0.5`` trains), and the random mask of seed 0.
+steps of 32 examples at lr 1e-3 (what ``fishhead-0.5`` trains), optionally FISH over
+``--more-samples`` examples, and the random mask of seed 0.
 Writes ``transfer_mask_placement.{md,json}``: per group of parameters, its entries, the share of
 the k selected entries each mask puts there and the density inside the group; the overlap of
 the two FISH masks; and how the entries spread over the 384 channels of the residual stream
@@ -22,6 +23,7 @@ import os
 import re
 import sys
 import time
+from itertools import islice
 
 import torch
 
@@ -95,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--density", type=float, default=0.005)
     p.add_argument("--train-size", type=int, default=4000)
+    p.add_argument("--more-samples", type=int, default=0, help="also FISH over this many examples (0: skip)")
     p.add_argument("--head-steps", type=int, default=25, help="steps training the head alone (0: skip that mask)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
@@ -112,17 +115,19 @@ def main(argv=None) -> dict:
     n = sum(p.numel() for p in params.values())
     k = count_for_density(a.density, n)
 
-    def fish() -> tuple:
+    def fish(num_samples: int) -> tuple:
         t = time.perf_counter()
-        scores, seen = fisher_scores(model, data.fisher_batches(0, 64), task.loss_fn, num_samples=a.num_samples)
+        scores, seen = fisher_scores(model, data.fisher_batches(0, 64), task.loss_fn, num_samples=num_samples)
         return topk_mask(scores, k, task.head), seen, time.perf_counter() - t
 
     masks = {}
-    masks["FISH"], seen, fisher_s = fish()
+    masks["FISH"], seen, fisher_s = fish(a.num_samples)
+    if a.more_samples:
+        masks[f"FISH, {a.more_samples} examples"] = fish(a.more_samples)[0]
     masks["random"] = sparsecomm.random_mask(model, density=a.density, seed=0, always=task.head)
     if a.head_steps:
         train_head(task, model, a.head_steps, 1e-3, seed=0)
-        masks["FISH, head first"] = fish()[0]
+        masks["FISH, head first"] = fish(a.num_samples)[0]
     kinds = list(masks)
     rows = {}
     for name, prm in params.items():
@@ -136,9 +141,17 @@ def main(argv=None) -> dict:
     for label, g in sorted(rows.items(), key=lambda kv: -kv[1]["entries"]):
         lines.append(f"| {label} | {g['entries']:,} ({g['entries'] / n:.1%}) | " + " | ".join(
             f"{g[kd] / k:.1%} | {g[kd] / g['entries']:.2%}" for kd in kinds) + " |")
-    # how many distinct rows of the word embedding each mask touches
+    # how many distinct rows of the word embedding each mask touches, and how many of those rows are
+    # tokens that training reads: an embedding row has a gradient only in examples holding its token,
+    # so FISH can pick only rows of tokens in its Fisher sample
     we = next(nm for nm in params if "word_embeddings" in nm)
     touched = {kind: int(mask[we].any(dim=1).sum()) for kind, mask in masks.items()}
+    train_tokens = torch.unique(torch.cat(task.train_set.ids).long())
+    sample = [row for x, _ in islice(data.fisher_batches(0, 64), -(-seen // 64)) for row in x["input_ids"]]
+    sample_tokens = torch.unique(torch.cat(sample[:seen]))
+    rows_in_train = {kind: int(mask[we][train_tokens].any(dim=1).sum()) for kind, mask in masks.items()}
+    tokens = {"train": int(train_tokens.numel()), "fisher_sample": int(sample_tokens.numel()),
+              "rows_in_train": rows_in_train}
     # the residual stream's channels: the share of each mask's stream-touching entries in its top 8 channels
     hidden = params[we].shape[1]
     channels = {}
@@ -154,7 +167,7 @@ def main(argv=None) -> dict:
         overlap = {"shared_entries": both, "share_of_k": both / k}
     res = {"command": "python benchmarks/transfer_placement.py " + " ".join(argv or sys.argv[1:]),
            "num_samples": seen, "k": k, "numel": n, "fisher_s": fisher_s, "head_steps": a.head_steps,
-           "groups": rows, "word_embedding_rows_touched": touched, "residual_channels": channels,
+           "groups": rows, "word_embedding_rows_touched": touched, "tokens": tokens, "residual_channels": channels,
            "fish_overlap": overlap}
     chan_lines = ["| mask | entries on stream channels | share in its top 8 of 384 channels | those channels |",
                   "|---|---|---|---|"] + [f"| {kd} | {c['entries']:,} | {c['top8_share']:.1%} | "
@@ -165,7 +178,11 @@ def main(argv=None) -> dict:
             f"(head kept whole in every mask). \"FISH, head first\": scored after {a.head_steps} steps "
             f"training the head alone (32 examples a step, lr 1e-3).\n\n" + "\n".join(lines) +
             "\n\nWord-embedding rows (tokens) with at least one selected entry: "
-            + ", ".join(f"{kd} {t:,}" for kd, t in touched.items()) + f" (of {params[we].shape[0]:,}).\n\n"
+            + ", ".join(f"{kd} {t:,}" for kd, t in touched.items()) + f" (of {params[we].shape[0]:,}); of these, "
+            f"rows of tokens the {a.train_size:,} training synsets hold ({tokens['train']:,} distinct tokens): "
+            + ", ".join(f"{kd} {t:,}" for kd, t in rows_in_train.items())
+            + f". The Fisher sample ({seen} examples; padding included) holds {tokens['fisher_sample']:,} distinct "
+            "tokens: no other row has a Fisher score above 0.\n\n"
             + "Residual-stream channels (a uniform spread puts 8/384 = 2.1% in any 8 channels):\n\n"
             + "\n".join(chan_lines) + "\n"
             + (f"\nThe two FISH masks share {overlap['shared_entries']:,} entries ({overlap['share_of_k']:.1%} of k).\n"
