@@ -129,3 +129,35 @@ def test_transfer_across_two_emulated_nodes(tmp_path):
         assert row["payload_bytes"] <= row["wire_bytes_per_rank"] < 1.5 * row["payload_bytes"] + 1e5, row
     assert "2 emulated nodes x 1 ranks" in (tmp_path / "transfer_part_nodes.md").read_text()
     assert not box.namespaces(transfer.boxlink.NAME)
+
+
+def test_placement_counts_entries_per_residual_channel():
+    """transfer_placement.channel_counts: a mask holding one residual channel's slice of every
+    parameter that reads or writes the stream counts exactly those entries, on that channel only."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import transfer_placement
+    from sparsecomm.mask import Mask
+
+    config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=16)
+    params = dict(transformers.BertModel(config, add_pooling_layer=False).named_parameters())
+    c, expected, bits = 5, 0, {}
+    for name, p in params.items():
+        b = torch.zeros(p.shape, dtype=torch.bool)
+        if any(s in name for s in ("query.weight", "key.weight", "value.weight", "intermediate.dense.weight",
+                                   "embeddings.word_embeddings", "position_embeddings", "token_type_embeddings")):
+            b[:, c] = True          # reads the stream: [out, in=hidden]
+        elif name.endswith(("output.dense.weight",)):
+            b[c, :] = True          # writes it: [hidden, in]
+        elif name.endswith(("output.dense.bias", "LayerNorm.weight", "LayerNorm.bias")):
+            b[c] = True
+        else:                       # q/k/v and FFN-in biases index heads or FFN units, not the stream
+            b[...] = True
+            bits[name] = b
+            continue
+        expected += int(b.sum())
+        bits[name] = b
+    counts = transfer_placement.channel_counts(Mask(bits), params, 8)
+    assert counts[c] == expected and int(counts.sum()) == expected
