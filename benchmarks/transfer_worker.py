@@ -46,7 +46,6 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -159,7 +158,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         if kind == "fish":
             mask = fish(model)
         else:
-            mask = mask_kind("random", seed, task, data, model, density=density).new_mask(SimpleNamespace(model=model), 0)
+            mask = mask_kind("random", seed, task, data, model, density=density).next_mask(model)
         ddp, state, opt = masked(model, mask)
         info.update(k=mask.num_selected, mask_s=time.perf_counter() - t_setup)
     elif kind == "diffprune":

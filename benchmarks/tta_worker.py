@@ -27,7 +27,6 @@ import importlib
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -114,7 +113,7 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
     for step in range(1, spec["steps"] + 1):
         t = time.perf_counter()
         if kind is not None and step == spec["dense_steps"] + 1:
-            mask = kind.new_mask(SimpleNamespace(model=model), step - 1)
+            mask = kind.next_mask(model)
             sync.set_mask(mask)
             sync.set_dense(False)
             opt = MaskedAdamW(model, mask, lr=spec["lr"], weight_decay=0.0)

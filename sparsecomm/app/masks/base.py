@@ -8,7 +8,7 @@ through a few hooks, all no-ops by default::
     .before_step(run, step, dense)    e.g. enter diff pruning's L0 phase; width core: nesting on
     .extra_loss()                     a term added to the loss (diff pruning's L0 penalty) or None
     .after_step()                     e.g. the width core re-zeroes its cut weights
-    .new_mask(run, step)              the mask at a mask step (default: build(); collective)
+    .new_mask(run, step)              the mask at a mask step (default: next_mask(run.model); collective)
     .outputs(run) / report_lines(s)   summary fields at the end (collective) and their report lines
     .state_dict() / load_state_dict() its part of a checkpoint; before_load(run, step) first
 
@@ -63,7 +63,12 @@ class MaskKind:
 
     def new_mask(self, run, step: int) -> Mask:
         """The mask for ``step`` (collective: every rank calls it at the same step)."""
-        mask = self.build(run.model)
+        return self.next_mask(run.model)
+
+    def next_mask(self, model: torch.nn.Module) -> Mask:
+        """The next mask of ``model`` (collective), counted in ``rounds`` (a Fisher mask's data order
+        depends on it): what a loop without the trainer calls (the benchmark workers)."""
+        mask = self.build(model)
         self.rounds += 1
         return mask
 
