@@ -25,6 +25,9 @@ the run's ``lr``):
                   its 10,010 gradient entries a step), then the FISH mask scored through that trained
                   head (a fresh head's random weights are what the encoder's gradients pass through
                   at step 0), then as fish-D for the remaining steps (the head's AdamW state restarts)
+    fishtensor-D  FISH's scores (summed over ranks: every score, float32) ranked inside each tensor:
+                  the same share of every tensor's entries, the head kept whole, k in all as FISH's
+                  (random's spread over tensors, Fisher's choice within each); same hook and optimizer
     random-D      a random mask at D% (head kept whole), same hook and optimizer
     diffprune-D   diff pruning: ``l0_steps`` L0 steps (dense traffic: w and log_alpha gradients, ~2x
                   dense), projection to D%, then the masked hook + MaskedAdamW for the remaining steps
@@ -60,7 +63,7 @@ from sparsecomm.app import schema
 from sparsecomm.app.data import ShardedData, evaluate
 from sparsecomm.app.engine import StepEngine
 from sparsecomm.diff_pruning import DiffPruning
-from sparsecomm.fisher import fisher_mask
+from sparsecomm.fisher import fisher_mask, fisher_scores
 from sparsecomm.hook import register_masked_allreduce
 from sparsecomm.mask import Mask, count_for_density, matches_any
 from sparsecomm.optim import MaskedAdamW
@@ -73,7 +76,7 @@ from worker import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, opt
 def parse(method: str) -> tuple[str, float | None]:
     """``"fish-0.5"`` -> ("fish", 0.005); ``"dense"`` -> ("dense", None)."""
     kind, _, arg = method.partition("-")
-    if kind in ("fish", "fishhead", "random", "diffprune"):
+    if kind in ("fish", "fishhead", "fishtensor", "random", "diffprune"):
         return kind, float(arg) / 100
     return method, None
 
@@ -103,7 +106,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     model.train()
     device = torch.device("cpu")
     data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=128, seed=seed, device=device)
-    base = copy.deepcopy(model) if kind in ("fish", "fishhead", "random", "diffprune") else None  # the diff's base
+    base = copy.deepcopy(model) if kind in ("fish", "fishhead", "fishtensor", "random", "diffprune") else None  # the diff's base
     numel = sum(p.numel() for p in model.parameters())
     k_half = count_for_density(0.005, numel)
     info: dict = {"numel": numel}
@@ -139,6 +142,23 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         info["score_exchange"] = exchange
         return got
 
+    def fish_per_tensor(net) -> Mask:
+        """D% of each tensor by its summed Fisher scores (the head whole): where random puts its entries."""
+        scores, _ = fisher_scores(net, data.fisher_batches(0, min(64, len(task.train_set) // world)), task.loss_fn,
+                                  num_samples=spec["num_samples"] // world)
+        head = sum(sc.numel() for nm, sc in scores.items() if matches_any(nm, task.head))
+        share = (count_for_density(density, numel) - head) / (numel - head)  # k in all, the head counted, as FISH's
+        bits = {}
+        for name, score in scores.items():
+            dist.all_reduce(score)  # every score: n x 4 bytes (counted), an investigation, not the protocol
+            keep = torch.zeros(score.numel(), dtype=torch.bool)
+            if matches_any(name, task.head):
+                keep[:] = True
+            else:
+                keep[torch.topk(score.flatten(), max(1, round(share * score.numel()))).indices] = True
+            bits[name] = keep.view(score.shape)
+        return Mask(bits)
+
     dist.barrier()
     busy0, cpu0, wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
     tx0 = tx()
@@ -154,9 +174,11 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         head_mask = Mask({n: torch.full(p.shape, matches_any(n, task.head)) for n, p in model.named_parameters()})
         ddp, state, opt = masked(model, head_mask)
         info["head_steps"] = spec["head_steps"]
-    elif kind in ("fish", "random"):
+    elif kind in ("fish", "fishtensor", "random"):
         if kind == "fish":
             mask = fish(model)
+        elif kind == "fishtensor":
+            mask = fish_per_tensor(model)
         else:
             mask = mask_kind("random", seed, task, data, model, density=density).next_mask(model)
         ddp, state, opt = masked(model, mask)

@@ -33,7 +33,7 @@ def tiny_bert(folder):
 def test_transfer_part_and_merge(tmp_path):
     pytest.importorskip("transformers")
     data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)
-    methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only", "fishhead-0.5"]  # the table's order
+    methods = ["postlocal", "fish-0.5", "diffprune-0.5", "head-only", "fishhead-0.5", "fishtensor-0.5"]  # table order
     res = transfer.main(["--methods", *methods, "--head-steps", "1", "--steps", "3", "--eval-every", "3", "--seeds", "1",
                          "--batch-size", "4", "--train-size", "40", "--test-size", "8", "--num-samples", "8",
                          "--rate", "unshaped", "--data-dir", str(data), "--model-dir", str(tiny_bert(tmp_path / "bert")), "--tag", "t", "--lr", "postlocal=2e-4",
@@ -65,6 +65,10 @@ def test_transfer_part_and_merge(tmp_path):
     score_bytes = sum(4 * m + 8 * (u + 1) for m, u in ex["per_round"]) + 8 * (n - head) * (ex["exchange"] == "full")
     assert rows["fishhead-0.5"]["k"] == k
     assert rows["fishhead-0.5"]["payload_bytes"] == 4 * head + score_bytes + 2 * 4 * k
+    # per tensor: every float32 score summed across ranks, then 3 masked steps; each tensor's own
+    # rounding of its share (the head whole, counted in k) keeps k within one entry per tensor of the global k
+    tensor = rows["fishtensor-0.5"]
+    assert tensor["payload_bytes"] == 4 * n + 3 * 4 * tensor["k"] and abs(tensor["k"] - k) <= 30, tensor["k"]
     assert rows["postlocal"]["period"] == round(n / k)
     assert rows["postlocal"]["payload_bytes"] == 4 * n + 4 * n  # step 1's gradients + one parameter average
     # diff pruning: 1 L0 step (w and the gates of every non-head entry), then 2 masked steps
