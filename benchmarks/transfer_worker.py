@@ -73,10 +73,13 @@ from tta_worker import build_task, mask_kind  # noqa: E402
 from worker import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, optimizer_state_bytes  # noqa: E402
 
 
+MASKED = ("fish", "fishhead", "fishtensor", "random", "diffprune")  # kinds with a density: "<kind>-<D%>"
+
+
 def parse(method: str) -> tuple[str, float | None]:
     """``"fish-0.5"`` -> ("fish", 0.005); ``"dense"`` -> ("dense", None)."""
     kind, _, arg = method.partition("-")
-    if kind in ("fish", "fishhead", "fishtensor", "random", "diffprune"):
+    if kind in MASKED:
         return kind, float(arg) / 100
     return method, None
 
@@ -106,10 +109,11 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
     model.train()
     device = torch.device("cpu")
     data = ShardedData(task, rank, world, batch_size=spec["batch_size"], eval_batch_size=128, seed=seed, device=device)
-    base = copy.deepcopy(model) if kind in ("fish", "fishhead", "fishtensor", "random", "diffprune") else None  # the diff's base
+    base = copy.deepcopy(model) if kind in MASKED else None  # the diff's base
     numel = sum(p.numel() for p in model.parameters())
     k_half = count_for_density(0.005, numel)
     info: dict = {"numel": numel}
+    fisher_batch = min(64, len(task.train_set) // world)  # Fisher scoring batch per rank
     state = averager = wrapper = None
     opt = None
 
@@ -135,7 +139,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
         """The FISH mask of ``net`` as it is now (the app's Fisher settings, the candidate exchange)."""
         exchange = {}
         fisher = mask_kind("fisher", seed, task, data, net, density=density, num_samples=spec["num_samples"],
-                           batch_size=min(64, len(task.train_set) // world))
+                           batch_size=fisher_batch)
         got = fisher_mask(net, data.fisher_batches(0, int(fisher.cfg.batch_size)), task.loss_fn,
                           density=density, num_samples=spec["num_samples"], always=fisher.always, stats=exchange)
         counter.bytes += exchange.get("gathered_bytes", 0)  # the candidates' all-gather (not all_reduce)
@@ -144,7 +148,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
 
     def fish_per_tensor(net) -> Mask:
         """D% of each tensor by its summed Fisher scores (the head whole): where random puts its entries."""
-        scores, _ = fisher_scores(net, data.fisher_batches(0, min(64, len(task.train_set) // world)), task.loss_fn,
+        scores, _ = fisher_scores(net, data.fisher_batches(0, fisher_batch), task.loss_fn,
                                   num_samples=spec["num_samples"] // world)
         head = sum(sc.numel() for nm, sc in scores.items() if matches_any(nm, task.head))
         share = (count_for_density(density, numel) - head) / (numel - head)  # k in all, the head counted, as FISH's
