@@ -32,6 +32,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import sparsecomm
 from sparsecomm.distributed import RankDisagreement
 
 from . import launch, rundir, trainer
@@ -236,8 +237,12 @@ def main(argv: list[str] | None = None) -> Any:
     ``--check``: compose and check the config and the run directory, print ``ok``, and start
     nothing (the cluster scripts run it before torchrun, so a bad value is reported once and
     never retried by torchrun's restarts). Exit code 0, or 2 with one ``error:`` line.
+    ``--version``: print ``sparsecomm <version>`` and start nothing.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in argv:
+        print(f"sparsecomm {sparsecomm.__version__}", flush=True)
+        return None
     check_only = "--check" in argv
     argv = [a for a in argv if a != "--check"]
     args, _ = get_args_parser().parse_known_args(argv)
