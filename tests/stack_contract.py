@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -96,3 +97,14 @@ def assert_contract(results: list[dict], steps: int, state_per_entry: int = 2) -
         assert r["state_numel"] == state_per_entry * k
         assert r["params"] == r0["params"]  # the ranks trained in step
     return {"k": k, "bytes_per_step": r0["tap_bytes"] // steps, "dense_bytes_per_step": r0["dense_bytes"] // steps}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its process state in a class-wide singleton (transformers' Trainer uses it
+    too): a test that builds one in the pytest process must not leave it to the ranks the next
+    test forks. Import this fixture into a test module to apply it there."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -16,7 +16,8 @@ from multirank import run_ranks  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments, default_data_collator  # noqa: E402
 
 from sparsecomm.integrations.hf import SparseCommTrainer  # noqa: E402  (imported once here, not in every rank)
-from stack_contract import WireTap, assert_contract, facts, snapshot  # noqa: E402
+from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_state,  # noqa: E402,F401 (fixture)
+                            snapshot)
 
 VOCAB, LENGTH, CLASSES = 40, 12, 3
 

@@ -1,0 +1,84 @@
+"""sparsecomm.integrations.accelerate: after accelerator.prepare, prepare_masked keeps the core
+contract on 2 Gloo ranks (tests/stack_contract.py), gradient accumulation included."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+from multirank import run_ranks  # noqa: E402
+from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_state,  # noqa: E402,F401 (fixture)
+                            snapshot)
+
+from sparsecomm.fisher import fisher_mask  # noqa: E402
+from sparsecomm.integrations.accelerate import prepare_masked  # noqa: E402
+from sparsecomm.mask import random_mask  # noqa: E402
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def data(rank: int, n: int = 64):
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own shard
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long())
+
+
+def train_rank(rank, world, optimizer_name, mask_kind, accumulation, batches):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model = tiny_mlp()
+    before = snapshot(model)
+    loader = torch.utils.data.DataLoader(data(rank), batch_size=8)
+    model = accelerator.prepare(model)  # the loader stays this rank's own shard
+    loss_fn = nn.CrossEntropyLoss()
+    if mask_kind == "fisher":
+        mask = fisher_mask(model, loader, loss_fn, density=0.05, num_samples=32, always=["4.bias"])
+    else:
+        mask = random_mask(model, density=0.05, seed=3)
+    stock = (torch.optim.AdamW(model.parameters(), lr=1e-2) if optimizer_name == "adamw"
+             else torch.optim.SGD(model.parameters(), lr=1e-1, momentum=0.9))
+    optimizer, comm = prepare_masked(accelerator, model, accelerator.prepare(stock), mask)
+    assert type(optimizer).__name__ == "AcceleratedOptimizer" and accelerator._optimizers == [optimizer]
+    with WireTap() as tap:
+        for i, (x, y) in enumerate(loader):
+            if i == batches:
+                break
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+    return facts(accelerator.unwrap_model(model), before, mask, comm, optimizer, tap)
+
+
+@pytest.mark.parametrize("optimizer_name,mask_kind,accumulation,state_per_entry",
+                         [("adamw", "fisher", 2, 2), ("sgd", "random", 1, 1)])
+def test_prepared_model_sends_k_values_per_step_and_freezes_the_rest(optimizer_name, mask_kind, accumulation,
+                                                                     state_per_entry):
+    batches = 6
+    results = run_ranks(train_rank, 2, optimizer_name, mask_kind, accumulation, batches, timeout=180)
+    numbers = assert_contract(results, steps=batches // accumulation, state_per_entry=state_per_entry)
+    assert numbers["bytes_per_step"] == 4 * numbers["k"] < numbers["dense_bytes_per_step"]
+
+
+def test_refusals_name_the_fix():
+    from sparsecomm.integrations.common import masked_counterpart
+
+    model = tiny_mlp()
+    mask = random_mask(model, density=0.1)
+    with pytest.raises(TypeError, match="not Adam; build the optimizer"):
+        masked_counterpart(torch.optim.Adam(model.parameters()), model, mask)
+    groups = [{"params": [model[0].weight], "lr": 1e-3}, {"params": [model[0].bias], "lr": 1e-2}]
+    with pytest.raises(ValueError, match=r"groups differ in \['lr'\]"):
+        masked_counterpart(torch.optim.AdamW(groups), model, mask)
+    accelerator = Accelerator(cpu=True)
+    optimizer, comm = prepare_masked(accelerator, model, torch.optim.AdamW(model.parameters(), lr=0.5), mask)
+    assert comm is None and optimizer.optimizer.param_groups[0]["lr"] == 0.5  # one process: nothing to send
