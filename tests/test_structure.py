@@ -12,7 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "sparsecomm"
-OPTIONAL = ("transformers", "wandb", "submitit", "hydra_plugins", "matplotlib")  # may be imported where used
+OPTIONAL = ("transformers", "wandb", "submitit", "hydra_plugins", "matplotlib",  # may be imported where used
+            "accelerate", "lightning")  # (sparsecomm/integrations/: each module needs its stack)
 
 
 def module_name(path: Path) -> str:
