@@ -3,7 +3,8 @@
 * a tqdm progress bar on stderr: loss, steps/s, bytes the hook sent per step;
 * ``<run dir>/metrics.jsonl``: one JSON object per line, ``{"event": "train"|"eval"|"mask"|
   "summary", "step": ..., "time": seconds since start, ...}``;
-* optionally Weights & Biases (``logging=wandb``), offline by default, imported lazily.
+* optionally Weights & Biases (``logging=wandb``), offline by default, imported lazily: each
+  record's numbers as history ``<event>/<field>`` at its step, the summary record as the run's summary.
 
 Usage::
 
@@ -85,7 +86,9 @@ class MetricsLogger(NullLogger):
             if self._file is None:
                 self._file = _open_for_append(self.path)
             self._file.write(json.dumps(record) + "\n")
-        if self._wandb is not None:
+        if self._wandb is not None and event == "summary":  # the run's outcome, strings included
+            self._wandb.summary.update({k: v for k, v in record.items() if k not in ("event", "time")})
+        elif self._wandb is not None:
             numbers = {f"{event}/{k}": v for k, v in record.items()
                        if isinstance(v, (int, float)) and k not in ("step", "time")}
             self._wandb.log(numbers, step=step)
