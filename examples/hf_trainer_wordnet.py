@@ -41,7 +41,7 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True,
                                                                num_labels=len(wordnet.SUPERSENSES))
     training = TrainingArguments(
-        "hf_trainer_wordnet_out", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        "runs/hf_trainer_wordnet", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
         report_to="none", save_strategy="no", logging_steps=max(args.steps // 4, 1), disable_tqdm=True, seed=0)
     trainer = SparseCommTrainer(model=model, args=training, train_dataset=train,
