@@ -31,10 +31,10 @@ def data(rank: int, n: int = 64):
     return torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long())
 
 
-def train_rank(rank, world, optimizer_name, mask_kind, accumulation, batches):
+def train_rank(rank, world, optimizer_name, mask_kind, accumulation, batches, precision):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, mixed_precision=precision)
     model = tiny_mlp()
     before = snapshot(model)
     loader = torch.utils.data.DataLoader(data(rank), batch_size=8)
@@ -59,12 +59,13 @@ def train_rank(rank, world, optimizer_name, mask_kind, accumulation, batches):
     return facts(accelerator.unwrap_model(model), before, mask, comm, optimizer, tap)
 
 
-@pytest.mark.parametrize("optimizer_name,mask_kind,accumulation,state_per_entry",
-                         [("adamw", "fisher", 2, 2), ("sgd", "random", 1, 1)])
+@pytest.mark.parametrize("optimizer_name,mask_kind,accumulation,precision,state_per_entry",
+                         [("adamw", "fisher", 2, "no", 2), ("sgd", "random", 1, "no", 1), ("adamw", "random", 1, "bf16", 2)])
 def test_prepared_model_sends_k_values_per_step_and_freezes_the_rest(optimizer_name, mask_kind, accumulation,
-                                                                     state_per_entry):
+                                                                     precision, state_per_entry):
+    """bf16 autocast: the forward runs in bf16, the gradients (and the wire) stay in the parameters' fp32."""
     batches = 6
-    results = run_ranks(train_rank, 2, optimizer_name, mask_kind, accumulation, batches, timeout=180)
+    results = run_ranks(train_rank, 2, optimizer_name, mask_kind, accumulation, batches, precision, timeout=180)
     numbers = assert_contract(results, steps=batches // accumulation, state_per_entry=state_per_entry)
     assert numbers["bytes_per_step"] == 4 * numbers["k"] < numbers["dense_bytes_per_step"]
 

@@ -34,7 +34,7 @@ GradScaler) is refused: the scaler cannot see the packed gradients.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -105,7 +105,7 @@ class SparseCommTrainer(Trainer):
         return fisher_mask(self.model, split_labels(self._fisher_batches()), classification_loss,
                            density=self.density, num_samples=self.mask_samples, always=self.always)
 
-    def _fisher_batches(self) -> DataLoader:
+    def _fisher_batches(self) -> Iterator[dict]:
         """This rank's share of the first ``mask_samples`` training examples, collated as training
         collates them (columns the model does not take removed), on the model's device."""
         if self.train_dataset is None:
