@@ -60,7 +60,8 @@ def train_rank(rank, world, optimizer_name, mask_kind, accumulation, batches, pr
 
 
 @pytest.mark.parametrize("optimizer_name,mask_kind,accumulation,precision,state_per_entry",
-                         [("adamw", "fisher", 2, "no", 2), ("sgd", "random", 1, "no", 1), ("adamw", "random", 1, "bf16", 2)])
+                         [("adamw", "fisher", 2, "no", 2), ("sgd", "random", 1, "no", 1),
+                          ("adamw", "random", 1, "bf16", 2)])
 def test_prepared_model_sends_k_values_per_step_and_freezes_the_rest(optimizer_name, mask_kind, accumulation,
                                                                      precision, state_per_entry):
     """bf16 autocast: the forward runs in bf16, the gradients (and the wire) stay in the parameters' fp32."""

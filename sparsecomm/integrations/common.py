@@ -57,7 +57,8 @@ def require_ddp_when_distributed(model: nn.Module, who: str, fix: str) -> bool:
     return False
 
 
-def split_labels(batches: Iterable[Mapping[str, Any]], label_key: str = "labels") -> Iterator[tuple[dict, torch.Tensor]]:
+def split_labels(batches: Iterable[Mapping[str, Any]],
+                 label_key: str = "labels") -> Iterator[tuple[dict, torch.Tensor]]:
     """Hugging Face batches (dicts holding ``label_key``) as the ``(inputs, targets)`` pairs
     :func:`sparsecomm.fisher_mask` scores: the model then sees the inputs without the labels."""
     for batch in batches:

@@ -75,7 +75,8 @@ class SparseCommTrainer(Trainer):
                  mask_samples: int = 256, always: Iterable[str] = (), wire_dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
         if mask_kind not in MASK_KINDS:
-            raise ValueError(f"mask_kind={mask_kind!r} is not a mask kind of SparseCommTrainer; use one of {MASK_KINDS}")
+            raise ValueError(f"mask_kind={mask_kind!r} is not a mask kind of SparseCommTrainer; "
+                             f"use one of {MASK_KINDS}")
         if self.optimizer is not None and not isinstance(self.optimizer, (MaskedAdamW, MaskedSGD)):
             raise ValueError("SparseCommTrainer builds a masked optimizer from TrainingArguments; drop the optimizer "
                              "passed in optimizers=(...), or pass a sparsecomm MaskedAdamW/MaskedSGD")
