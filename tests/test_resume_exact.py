@@ -11,39 +11,42 @@ the uninterrupted run itself: a run that never loads a checkpoint.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 from apptest import compose_app
 from multirank import run_ranks
+from torch.utils.data import Dataset
 
 from sparsecomm.app import trainer
+from sparsecomm.app.data import ShardedData
 from sparsecomm.checkpoint import decode, encode
 
 # The smallest real config: digits CNN (BatchNorm), 2 dense steps, a Fisher mask on 2 x 24 examples.
 DIGITS = ["task=digits", "batch_size=16", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
           "save_model=false", "save_diff=false", "cluster.num_threads=1", "checkpoint.every=1", "checkpoint.keep=100"]
 FISHER = ["mask=fisher", "mask.density=0.02", "mask.num_samples=48", "mask.batch_size=8"]
+REFRESH = ["schedule=refresh", "schedule.dense_steps=2", "schedule.refresh_every=3"]
+CORE_FULL = ["schedule=core_full", "schedule.dense_steps=2", "schedule.core_full=0.5"]  # full steps 3, 5 and 6
 CASES = {  # name: (overrides, steps, the steps to resume at)
     # mask before step 3: resume one step before it, at it (chosen right after the resume), after it
     "fisher_warmup": ([*FISHER, "schedule=dense_warmup", "schedule.dense_steps=3"], 6, [2, 3, 4]),
     # mask before 2, refreshed before 5: before/at/after the refresh (its Fisher data order is the 2nd)
-    "fisher_refresh": ([*FISHER, "schedule=refresh", "schedule.dense_steps=2", "schedule.refresh_every=3"], 8, [4, 5, 6]),
+    "fisher_refresh": ([*FISHER, *REFRESH], 8, [4, 5, 6]),
     # random masks: a new seed per refresh (the kind's round count)
-    "random_refresh": (["mask=random", "mask.density=0.02", "schedule=refresh", "schedule.dense_steps=2", "schedule.refresh_every=3"],
-                       8, [2, 5, 6]),
+    "random_refresh": (["mask=random", "mask.density=0.02", *REFRESH], 8, [2, 5, 6]),
     # core/full with a probability: which steps are full is drawn per step
-    "fisher_core_full": ([*FISHER, "schedule=core_full", "schedule.dense_steps=2", "schedule.core_full=0.5"], 8, [2, 3, 5]),
+    "fisher_core_full": ([*FISHER, *CORE_FULL], 8, [2, 3, 5]),
     # diff pruning: L0 phase (the model swapped for its wrapper) on steps 2..4, the mask projected before 5
     "diff_pruning": (["mask=diff_pruning", "mask.density=0.02", "schedule=dense_warmup", "schedule.dense_steps=2",
                       "mask.l0_steps=3"], 7, [2, 3, 5, 6]),
     # the width core (its nested core's forward) with core/full steps
-    "width_core": (["mask=width_core", "schedule=core_full", "schedule.dense_steps=2", "schedule.core_full=0.5"],
-                   7, [2, 4]),
+    "width_core": (["mask=width_core", *CORE_FULL], 7, [2, 4]),
     # without DDP's buffer broadcast every rank's BatchNorm statistics are its own for the whole run
-    "unsynced_buffers": ([*FISHER, "schedule=dense_warmup", "schedule.dense_steps=3", "comm.sync_buffers=false"], 6, [3, 5]),
+    "unsynced_buffers": ([*FISHER, "schedule=dense_warmup", "schedule.dense_steps=3", "comm.sync_buffers=false"],
+                         6, [3, 5]),
 }
-
 
 def _train(rank, world, cfg, run_dir):
     t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
@@ -111,3 +114,33 @@ def test_what_a_resume_cannot_carry_over_is_said(tmp_path):
     assert three[0]["resumed_from"] == at and three[0]["digest"] == three[2]["digest"]
     log = (tmp_path / "three" / "log.txt").read_text()
     assert "resuming a 2-rank checkpoint on 3 ranks" in log and "every rank starts from rank 0's module buffers" in log
+
+
+class _Noisy(Dataset):
+    """Each item draws from the torch RNG of the process that loads it (random augmentation)."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.rand(()), i
+
+
+def test_a_resumed_stream_has_the_workers_of_the_uninterrupted_one():
+    """``num_workers=1``: a stream resumed mid-epoch, in a process whose own RNG is elsewhere,
+    yields the items (and the workers' draws) of the uninterrupted stream, across an epoch end."""
+    task = SimpleNamespace(train_set=_Noisy(), test_set=_Noisy(), collate_fn=None)
+
+    def stream():
+        return ShardedData(task, 1, 2, batch_size=4, eval_batch_size=4, seed=3, device=torch.device("cpu"),
+                           num_workers=1)
+
+    torch.manual_seed(0)
+    whole = stream()
+    batches = [whole.next_batch() for _ in range(12)]  # 8 batches an epoch: 5 in epoch 0, then 7 more
+    torch.manual_seed(1)
+    resumed = stream()
+    resumed.load_state_dict({"epoch": 0, "batch": 5})
+    for (x, i), (rx, ri) in zip(batches[5:], [resumed.next_batch() for _ in range(7)]):
+        assert torch.equal(i, ri) and torch.equal(x, rx)
+    assert len({float(v) for x, _ in batches for v in x}) == 48  # real draws, not a constant
