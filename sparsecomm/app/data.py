@@ -32,7 +32,9 @@ class ShardedData:
 
     Training batches come from a ``DistributedSampler`` (reshuffled every epoch, seed shared by
     the ranks, so shards never overlap within an epoch); the stream is endless and knows its
-    position (``epoch``, ``batch``) for checkpoints.
+    position (``epoch``, ``batch``) for checkpoints. The loader's workers (``num_workers > 0``)
+    are seeded from (seed, rank, epoch), not from the process's RNG, so a resumed stream's
+    workers draw what the uninterrupted stream's drew (random augmentation in a worker).
     """
 
     def __init__(self, task, rank: int, world: int, *, batch_size: int, eval_batch_size: int, seed: int,
@@ -45,14 +47,15 @@ class ShardedData:
                 f"batch_size={batch_size} is larger than this rank's shard of {shard} training examples "
                 f"({len(task.train_set)} over {world} ranks); lower batch_size")
         pin = device.type == "cuda"
+        self._worker_seeds = torch.Generator()  # the workers' base seed, drawn once per epoch
         if getattr(task, "lengths", None) is not None:  # padded per batch: group similar lengths
             self.sampler = LengthGroupedBatches(self.sampler, task.lengths, batch_size, seed=seed)
             self.train_loader = DataLoader(task.train_set, batch_sampler=self.sampler, collate_fn=task.collate_fn,
-                                           num_workers=num_workers, pin_memory=pin)
+                                           num_workers=num_workers, pin_memory=pin, generator=self._worker_seeds)
         else:
             self.train_loader = DataLoader(task.train_set, batch_size=batch_size, sampler=self.sampler,
                                            drop_last=True, collate_fn=task.collate_fn, num_workers=num_workers,
-                                           pin_memory=pin)
+                                           pin_memory=pin, generator=self._worker_seeds)
         test_slice = Subset(task.test_set, range(rank, len(task.test_set), world))  # no padding: exact counts
         self.test_loader = DataLoader(test_slice, batch_size=eval_batch_size, shuffle=False,
                                       collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)
@@ -63,6 +66,7 @@ class ShardedData:
         while True:
             if self._it is None:
                 self.sampler.set_epoch(self.epoch)
+                self._worker_seeds.manual_seed(((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank) % (1 << 63))
                 self._it = iter(self.train_loader)
             try:
                 inputs, targets = next(self._it)

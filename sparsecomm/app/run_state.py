@@ -4,7 +4,9 @@ As in torchtitan, the trainer registers its stateful parts by name (:class:`RunS
 checkpoint is a small header plus ``{name: component.state_dict()}``, and resuming loads them in
 the order they were registered. The trainer's components, in that order::
 
-    model       the model's full state dict (weights and buffers)
+    model       the model's full state dict (weights and buffers: rank 0's)
+    buffers     the module buffers (BatchNorm statistics) of every other rank where they differ
+                from rank 0's (all-gathered: a collective); another world size keeps rank 0's
     dense_opt   the dense optimizer (warm-up, full steps, mask=dense)
     mask        the mask's bits and its digest: the one copy of the digest in a checkpoint
                 (loading checks it, checks the mask fits the model and hands it to the hook and
@@ -19,7 +21,8 @@ the order they were registered. The trainer's components, in that order::
 
 The header: format, step, world size, the training config and its hash, the model's tensor
 names and shapes. Rank 0 writes the file (:mod:`sparsecomm.app.fault`); nothing else crosses the
-network but the all-gather of the per-rank RNG states.
+network but the all-gathers of the per-rank buffers and RNG states. A checkpoint written before
+``buffers`` existed loads: every rank then starts from rank 0's buffers (:func:`resume_notes` says so).
 """
 from __future__ import annotations
 
@@ -60,6 +63,46 @@ class Attr:
         obj = getattr(self.owner, self.name)
         if sd is not None and obj is not None:
             obj.load_state_dict(sd)
+
+
+class RankBuffers:
+    """Each rank's own module buffers (BatchNorm running statistics), saved per rank.
+
+    Between DDP's broadcasts of rank 0's buffers (before each training forward) every rank's
+    buffers move with its own batch, and with ``comm.sync_buffers=false`` they never meet: what
+    an eval-mode pass reads (the Fisher mask's scoring, the width core's export) is per rank.
+    The model's state holds rank 0's; this component holds, for every other rank, the buffers
+    that differ from rank 0's (nothing when they agree). Saving all-gathers every rank's
+    persistent buffers (world x their bytes, once per checkpoint). Same world size: each rank
+    gets its own back. Another world size: every rank keeps rank 0's.
+    """
+
+    def __init__(self, get_model: Callable[[], torch.nn.Module]):
+        self.get_model = get_model
+
+    def current(self) -> dict[str, torch.Tensor]:
+        model = self.get_model()
+        saved = model.state_dict(keep_vars=True)
+        return {n: b for n, b in model.named_buffers() if n in saved}
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {n: b.detach().cpu().clone() for n, b in self.current().items()}
+        ranks = [mine]
+        if sdist.is_initialized() and sdist.world_size() > 1:
+            ranks = [None] * sdist.world_size()
+            dist.all_gather_object(ranks, mine)
+        first = ranks[0]
+        return {"ranks": [{} if r == 0 else {n: t for n, t in own.items() if not torch.equal(t, first[n])}
+                          for r, own in enumerate(ranks)]}
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        ranks = sd["ranks"]
+        if len(ranks) != sdist.world_size():
+            return
+        buffers = self.current()
+        with torch.no_grad():
+            for name, value in ranks[sdist.rank()].items():
+                buffers[name].copy_(value)
 
 
 class Progress:
@@ -124,6 +167,20 @@ class MaskState:
         if mask.digest() != sd["digest"]:
             raise ValueError("its mask does not match its stored digest")
         self.adopt(mask)
+
+
+def resume_notes(sd: Mapping[str, Any], progress: Progress, buffers: RankBuffers) -> list[str]:
+    """What a loaded checkpoint ``sd`` does not carry over exactly, one log line each (none: bit for bit)."""
+    moved = progress.resharded
+    if moved is not None:
+        return [f"resuming a {moved['saved_world']}-rank checkpoint on {sdist.world_size()} ranks: the mask and the "
+                f"optimizer state are global and carry over; the data is re-sharded (epoch {moved['epoch']}, "
+                f"~{moved['examples']} examples in), the RNG reseeded and every rank starts from rank 0's module "
+                f"buffers (BatchNorm statistics), so this run is not bit-identical to an uninterrupted one"]
+    if "buffers" not in sd["state"] and sdist.world_size() > 1 and buffers.current():
+        return ["the checkpoint holds rank 0's module buffers (BatchNorm statistics) only, so every rank starts "
+                "from them: a mask chosen before the next training step may differ from the uninterrupted run's"]
+    return []
 
 
 class RunState:

@@ -37,7 +37,7 @@ from .metrics import make_logger
 from .monitor import TrainMonitor
 from .optimizers import build_optimizer
 from .report import publish
-from .run_state import FORMAT, Attr, MaskState, Progress, RunState
+from .run_state import FORMAT, Attr, MaskState, Progress, RankBuffers, RunState, resume_notes
 from .schedule import LRSchedule, Schedule
 from .task_diff import TaskDiffRecorder
 
@@ -90,7 +90,9 @@ class Trainer:
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.step,
                                  lambda: self.sync.bytes_sent)
         self.state = RunState()
-        for name, part in [("model", Attr(self, "model", cpu=True)), ("dense_opt", Attr(self, "dense_opt")),
+        self.rank_buffers = RankBuffers(lambda: self.model)
+        for name, part in [("model", Attr(self, "model", cpu=True)), ("buffers", self.rank_buffers),
+                           ("dense_opt", Attr(self, "dense_opt")),
                            ("mask", MaskState(lambda: self.mask, self._adopt_loaded_mask)),
                            ("sparse_opt", _WithoutDigest(Attr(self, "sparse_opt"))), ("sync", Attr(self, "sync")),
                            ("mask_kind", self.kind), ("progress", self.progress), ("nonfinite", self.nonfinite)]:
@@ -188,12 +190,8 @@ class Trainer:
             self.state.load_state_dict(sd)
         except ValueError as e:
             raise fault.CheckpointError(f"{source}: {e}; {FIX}") from None
-        moved = self.progress.resharded
-        if moved is not None:
-            self.log.info(
-                f"resuming a {moved['saved_world']}-rank checkpoint on {self.world} ranks: the mask and the optimizer "
-                f"state are global and carry over; the data is re-sharded (epoch {moved['epoch']}, ~{moved['examples']} "
-                f"examples in) and the RNG reseeded, so this run is not bit-identical to an uninterrupted one")
+        for line in resume_notes(sd, self.progress, self.rank_buffers):
+            self.log.info(line)
         _assert_same_config(self.config_hash)
         sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
                                        fix="Every rank must load the same checkpoint.")

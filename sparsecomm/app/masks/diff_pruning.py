@@ -56,8 +56,11 @@ class DiffPruningKind(DensityKind):
             self.enter(run, step)
 
     def before_load(self, run, step: int) -> None:
-        """A checkpoint taken inside the L0 phase holds the wrapper as the model: enter it first."""
-        if self.start <= step < self.start + self.l0_steps and not self.active:
+        """A checkpoint taken inside the L0 phase holds the wrapper as the model: enter it first. The
+        phase trains steps ``start .. start + l0_steps - 1``, so it holds the wrapper after step
+        ``start`` (a checkpoint of step ``start`` was taken before the phase) up to and including
+        ``start + l0_steps`` (the mask is projected right after that checkpoint)."""
+        if self.start < step <= self.start + self.l0_steps and not self.active:
             self.enter(run, self.start)
 
     def enter(self, run, step: int) -> None:
