@@ -133,6 +133,7 @@ def test_instructions_are_read_from_the_files():
         assert set(words) <= KNOWN, (name, set(words) - KNOWN)
 
 
+@pytest.mark.timeout(1800)  # a fresh environment: pip installs torch and the app's dependencies
 @pytest.mark.parametrize("name,job_args", [("Dockerfile.cpu", []), ("Dockerfile.cuda", ["cluster=local_cpu"])])
 def test_dockerfile_steps_install_a_working_app(name, job_args, tmp_path):
     image = build(REPO / "docker" / name, tmp_path)
