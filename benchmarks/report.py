@@ -141,6 +141,8 @@ def update_readme(section: str, text: str, readme: str = README) -> bool:
     pattern = re.compile(rf"(<!-- BEGIN {re.escape(section)} -->\n).*?(<!-- END {re.escape(section)} -->)", re.S)
     if not pattern.search(doc):
         return False
+    # The text is written for results/<name>.md: its relative links (plots) are relative to results/.
+    text = re.sub(r"\]\((?![a-z]+:|/|#|results/)([^)]+)\)", lambda m: f"](results/{m.group(1)})", text)
     doc = pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), doc)
     with open(readme, "w") as f:
         f.write(doc)

@@ -49,7 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import workloads  # noqa: E402
 
-SINGLE_BUCKET_MB = 1 << 16  # PowerSGD on Gloo needs one bucket (see PITFALLS.md)
+# torch's PowerSGD hook on Gloo fails with more than one DDP bucket ("Received data size doesn't match
+# expected size", or a hang); with a single bucket it works.
+SINGLE_BUCKET_MB = 1 << 16
 
 
 # --- measurement helpers -----------------------------------------------------------------------

@@ -175,6 +175,9 @@ def test_rates_and_report_helpers(tmp_path):
     assert report.update_readme("comm", "new table", str(readme))
     assert readme.read_text() == "intro\n<!-- BEGIN comm -->\nnew table\n<!-- END comm -->\ntail\n"
     assert not report.update_readme("other", "x", str(readme))
+    # a block is written for results/<name>.md: in benchmarks/README.md its plots live under results/
+    assert report.update_readme("comm", "![plot](comm.png) [raw](results/comm.json) [web](https://x.org/a.png)", str(readme))
+    assert "![plot](results/comm.png) [raw](results/comm.json) [web](https://x.org/a.png)" in readme.read_text()
 
 
 def test_fallback_without_namespace():

@@ -121,7 +121,7 @@ class WordnetTask(TaskConfig):
     max_length: int = 64  # tokens per example at most; batches are padded to their longest example only
 
 
-# --- mask/: which entries train and travel (sparsecomm/{fisher,mask}.py) ------------------------
+# --- mask/: which entries train and travel (sparsecomm/app/masks/) ------------------------------
 
 
 @dataclass
