@@ -133,10 +133,11 @@ def recording(cls):
     return Recording
 
 
-def sgd_rank(rank, world, out_dir, integration, accumulation, loss_kwargs, steps):
+def sgd_rank(rank, world, out_dir, integration, accumulation, loss_mode, steps):
     """``steps`` SGD steps (no momentum, constant lr, no clipping) of a dropout-free tiny BERT,
     through SparseCommTrainer or the stock Trainer with the gradient masked by a callback.
-    ``loss_kwargs=False`` sets ``model_accepts_loss_kwargs`` False (the loss then is the model's mean)."""
+    ``loss_mode``: ``"default"``; ``"no_token_average"``: ``average_tokens_across_devices=False``;
+    ``"no_loss_kwargs"``: ``trainer.model_accepts_loss_kwargs = False`` (the loss then is the model's mean)."""
     join_as_torchrun(rank, world)
     model = tiny_bert(dropout=0.0)
     mask = random_mask(model, density=0.2, seed=3)
@@ -144,35 +145,36 @@ def sgd_rank(rank, world, out_dir, integration, accumulation, loss_kwargs, steps
                              optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
                              gradient_accumulation_steps=accumulation, use_cpu=True,
                              ddp_find_unused_parameters=False, report_to="none", save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, seed=0)
+                             logging_strategy="no", disable_tqdm=True, seed=0,
+                             average_tokens_across_devices=loss_mode != "no_token_average")
     common = dict(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator)
     if integration == "sparsecomm":
         trainer = recording(SparseCommTrainer)(mask=mask, **common)
     else:
         trainer = recording(Trainer)(callbacks=[MaskTheGradient(model, mask)], **common)
     trainer.seen = []
-    if not loss_kwargs:
+    if loss_mode == "no_loss_kwargs":
         trainer.model_accepts_loss_kwargs = False
     logged = trainer.train().training_loss  # what the Trainer reports: its loss per optimizer step
     return snapshot(model), trainer.seen, {name: mask[name].clone() for name, _ in model.named_parameters()}, logged
 
 
-@pytest.mark.parametrize("accumulation,loss_kwargs", [(2, True), (2, False)])
-def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation, loss_kwargs):
+@pytest.mark.parametrize("accumulation,loss_mode", [(2, "default"), (2, "no_token_average"), (2, "no_loss_kwargs")])
+def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation, loss_mode):
     """The update equals (a) the stock Trainer under DDP with the gradient masked before the step and
     (b) the mean over ranks and micro-batches of plain-autograd gradients on the mask, times the
     factor the Trainer itself puts into the loss: for a model that takes loss kwargs (BERT does) but
-    returns a mean loss, the Trainer multiplies the loss by the world size (it counts on
-    ``average_tokens_across_devices``) and does not divide it by the accumulation steps; with
-    ``model_accepts_loss_kwargs=False`` the factor is 1."""
+    returns a mean loss, the Trainer multiplies the loss by the world size (``average_tokens_across_devices``,
+    the default) and does not divide it by the accumulation steps: world x accumulation; with
+    ``average_tokens_across_devices=False``: accumulation; with ``model_accepts_loss_kwargs=False``: 1."""
     steps, world = 2, 2
-    ours = run_ranks(sgd_rank, world, str(tmp_path), "sparsecomm", accumulation, loss_kwargs, steps, timeout=240)
-    stock = run_ranks(sgd_rank, world, str(tmp_path), "stock", accumulation, loss_kwargs, steps, timeout=240)
+    ours = run_ranks(sgd_rank, world, str(tmp_path), "sparsecomm", accumulation, loss_mode, steps, timeout=240)
+    stock = run_ranks(sgd_rank, world, str(tmp_path), "stock", accumulation, loss_mode, steps, timeout=240)
     mask = ours[0][2]
     seen = [r[1] for r in ours]
     assert all(len(s) == steps * accumulation for s in seen)
     plan = [[seen[r][s * accumulation:(s + 1) * accumulation] for r in range(world)] for s in range(steps)]
-    scale = world * accumulation if loss_kwargs else 1
+    scale = {"default": world * accumulation, "no_token_average": accumulation, "no_loss_kwargs": 1}[loss_mode]
 
     def loss_of(model, batch):
         return model(**batch).loss
