@@ -133,11 +133,18 @@ def recording(cls):
     return Recording
 
 
+def summed_loss(outputs, labels, num_items_in_batch):
+    """A loss normalised as the Trainer expects: summed over examples, divided by the examples in
+    the whole step (every rank's, every accumulated micro-batch's)."""
+    return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+
 def sgd_rank(rank, world, out_dir, integration, accumulation, loss_mode, steps):
     """``steps`` SGD steps (no momentum, constant lr, no clipping) of a dropout-free tiny BERT,
     through SparseCommTrainer or the stock Trainer with the gradient masked by a callback.
     ``loss_mode``: ``"default"``; ``"no_token_average"``: ``average_tokens_across_devices=False``;
-    ``"no_loss_kwargs"``: ``trainer.model_accepts_loss_kwargs = False`` (the loss then is the model's mean)."""
+    ``"no_loss_kwargs"``: ``trainer.model_accepts_loss_kwargs = False`` (the loss then is the model's mean);
+    ``"summed"``: a ``compute_loss_func`` that sums the examples' losses and divides by ``num_items_in_batch``."""
     join_as_torchrun(rank, world)
     model = tiny_bert(dropout=0.0)
     mask = random_mask(model, density=0.2, seed=3)
@@ -147,7 +154,8 @@ def sgd_rank(rank, world, out_dir, integration, accumulation, loss_mode, steps):
                              ddp_find_unused_parameters=False, report_to="none", save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, seed=0,
                              average_tokens_across_devices=loss_mode != "no_token_average")
-    common = dict(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator)
+    common = dict(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator,
+                  compute_loss_func=summed_loss if loss_mode == "summed" else None)
     if integration == "sparsecomm":
         trainer = recording(SparseCommTrainer)(mask=mask, **common)
     else:
@@ -159,14 +167,16 @@ def sgd_rank(rank, world, out_dir, integration, accumulation, loss_mode, steps):
     return snapshot(model), trainer.seen, {name: mask[name].clone() for name, _ in model.named_parameters()}, logged
 
 
-@pytest.mark.parametrize("accumulation,loss_mode", [(2, "default"), (2, "no_token_average"), (2, "no_loss_kwargs")])
+@pytest.mark.parametrize("accumulation,loss_mode", [(2, "default"), (2, "no_token_average"), (2, "no_loss_kwargs"),
+                                                       (2, "summed")])
 def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation, loss_mode):
     """The update equals (a) the stock Trainer under DDP with the gradient masked before the step and
     (b) the mean over ranks and micro-batches of plain-autograd gradients on the mask, times the
     factor the Trainer itself puts into the loss: for a model that takes loss kwargs (BERT does) but
     returns a mean loss, the Trainer multiplies the loss by the world size (``average_tokens_across_devices``,
     the default) and does not divide it by the accumulation steps: world x accumulation; with
-    ``average_tokens_across_devices=False``: accumulation; with ``model_accepts_loss_kwargs=False``: 1."""
+    ``average_tokens_across_devices=False``: accumulation; with ``model_accepts_loss_kwargs=False``: 1; with a
+    loss normalised by ``num_items_in_batch`` (what the factor is meant for): 1."""
     steps, world = 2, 2
     ours = run_ranks(sgd_rank, world, str(tmp_path), "sparsecomm", accumulation, loss_mode, steps, timeout=240)
     stock = run_ranks(sgd_rank, world, str(tmp_path), "stock", accumulation, loss_mode, steps, timeout=240)
@@ -174,7 +184,8 @@ def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation,
     seen = [r[1] for r in ours]
     assert all(len(s) == steps * accumulation for s in seen)
     plan = [[seen[r][s * accumulation:(s + 1) * accumulation] for r in range(world)] for s in range(steps)]
-    scale = {"default": world * accumulation, "no_token_average": accumulation, "no_loss_kwargs": 1}[loss_mode]
+    scale = {"default": world * accumulation, "no_token_average": accumulation, "no_loss_kwargs": 1,
+             "summed": 1}[loss_mode]
 
     def loss_of(model, batch):
         return model(**batch).loss
