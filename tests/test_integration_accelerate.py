@@ -87,7 +87,7 @@ def test_refusals_name_the_fix():
     assert comm is None and optimizer.optimizer.param_groups[0]["lr"] == 0.5  # one process: nothing to send
 
 
-def sgd_rank(rank, world, integration, accumulation, batches, lr):
+def sgd_rank(rank, world, integration, accumulation, batches, lr, fused=True):
     """``batches`` micro-batches of plain SGD on this rank's shard: through prepare_masked
     (``integration="sparsecomm"``) or through stock DDP with the gradient multiplied by the mask
     before each step (``"stock"``). Returns the trained parameters and the mask."""
@@ -99,7 +99,7 @@ def sgd_rank(rank, world, integration, accumulation, batches, lr):
     mask = random_mask(module, density=0.2, seed=3)
     optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=lr))
     if integration == "sparsecomm":
-        optimizer, _ = prepare_masked(accelerator, model, optimizer, mask)
+        optimizer, _ = prepare_masked(accelerator, model, optimizer, mask, fused=fused)
     loss_fn = nn.CrossEntropyLoss()
     for i, (x, y) in enumerate(torch.utils.data.DataLoader(data(rank), batch_size=8)):
         if i == batches:
@@ -114,13 +114,13 @@ def sgd_rank(rank, world, integration, accumulation, batches, lr):
     return snapshot(module), {name: mask[name].clone() for name, _ in module.named_parameters()}
 
 
-@pytest.mark.parametrize("accumulation", [1, 3])
-def test_masked_sgd_update_is_the_rank_mean_gradient_on_the_mask(accumulation):
+@pytest.mark.parametrize("accumulation,fused", [(1, True), (3, True), (3, False)])
+def test_masked_sgd_update_is_the_rank_mean_gradient_on_the_mask(accumulation, fused):
     """The update equals (a) stock DDP + SGD with the gradient masked afterwards and (b) the mean over
     ranks and micro-batches of plain-autograd gradients on the mask (tests/update_reference.py):
-    no world-size or accumulation factor."""
+    no world-size or accumulation factor, with one all-reduce per step (fused) or one per DDP bucket."""
     batches, lr, world = 6, 0.5, 2
-    ours = run_ranks(sgd_rank, world, "sparsecomm", accumulation, batches, lr, timeout=180)
+    ours = run_ranks(sgd_rank, world, "sparsecomm", accumulation, batches, lr, fused, timeout=180)
     stock = run_ranks(sgd_rank, world, "stock", accumulation, batches, lr, timeout=180)
     mask = ours[0][1]
     shards = [list(torch.utils.data.DataLoader(data(r), batch_size=8))[:batches] for r in range(world)]
