@@ -198,3 +198,25 @@ def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation,
     for rank, r in enumerate(ours + stock):
         mean = sum(step[rank % world] for step in losses) / steps
         assert r[3] == pytest.approx(scale * mean, rel=1e-4)
+
+
+def fisher_mask_rank(rank, world, out_dir, own_head):
+    """The Fisher mask SparseCommTrainer builds; ``own_head``: every rank but 0 re-initialises the
+    classifier its own way (as ``from_pretrained`` does for a new head in unseeded processes)."""
+    join_as_torchrun(rank, world)
+    model = tiny_bert(dropout=0.0)
+    if own_head and rank > 0:
+        torch.manual_seed(100 + rank)
+        model.classifier.reset_parameters()
+    args = TrainingArguments(out_dir, per_device_train_batch_size=4, use_cpu=True, report_to="none", seed=0)
+    trainer = SparseCommTrainer(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator,
+                                mask_kind="fisher", density=0.05, mask_samples=16)
+    trainer.create_optimizer()
+    return trainer.mask.digest()
+
+
+def test_fisher_mask_scores_rank0_weights_when_ranks_initialised_apart(tmp_path):
+    """Reference: the same run with every rank holding rank 0's weights from the start."""
+    apart = run_ranks(fisher_mask_rank, 2, str(tmp_path), True, timeout=120)
+    same = run_ranks(fisher_mask_rank, 2, str(tmp_path), False, timeout=120)
+    assert apart == same and len(set(same)) == 1

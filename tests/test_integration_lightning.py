@@ -158,3 +158,27 @@ def test_masked_sgd_update_is_the_rank_mean_gradient_on_the_mask(tmp_path, accum
     assert not torch.equal(seen[0][0][0], seen[1][0][0])  # the ranks trained on different batches
     for params, _, _ in ours + stock:
         assert_params_close(params, want, before)
+
+
+def fisher_mask_rank(rank, world, root, own_head):
+    """The mask SparseCommStrategy builds from a Fisher function; ``own_head``: every rank but 0
+    re-initialises the last layer its own way."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    module = Tiny()
+    if own_head and rank > 0:
+        torch.manual_seed(100 + rank)
+        module.net[4].reset_parameters()
+    strategy = SparseCommStrategy(fisher_on_own_shard, process_group_backend="gloo")
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=root)
+    trainer.fit(module, torch.utils.data.DataLoader(data(7), batch_size=8))
+    return strategy.mask.digest()
+
+
+def test_mask_function_scores_rank0_weights_when_ranks_initialised_apart(tmp_path):
+    """Reference: the same run with every rank holding rank 0's weights from the start."""
+    apart = run_ranks(fisher_mask_rank, 2, str(tmp_path), True, timeout=120)
+    same = run_ranks(fisher_mask_rank, 2, str(tmp_path), False, timeout=120)
+    assert apart == same and len(set(same)) == 1
