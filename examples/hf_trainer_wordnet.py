@@ -47,7 +47,10 @@ def main() -> None:
     trainer = SparseCommTrainer(model=model, args=training, train_dataset=train,
                                 data_collator=DataCollatorWithPadding(tokenizer), density=args.density,
                                 mask_samples=args.mask_samples, always=["classifier.*"])
-    trainer.train()  # the Trainer logs its loss (summed over ranks when it averages tokens across them)
+    # The classifier's loss is a mean: without this the Trainer multiplies it (and its gradient) by the
+    # world size and the accumulation steps, as it does under stock DDP (docs/integrations.md)
+    trainer.model_accepts_loss_kwargs = False
+    trainer.train()
     report("transformers.Trainer", trainer.mask, trainer.comm_state)
 
 

@@ -14,6 +14,7 @@ from accelerate import Accelerator  # noqa: E402
 from multirank import run_ranks  # noqa: E402
 from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_state,  # noqa: E402,F401 (fixture)
                             snapshot)
+from update_reference import assert_params_close, masked_sgd_reference  # noqa: E402
 
 from sparsecomm.fisher import fisher_mask  # noqa: E402
 from sparsecomm.integrations.accelerate import prepare_masked  # noqa: E402
@@ -84,3 +85,50 @@ def test_refusals_name_the_fix():
     accelerator = Accelerator(cpu=True)
     optimizer, comm = prepare_masked(accelerator, model, torch.optim.AdamW(model.parameters(), lr=0.5), mask)
     assert comm is None and optimizer.optimizer.param_groups[0]["lr"] == 0.5  # one process: nothing to send
+
+
+def sgd_rank(rank, world, integration, accumulation, batches, lr, fused=True):
+    """``batches`` micro-batches of plain SGD on this rank's shard: through prepare_masked
+    (``integration="sparsecomm"``) or through stock DDP with the gradient multiplied by the mask
+    before each step (``"stock"``). Returns the trained parameters and the mask."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", OMP_NUM_THREADS="1")
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model = accelerator.prepare(tiny_mlp())
+    module = accelerator.unwrap_model(model)
+    mask = random_mask(module, density=0.2, seed=3)
+    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=lr))
+    if integration == "sparsecomm":
+        optimizer, _ = prepare_masked(accelerator, model, optimizer, mask, fused=fused)
+    loss_fn = nn.CrossEntropyLoss()
+    for i, (x, y) in enumerate(torch.utils.data.DataLoader(data(rank), batch_size=8)):
+        if i == batches:
+            break
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model(x), y))
+            if integration == "stock" and accelerator.sync_gradients:
+                for name, p in module.named_parameters():
+                    p.grad.mul_(mask[name])
+            optimizer.step()
+            optimizer.zero_grad()
+    return snapshot(module), {name: mask[name].clone() for name, _ in module.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulation,fused", [(1, True), (3, True), (3, False)])
+def test_masked_sgd_update_is_the_rank_mean_gradient_on_the_mask(accumulation, fused):
+    """The update equals (a) stock DDP + SGD with the gradient masked afterwards and (b) the mean over
+    ranks and micro-batches of plain-autograd gradients on the mask (tests/update_reference.py):
+    no world-size or accumulation factor, with one all-reduce per step (fused) or one per DDP bucket."""
+    batches, lr, world = 6, 0.5, 2
+    ours = run_ranks(sgd_rank, world, "sparsecomm", accumulation, batches, lr, fused, timeout=180)
+    stock = run_ranks(sgd_rank, world, "stock", accumulation, batches, lr, timeout=180)
+    mask = ours[0][1]
+    shards = [list(torch.utils.data.DataLoader(data(r), batch_size=8))[:batches] for r in range(world)]
+    steps = [[shards[r][s * accumulation:(s + 1) * accumulation] for r in range(world)]
+             for s in range(batches // accumulation)]
+    before = snapshot(tiny_mlp())
+    want, _ = masked_sgd_reference(tiny_mlp(), steps, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), mask, lr)
+    for params, _ in ours:
+        assert_params_close(params, want, before)
+    for params, _ in stock:
+        assert_params_close(params, want, before)

@@ -13,21 +13,24 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from multirank import run_ranks  # noqa: E402
-from transformers import (BertConfig, BertForSequenceClassification, TrainingArguments,  # noqa: E402
-                          default_data_collator)
+from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,  # noqa: E402
+                          TrainingArguments, default_data_collator)
 
 from sparsecomm.integrations.hf import SparseCommTrainer  # noqa: E402  (imported once here, not in every rank)
+from sparsecomm.mask import random_mask  # noqa: E402
 from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_state,  # noqa: E402,F401 (fixture)
                             snapshot)
+from update_reference import assert_params_close, masked_sgd_reference  # noqa: E402
 
 VOCAB, LENGTH, CLASSES = 40, 12, 3
 
 
-def tiny_bert():
+def tiny_bert(dropout: float = 0.1):
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(
         vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=LENGTH, num_labels=CLASSES))
+        max_position_embeddings=LENGTH, num_labels=CLASSES, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout))
 
 
 def examples(n: int = 64) -> list[dict]:
@@ -104,3 +107,116 @@ def test_refuses_what_it_cannot_honour(tmp_path):
     trainer = SparseCommTrainer(model=tiny_bert(), args=args, mask_kind="random", density=0.05)
     with pytest.raises(ValueError, match="optim='adafactor' has no masked counterpart"):
         trainer.create_optimizer()
+
+
+SGD_LR = 0.5
+
+
+class MaskTheGradient(TrainerCallback):
+    """Stock DDP, then the gradient multiplied by the mask before each optimizer step."""
+
+    def __init__(self, model, mask):
+        self.model, self.mask = model, mask
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for name, p in self.model.named_parameters():
+            p.grad.mul_(self.mask[name])
+
+
+def recording(cls):
+    class Recording(cls):
+        """Records the micro-batches this rank trains on."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.seen.append({k: v.clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+    return Recording
+
+
+def summed_loss(outputs, labels, num_items_in_batch):
+    """A loss normalised as the Trainer expects: summed over examples, divided by the examples in
+    the whole step (every rank's, every accumulated micro-batch's)."""
+    return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+
+def sgd_rank(rank, world, out_dir, integration, accumulation, loss_mode, steps):
+    """``steps`` SGD steps (no momentum, constant lr, no clipping) of a dropout-free tiny BERT,
+    through SparseCommTrainer or the stock Trainer with the gradient masked by a callback.
+    ``loss_mode``: ``"default"``; ``"no_token_average"``: ``average_tokens_across_devices=False``;
+    ``"no_loss_kwargs"``: ``trainer.model_accepts_loss_kwargs = False`` (the loss then is the model's mean);
+    ``"summed"``: a ``compute_loss_func`` that sums the examples' losses and divides by ``num_items_in_batch``."""
+    join_as_torchrun(rank, world)
+    model = tiny_bert(dropout=0.0)
+    mask = random_mask(model, density=0.2, seed=3)
+    args = TrainingArguments(out_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=SGD_LR,
+                             optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                             gradient_accumulation_steps=accumulation, use_cpu=True,
+                             ddp_find_unused_parameters=False, report_to="none", save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, seed=0,
+                             average_tokens_across_devices=loss_mode != "no_token_average")
+    common = dict(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator,
+                  compute_loss_func=summed_loss if loss_mode == "summed" else None)
+    if integration == "sparsecomm":
+        trainer = recording(SparseCommTrainer)(mask=mask, **common)
+    else:
+        trainer = recording(Trainer)(callbacks=[MaskTheGradient(model, mask)], **common)
+    trainer.seen = []
+    if loss_mode == "no_loss_kwargs":
+        trainer.model_accepts_loss_kwargs = False
+    logged = trainer.train().training_loss  # what the Trainer reports: its loss per optimizer step
+    return snapshot(model), trainer.seen, {name: mask[name].clone() for name, _ in model.named_parameters()}, logged
+
+
+@pytest.mark.parametrize("accumulation,loss_mode", [(2, "default"), (2, "no_token_average"), (2, "no_loss_kwargs"),
+                                                       (2, "summed")])
+def test_masked_sgd_update_matches_stock_ddp_on_the_mask(tmp_path, accumulation, loss_mode):
+    """The update equals (a) the stock Trainer under DDP with the gradient masked before the step and
+    (b) the mean over ranks and micro-batches of plain-autograd gradients on the mask, times the
+    factor the Trainer itself puts into the loss: for a model that takes loss kwargs (BERT does) but
+    returns a mean loss, the Trainer multiplies the loss by the world size (``average_tokens_across_devices``,
+    the default) and does not divide it by the accumulation steps: world x accumulation; with
+    ``average_tokens_across_devices=False``: accumulation; with ``model_accepts_loss_kwargs=False``: 1; with a
+    loss normalised by ``num_items_in_batch`` (what the factor is meant for): 1."""
+    steps, world = 2, 2
+    ours = run_ranks(sgd_rank, world, str(tmp_path), "sparsecomm", accumulation, loss_mode, steps, timeout=240)
+    stock = run_ranks(sgd_rank, world, str(tmp_path), "stock", accumulation, loss_mode, steps, timeout=240)
+    mask = ours[0][2]
+    seen = [r[1] for r in ours]
+    assert all(len(s) == steps * accumulation for s in seen)
+    plan = [[seen[r][s * accumulation:(s + 1) * accumulation] for r in range(world)] for s in range(steps)]
+    scale = {"default": world * accumulation, "no_token_average": accumulation, "no_loss_kwargs": 1,
+             "summed": 1}[loss_mode]
+
+    def loss_of(model, batch):
+        return model(**batch).loss
+
+    before = snapshot(tiny_bert(dropout=0.0))
+    want, losses = masked_sgd_reference(tiny_bert(dropout=0.0), plan, loss_of, mask, SGD_LR, scale=scale)
+    for params, *_ in ours + stock:
+        assert_params_close(params, want, before)
+    # the reported loss carries the same factor, in stock DDP too (train()'s result: this rank's steps)
+    for rank, r in enumerate(ours + stock):
+        mean = sum(step[rank % world] for step in losses) / steps
+        assert r[3] == pytest.approx(scale * mean, rel=1e-4)
+
+
+def fisher_mask_rank(rank, world, out_dir, own_head):
+    """The Fisher mask SparseCommTrainer builds; ``own_head``: every rank but 0 re-initialises the
+    classifier its own way (as ``from_pretrained`` does for a new head in unseeded processes)."""
+    join_as_torchrun(rank, world)
+    model = tiny_bert(dropout=0.0)
+    if own_head and rank > 0:
+        torch.manual_seed(100 + rank)
+        model.classifier.reset_parameters()
+    args = TrainingArguments(out_dir, per_device_train_batch_size=4, use_cpu=True, report_to="none", seed=0)
+    trainer = SparseCommTrainer(model=model, args=args, train_dataset=examples(), data_collator=default_data_collator,
+                                mask_kind="fisher", density=0.05, mask_samples=16)
+    trainer.create_optimizer()
+    return trainer.mask.digest()
+
+
+def test_fisher_mask_scores_rank0_weights_when_ranks_initialised_apart(tmp_path):
+    """Reference: the same run with every rank holding rank 0's weights from the start."""
+    apart = run_ranks(fisher_mask_rank, 2, str(tmp_path), True, timeout=120)
+    same = run_ranks(fisher_mask_rank, 2, str(tmp_path), False, timeout=120)
+    assert apart == same and len(set(same)) == 1

@@ -1,6 +1,6 @@
 """What the stack integrations share: the masked optimizer that replaces a stock one, the check
-that a multi-process run really was wrapped in DDP, and Fisher scoring on Hugging Face batches.
-Needs none of the stacks."""
+that a multi-process run really was wrapped in DDP, rank 0's weights for a mask scored before
+DDP wraps the model, and Fisher scoring on Hugging Face batches. Needs none of the stacks."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -55,6 +55,17 @@ def require_ddp_when_distributed(model: nn.Module, who: str, fix: str) -> bool:
         raise RuntimeError(f"{who} did not wrap the model in DistributedDataParallel although "
                            f"{sdist.world_size()} processes run: ranks would train apart; {fix}")
     return False
+
+
+@torch.no_grad()
+def adopt_rank0_state(module: nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers (one broadcast each; nothing in a
+    one-process world), as DDP does when it wraps the model. A mask scored before the wrap (a
+    FISH mask) then scores the model that trains, not a head each rank initialised its own way."""
+    if sdist.world_size() <= 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def split_labels(batches: Iterable[Mapping[str, Any]],

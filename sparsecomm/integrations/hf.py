@@ -17,7 +17,8 @@ What it does, in the Trainer's own order:
 1. ``create_optimizer`` (before the Trainer wraps the model): the mask, unless one was given, is
    built from the training data: :func:`sparsecomm.fisher_mask` on ``mask_samples`` examples of
    ``train_dataset`` collated by the Trainer's ``data_collator`` (rank r scores examples r, r+N,
-   ...; batches must hold ``labels``; classification loss), or ``mask_kind="random"``
+   ...; batches must hold ``labels``; classification loss; every rank scores rank 0's weights,
+   broadcast first), or ``mask_kind="random"``
    (:func:`sparsecomm.random_mask`, seeded by ``args.seed``). Then a :class:`~sparsecomm.MaskedAdamW`
    (``args.optim`` adamw_*) or :class:`~sparsecomm.MaskedSGD` (``sgd``) with the arguments'
    learning rate, betas, epsilon and weight decay (one group: the mask's entries).
@@ -49,7 +50,7 @@ from ..fisher import fisher_mask
 from ..hook import register_masked_allreduce
 from ..mask import Mask, random_mask
 from ..optim import MaskedAdamW, MaskedSGD
-from .common import classification_loss, require_ddp_when_distributed, split_labels
+from .common import adopt_rank0_state, classification_loss, require_ddp_when_distributed, split_labels
 
 MASK_KINDS = ("fisher", "random")
 
@@ -100,9 +101,11 @@ class SparseCommTrainer(Trainer):
         return self.optimizer
 
     def build_mask(self) -> Mask:
-        """The mask of ``mask_kind`` over ``self.model``; collective (every rank calls it)."""
+        """The mask of ``mask_kind`` over ``self.model``; collective (every rank calls it). The Fisher
+        mask scores rank 0's weights (broadcast first, as DDP's wrap would later)."""
         if self.mask_kind == "random":
             return random_mask(self.model, density=self.density, seed=self.args.seed, always=self.always)
+        adopt_rank0_state(self.model)
         return fisher_mask(self.model, split_labels(self._fisher_batches()), classification_loss,
                            density=self.density, num_samples=self.mask_samples, always=self.always)
 

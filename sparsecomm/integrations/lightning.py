@@ -18,7 +18,8 @@ Usage (``torchrun --nproc_per_node N script.py``, or Lightning's own launcher)::
 The strategy builds the mask when the process group is up and the module sits on its device,
 just before Lightning wraps it in DDP (``mask`` may be a ready :class:`~sparsecomm.Mask` or a
 function of the LightningModule, e.g. a :func:`sparsecomm.fisher_mask` over this rank's data;
-names are the LightningModule's ``named_parameters()``). It passes
+names are the LightningModule's ``named_parameters()``; the function sees rank 0's weights on
+every rank, broadcast first as the DDP wrap would). It passes
 :func:`~sparsecomm.masked_allreduce_hook` as ``ddp_comm_hook`` and registers it with its
 :class:`~sparsecomm.MaskedAllReduceState` (``ddp_comm_state``) on the wrapped model: Lightning's
 own registration runs on CUDA only, this one on every device (Gloo on CPU included), and checks
@@ -44,6 +45,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 from ..hook import MaskedAllReduceState, masked_allreduce_hook, register_masked_allreduce
 from ..mask import Mask
 from ..optim import MaskedAdamW, MaskedSGD
+from .common import adopt_rank0_state
 
 
 class SparseCommStrategy(DDPStrategy):
@@ -85,6 +87,8 @@ class SparseCommStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         module = self.model  # the LightningModule, on its device; the process group is up
+        if not isinstance(self._mask_source, Mask):
+            adopt_rank0_state(module)  # what the DDP wrap below does anyway: the function scores rank 0's weights
         self.mask = self._mask_source if isinstance(self._mask_source, Mask) else self._mask_source(module)
         if not isinstance(self.mask, Mask):
             raise TypeError(f"SparseCommStrategy's mask function returned {type(self.mask).__name__}, not a Mask")
