@@ -29,14 +29,17 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from datetime import datetime
+
+from . import runlock
 
 # Files a run writes into its folder (rank 0) once its checks passed; any of them means the folder holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "mask.safetensors",
              "task_diff.safetensors", "base.safetensors")
 FINISHED = "summary.json"
-LEFT_BY_A_FAILED_START = (".hydra", "log.txt")  # Hydra's record of the command; the start's log lines
+# Hydra's record of the command; the start's log lines; the lock file (runlock)
+LEFT_BY_A_FAILED_START = (".hydra", "log.txt", runlock.LOCK_NAME)
 
 
 class RunDirError(ValueError):
@@ -51,6 +54,11 @@ class AlreadyFinished(Exception):
 class Claim:
     path: str
     created: bool  # this process made the folder (so it may remove it if the run fails at once)
+    lock: runlock.FolderLock | None = dataclass_field(default=None, compare=False)  # held for the whole run
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
@@ -161,7 +169,7 @@ def claim(out_dir: str, fixed_path: str | None, checkpoint_cfg: Mapping | None, 
         while not _mkdir(path, field):
             n += 1
             path = f"{base}_{n}"
-        return Claim(path, True)
+        return Claim(path, True, _lock(path, True))
     path = os.path.abspath(fixed_path)
     resume = str((checkpoint_cfg or {}).get("resume", "auto"))
     state = verdict(path, checkpoint_dir(path, checkpoint_cfg), resume, restart_count(environ))
@@ -174,7 +182,32 @@ def claim(out_dir: str, fixed_path: str | None, checkpoint_cfg: Mapping | None, 
     created = _mkdir(path, field)
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunDirError(f"{field}: the run directory {path} is not writable; point {field} at a writable folder")
-    return Claim(path, created)
+    lock = _lock(path, created)
+    try:  # judged again under the lock: a run that ended meanwhile may have finished the folder
+        verdict(path, checkpoint_dir(path, checkpoint_cfg), resume, restart_count(environ))
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(path, created, lock)
+
+
+def _lock(path: str, created: bool) -> runlock.FolderLock:
+    """The folder's lock (:mod:`sparsecomm.app.runlock`); refused: the folder we made is removed again."""
+    try:
+        lock = runlock.acquire(path)
+    except runlock.FolderInUse as e:
+        if created:
+            discard_if_empty(path)
+        raise RunDirError(str(e)) from None
+    lock.record_holder()
+    return lock
+
+
+def in_use_instead(path: str | None, error: RunDirError) -> RunDirError:
+    """``error`` about the folder ``path``, unless a live run holds it: then that is the reason to say."""
+    if path is not None and runlock.is_live(os.path.abspath(path)):
+        return RunDirError(str(runlock.in_use_error(os.path.abspath(path))))
+    return error
 
 
 def discard_if_empty(path: str) -> bool:
