@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field as dataclass_field
 from datetime import datetime
 
+from omegaconf import DictConfig, OmegaConf
+
 from . import runlock
 
 # Files a run writes into its folder (rank 0) once its checks passed; any of them means the folder holds a run.
@@ -220,3 +222,30 @@ def discard_if_empty(path: str) -> bool:
         return False
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.exists(path)
+
+
+def read_config_record(path: str, expected: Mapping) -> tuple[object | None, str]:
+    """A run folder's ``config.yaml`` as a config, or ``(None, what is wrong with it)``: unreadable,
+    not a mapping, or without fields of ``expected`` (a training config), as a file cut mid-way is."""
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML, decoding, OmegaConf: the file is damaged, whichever it is
+        return None, f"unreadable: {type(e).__name__}"
+    if not isinstance(saved, DictConfig):
+        return None, f"a YAML {type(saved).__name__.removesuffix('Config').lower() or 'value'}, not a mapping of fields"
+    if len(saved) == 0:
+        return None, "empty"
+    missing = [k for k in _leaf_keys(expected) if OmegaConf.select(saved, k, default=_MISSING) is _MISSING]
+    if missing:
+        return None, f"incomplete, no {missing[0]}" + (f" and {len(missing) - 1} more fields" if len(missing) > 1 else "")
+    return saved, ""
+
+
+_MISSING = object()
+
+
+def _leaf_keys(d: Mapping, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"]
+    return out

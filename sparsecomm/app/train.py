@@ -22,6 +22,7 @@ import contextlib
 import os
 import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -35,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 import sparsecomm
 from sparsecomm.distributed import RankDisagreement
 
-from . import launch, rundir, trainer
+from . import hints, launch, rundir, runlock, sweep, trainer, writes
 from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_config, config_groups, preflight  # noqa: F401
 from .config import check_config, training_config
 from .fault import Interrupted, config_differences
@@ -75,6 +76,8 @@ for _name, _fn in (("sc_run_id", lambda explicit=None: run_id(explicit)), ("sc_r
 
 
 # --- errors a user can fix: one line, exit 2 ------------------------------------------------------
+
+_LAST_ERROR: dict[str, str] = {}  # the last error line this process reported ("line"): what failed
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
@@ -123,6 +126,7 @@ def exit_on_user_error(quiet: bool = False):
     is printed by that rank. A run stopped by SIGINT/SIGTERM exits 128 + the signal's number.
     """
     def report(message: str, collective: bool) -> None:
+        _LAST_ERROR["line"] = message
         if not record_worker_error(message) and not ((quiet or collective) and _quiet_rank()):
             print(message if message.startswith("sparsecomm:") else f"error: {message}", file=sys.stderr, flush=True)
 
@@ -167,14 +171,52 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
 def app(cfg: DictConfig) -> dict[str, Any] | None:
+    if sweep.in_sweep():
+        return sweep_job(cfg)
     with exit_on_user_error():
         return run(cfg)
+
+
+def sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """One job of a sweep: its failure is recorded (:mod:`sparsecomm.app.sweep`) and the sweep goes on,
+    unless ``stop_sweep_on_failure`` (basic launcher) or a signal (SIGINT/SIGTERM stop the sweep)."""
+    num, overrides, sweep_dir = sweep.job_identity()
+    owner = env_rank() in (None, 0)
+    _LAST_ERROR.clear()
+    if owner:
+        sweep.record(sweep_dir, num, overrides, "running")
+    try:
+        with exit_on_user_error():
+            result = run(cfg)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if owner:
+            sweep.record(sweep_dir, num, overrides, "failed", code=code,
+                         line=_LAST_ERROR.get("line", f"exit code {code}"))
+        if code >= 128 or (cfg.get("stop_sweep_on_failure") and sweep.sequential_launcher()):
+            raise
+        return None
+    except Exception as e:  # a bug: its traceback, then the next job
+        traceback.print_exc()
+        if owner:
+            sweep.record(sweep_dir, num, overrides, "failed", code=1, line=f"{type(e).__name__}: {e}".splitlines()[0])
+        if cfg.get("stop_sweep_on_failure") and sweep.sequential_launcher():
+            raise SystemExit(1) from None
+        return None
+    if owner:
+        sweep.record(sweep_dir, num, overrides, "ran", test_acc=(result or {}).get("test_acc"),
+                     run_dir=(result or {}).get("run_dir"))
+    return result
 
 
 # --- before Hydra runs: the config checked (sparsecomm.app.compose), the run directory claimed -----
 
 def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, create: bool) -> rundir.Claim | None:
-    """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice."""
+    """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice.
+
+    With ``create`` (the process that owns the run) the folder's lock is taken and held in the
+    returned claim (:mod:`sparsecomm.app.runlock`); a folder a live run holds is refused as such.
+    """
     explicit_dir = None
     for o in _parse_overrides(overrides):
         if o.key_or_group == ("hydra.sweep.dir" if multirun else "hydra.run.dir") and not o.is_delete():
@@ -185,29 +227,52 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
     out_dir = os.path.join(str(cfg.out_dir), "multirun") if multirun else str(cfg.out_dir)
     fixed = explicit_dir or (os.path.join(out_dir, rid) if rid else None)
     field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
-    if multirun:  # a sweep's folder holds its jobs' folders: a fixed one must be new or empty
-        if fixed is not None and os.path.isdir(fixed) and os.listdir(fixed):
-            raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
+    try:
+        if multirun:
+            return _claim_sweep_dir(out_dir, fixed, field, create)
+        rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
+        if fixed is not None:
+            check_same_training_config(fixed, cfg)
+        return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
+    except rundir.RunDirError as e:
+        raise (rundir.in_use_instead(fixed, e) if create else e) from None
+
+
+def _claim_sweep_dir(out_dir: str, fixed: str | None, field: str, create: bool) -> rundir.Claim | None:
+    """A sweep's folder holds its jobs' folders: a fixed one must be new or empty (its lock aside)."""
+    def refuse_earlier_sweep(path: str) -> None:
+        if os.path.isdir(path) and [n for n in os.listdir(path) if n != runlock.LOCK_NAME]:
+            raise rundir.RunDirError(f"sweep directory {os.path.abspath(path)} holds an earlier sweep; start this "
                                      f"one with another run_id=..., or delete the folder")
-        return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
-    rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
+
     if fixed is not None:
-        check_same_training_config(fixed, cfg)
-    return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
+        refuse_earlier_sweep(fixed)
+    if not create:
+        return None
+    claim = rundir.claim(out_dir, fixed, None, field=field, create=True)
+    try:
+        refuse_earlier_sweep(claim.path)  # again, under the lock
+    except rundir.RunDirError:
+        claim.release()
+        raise
+    return claim
 
 
 def check_same_training_config(path: str, cfg: DictConfig) -> None:
     """A run continued in ``path`` must keep the training config its ``config.yaml`` records.
 
     Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
-    record as it was. The checkpoint's own config is checked again when it is loaded.
+    record as it was. The checkpoint's own config is checked again when it is loaded. A damaged
+    ``config.yaml`` (not a mapping, cut, unreadable) decides nothing: the checkpoint, which records
+    its config and verifies by hash, does; the resumed run writes ``config.yaml`` again.
     """
     saved_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(saved_path) or str(cfg.checkpoint.resume) == "never":
         return
-    try:
-        saved = OmegaConf.load(saved_path)
-    except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint's own check decides
+    saved, damage = rundir.read_config_record(saved_path, training_config(cfg))
+    if saved is None:
+        print(f"sparsecomm: {saved_path} is damaged ({damage}); the checkpoint's own config decides whether this "
+              f"run may resume, and config.yaml is written again", file=sys.stderr, flush=True)
         return
     diffs = config_differences(training_config(saved), training_config(cfg))
     if diffs:
@@ -217,18 +282,15 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
             f"a new run with another run_id=...")
 
 
-def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
-    """How to continue the run in ``path`` after a crash or an interruption."""
+def resume_hint(path: str, overrides: list[str], checkpoint_cfg, options: list[str] | tuple = ()) -> str:
+    """How to continue the run in ``path`` after a crash, an interruption or a failed write: a
+    command to paste (shell- and Hydra-quoted, :mod:`sparsecomm.app.hints`); under Slurm or torchrun
+    the launcher's command with the run id to pass. ``options``: Hydra options (``--config-name x``)."""
     if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
         every = (checkpoint_cfg or {}).get("every", 0)
-        return (f"no checkpoint was written (checkpoint.every={every}), so a rerun starts from step 0; set "
-                f"checkpoint.every=N to make a run resumable")
-    if env_rank() is not None:
-        return "resume: rerun the same torchrun/sbatch command with the same run id (checkpoint.resume=auto)"
-    if any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides):
-        return "resume with the same command (the same hydra.run.dir)"
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "run_id"]
-    return "resume with: sparsecomm-train " + " ".join([*keep, f"run_id={os.path.basename(path)}"])
+        return (f"no checkpoint was written (checkpoint.every={every}), so there is nothing to resume: start a new "
+                f"run with another run_id=... (or delete the folder); set checkpoint.every=N to make a run resumable")
+    return hints.resume_command(path, overrides, options)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -250,6 +312,7 @@ def main(argv: list[str] | None = None) -> Any:
     extra: list[str] = []
     claim = cfg = None
     owner = env_rank() in (None, 0)  # the process that owns the run directory (others follow rank 0's)
+    _LAST_ERROR.clear()
     if not informational:
         with exit_on_user_error(quiet=not owner):
             if not (args.config_dir or args.config_path or args.experimental_rerun):
@@ -262,33 +325,50 @@ def main(argv: list[str] | None = None) -> Any:
         if not owner:
             # Under torchrun/Slurm every rank runs Hydra: only rank 0 writes into the run directory.
             extra = ["hydra.run.dir=.", "hydra.output_subdir=null"]
+        elif claim is not None and args.multirun and not any(o.split("=", 1)[0] == "hydra.sweep.dir"
+                                                             for o in args.overrides):
+            # the claimed folder, as a value: Slurm jobs of the submitit launcher resolve it elsewhere
+            extra = [f"hydra.sweep.dir={hints.hydra_value(claim.path)}"]
     # Our hydra/launcher/submitit_slurm.yaml shares the plugin's schema name on purpose: Hydra then
     # validates it against that schema, and says so in a deprecation warning we do not need to see.
     warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema", category=UserWarning)
     sys.argv = [sys.argv[0], *argv, *extra]
     if claim is not None and owner:
         _CLAIMED["sweep" if args.multirun else "run"] = claim.path
+    options = [a for a in argv if a not in set(args.overrides)]
     try:
-        return app()
+        result = app()
     except SystemExit as e:
-        if e.code not in (0, None) and claim is not None and owner and not args.multirun:
-            _after_failure(claim, args.overrides, cfg, e.code)
+        if claim is not None and owner:
+            _after_failure(claim, args, options, cfg, e.code)
         raise
     except BaseException:
-        if claim is not None and owner and not args.multirun:
-            _after_failure(claim, args.overrides, cfg, 1)
+        if claim is not None and owner:
+            _after_failure(claim, args, options, cfg, 1)
         raise
     finally:
         _CLAIMED.clear()
+        if claim is not None:
+            claim.release()
+    if claim is not None and owner and args.multirun:
+        code = sweep.report(claim.path, args.overrides)
+        if code:
+            raise SystemExit(code)
+    return result
 
 
-def _after_failure(claim: rundir.Claim, overrides: list[str], cfg: DictConfig | None, code) -> None:
-    """A failed start leaves no empty folder; a crashed or interrupted run says how to resume."""
+def _after_failure(claim: rundir.Claim, args, options: list[str], cfg: DictConfig | None, code) -> None:
+    """A sweep says what happened to each job; a failed start leaves no empty folder; a run that
+    crashed, was interrupted or could not write a file says how to resume."""
+    if args.multirun:
+        sweep.report(claim.path, args.overrides)
+        return
     if claim.created and rundir.discard_if_empty(claim.path):
         return
-    if code != USER_ERROR_EXIT and os.path.isdir(claim.path):
+    resumable = code != USER_ERROR_EXIT or writes.is_write_failure(_LAST_ERROR.get("line", ""))
+    if resumable and os.path.isdir(claim.path):
         print(f"sparsecomm: run directory {claim.path}; "
-              f"{resume_hint(claim.path, overrides, cfg.get('checkpoint') if cfg is not None else None)}",
+              f"{resume_hint(claim.path, args.overrides, cfg.get('checkpoint') if cfg is not None else None, options)}",
               file=sys.stderr, flush=True)
 
 
