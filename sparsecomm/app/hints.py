@@ -20,13 +20,16 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 APP = "sparsecomm-train"
+SLURM_SCRIPT_SETS = ("cluster", "cluster.nproc_per_node")  # cluster/slurm_train.sbatch passes these itself
 
 
 def _parses_as(text: str, value: str) -> bool:
+    """Does Hydra read ``text`` as ``value`` into a string field (``4711`` is fine, ``007``, ``true`` are not)?"""
     try:
-        return OverridesParser.create().parse_override(f"k={text}").value() == value
+        parsed = OverridesParser.create().parse_override(f"k={text}").value()
     except HydraException:
         return False
+    return type(parsed) in (str, int, float) and str(parsed) == value
 
 
 def hydra_value(value: str) -> str:
@@ -67,8 +70,10 @@ def resume_command(path: str, overrides: Sequence[str], options: Sequence[str] =
     again = f"{args} {override('run_id', rid)}".strip()
     if environ.get("SLURM_JOB_ID"):
         job = environ["SLURM_JOB_ID"]
+        script_args = [o for o in keep if _key(o) not in SLURM_SCRIPT_SETS]
         return (f"resume: submit the job again with {override('run_id', rid)} added to its arguments "
-                f"(e.g. sbatch <your options> cluster/slurm_train.sbatch {again}; this was Slurm job {job}), "
+                f"(e.g. sbatch <your options> cluster/slurm_train.sbatch "
+                f"{shell_words(script_args)} {override('run_id', rid)}; this was Slurm job {job}), "
                 f"or requeue it: scontrol requeue {job}")
     if environ.get("TORCHELASTIC_RUN_ID") or "RANK" in environ:
         rdzv = environ.get("TORCHELASTIC_RUN_ID", "")

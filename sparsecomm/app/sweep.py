@@ -61,10 +61,12 @@ def record(sweep_dir: str, num: int, overrides: str, status: str, **fields: Any)
 
 
 def planned_jobs(overrides: Sequence[str]) -> list[str]:
-    """The override lines of every job the sweep of ``overrides`` runs, in Hydra's order."""
+    """What tells apart each job the sweep of ``overrides`` runs, in Hydra's order: its values of the
+    swept keys (``batch_size=1000``)."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
+    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     batches = BasicSweeper.split_arguments(parsed, None)
-    return [" ".join(job) for batch in batches for job in batch]
+    return [" ".join(o for o in job if o.split("=", 1)[0] in swept) for batch in batches for job in batch]
 
 
 def _read(sweep_dir: str, num: int) -> dict[str, Any] | None:
