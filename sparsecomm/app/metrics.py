@@ -221,7 +221,9 @@ def rewind_records(path: str, step: int) -> int:
     dropped = len(lines) - len(keep)
     if dropped:
         with writes.writing(path, needed=sum(map(len, keep))):
+            mode = os.stat(path).st_mode & 0o777
             write_atomic(path, b"".join(keep))
+            os.chmod(path, mode)
     return dropped
 
 

@@ -12,8 +12,10 @@ network (on a shared file system the lock is that file system's).
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import socket
 import time
 
@@ -99,3 +101,15 @@ def is_live(folder: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def die_with_parent() -> None:
+    """In a worker of the bare app: be killed (SIGKILL) when the launching process dies, as its
+    lock does, so that no orphaned worker goes on writing into a folder nobody holds (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(1)

@@ -152,6 +152,7 @@ def exit_on_user_error(quiet: bool = False):
 
 def _worker(container: dict, run_dir: str, t0: float) -> dict[str, Any]:
     """Entry point of each worker the bare app starts (torch elastic sets RANK etc.)."""
+    runlock.die_with_parent()  # the launching process holds the run folder's lock: its workers end with it
     with exit_on_user_error():
         return trainer.run(OmegaConf.create(container), run_dir, t0)
 

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from sparsecomm import distributed as sdist
-from sparsecomm.checkpoint import write_atomic
 from sparsecomm.mask import Mask
 
 from . import fault, launch, writes
@@ -319,11 +318,12 @@ def save_mask(mask: Mask, run_dir: str) -> str:
 
 
 def write_config(cfg: DictConfig, run_dir: str) -> None:
-    """Rank 0: ``config.yaml``, the resolved config (written whole or not at all)."""
+    """Rank 0: ``config.yaml``, the resolved config (a cut one is told apart at the next start:
+    :func:`sparsecomm.app.rundir.read_config_record`)."""
     path = os.path.join(run_dir, "config.yaml")
     text = OmegaConf.to_yaml(cfg, resolve=True).encode()
-    with writes.writing(path, needed=len(text)):
-        write_atomic(path, text)
+    with writes.writing(path, needed=len(text)), open(path, "wb") as f:
+        f.write(text)
 
 
 def _assert_same_config(digest: str) -> None:
