@@ -212,13 +212,22 @@ def in_use_instead(path: str | None, error: RunDirError) -> RunDirError:
     return error
 
 
+def holds_nothing(path: str, checkpoint_cfg: Mapping | None) -> bool:
+    """Does the folder ``path`` hold nothing of a run (no run file, no checkpoint)? A run there starts afresh."""
+    try:
+        return verdict(path, checkpoint_dir(path, checkpoint_cfg), "auto", 0) == "fresh"
+    except RunDirError:
+        return False
+
+
 def discard_if_empty(path: str) -> bool:
-    """Remove ``path`` if it holds nothing but what a failed start leaves; True if removed."""
+    """Remove ``path`` if it holds nothing but what a failed start leaves (and empty folders, such
+    as the checkpoint folder made at start); True if removed."""
     try:
         names = os.listdir(path)
     except OSError:
         return False
-    if any(n not in LEFT_BY_A_FAILED_START for n in names):
+    if any(n not in LEFT_BY_A_FAILED_START and not _empty_dir(os.path.join(path, n)) for n in names):
         return False
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.exists(path)
@@ -249,3 +258,10 @@ def _leaf_keys(d: Mapping, prefix: str = "") -> list[str]:
     for k, v in d.items():
         out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"]
     return out
+
+
+def _empty_dir(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False

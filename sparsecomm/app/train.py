@@ -287,6 +287,8 @@ def resume_hint(path: str, overrides: list[str], checkpoint_cfg, options: list[s
     """How to continue the run in ``path`` after a crash, an interruption or a failed write: a
     command to paste (shell- and Hydra-quoted, :mod:`sparsecomm.app.hints`); under Slurm or torchrun
     the launcher's command with the run id to pass. ``options``: Hydra options (``--config-name x``)."""
+    if rundir.holds_nothing(path, checkpoint_cfg):
+        return "nothing of the run was kept, so the same command starts it again"
     if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
         every = (checkpoint_cfg or {}).get("every", 0)
         return (f"no checkpoint was written (checkpoint.every={every}), so there is nothing to resume: start a new "
