@@ -137,18 +137,23 @@ def test_a_full_disk_at_each_write_is_one_line_naming_the_file(disk, capsys, mon
 
 
 @pytest.mark.parametrize("point", ["metrics.jsonl", "model.safetensors"])
-def test_a_file_system_turned_read_only_is_one_line_naming_the_file(disk, capsys, monkeypatch, point):
-    def read_only():
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+def test_a_run_folder_turned_read_only_is_one_line_naming_the_file(disk, capsys, monkeypatch, point):
+    run_dir = disk / "ro"
+
+    def read_only():  # a read-only bind mount over the run folder (files already open stay writable)
+        subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)], check=True)
     write_point(monkeypatch, point, read_only)
     args = [*ARGS, f"out_dir={disk}", "run_id=ro"]
-    code, _, err = main_in_process(args, capsys)
-    subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+    try:
+        code, _, err = main_in_process(args, capsys)
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=False)
     assert code == 2, err
-    check_failure(err, disk / "ro", point, "Read-only file system")
+    check_failure(err, run_dir, point, "Read-only file system")
     monkeypatch.undo()
     clean_launcher_env(monkeypatch)
-    follow_the_hint(err, args, capsys, disk / "ro")
+    follow_the_hint(err, args, capsys, run_dir)
 
 
 def test_a_folder_where_the_model_file_goes_is_one_line(tmp_path, capsys, monkeypatch):
