@@ -230,13 +230,23 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
     field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
     try:
         if multirun:
-            return _claim_sweep_dir(out_dir, fixed, field, create)
-        rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
-        if fixed is not None:
-            check_same_training_config(fixed, cfg)
-        return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
+            claim = _claim_sweep_dir(out_dir, fixed, field, create)
+        else:
+            rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
+            if fixed is not None:
+                check_same_training_config(fixed, cfg)
+            claim = rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
     except rundir.RunDirError as e:
         raise (rundir.in_use_instead(fixed, e) if create else e) from None
+    if create and claim is not None:
+        try:
+            writes.check_room(claim.path)  # Hydra's .hydra/ is written before the app runs
+        except writes.WriteError:
+            claim.release()
+            if claim.created:
+                rundir.discard_if_empty(claim.path)
+            raise
+    return claim
 
 
 def _claim_sweep_dir(out_dir: str, fixed: str | None, field: str, create: bool) -> rundir.Claim | None:

@@ -73,7 +73,7 @@ def message(path: str, error: BaseException, needed: int | None = None) -> str:
     free = free_bytes(path)
     if free is not None:
         space.append(f"{human_bytes(free)} free there")
-    detail = "; ".join([_reason(error), *space])
+    detail = "; ".join([_reason(error), ", ".join(space)] if space else [_reason(error)])
     return (f"{PREFIX}{path} ({detail}); free space or make it writable: the files and checkpoints written "
             f"before are intact")
 
@@ -98,3 +98,19 @@ def save_model_atomic(model: torch.nn.Module, path: str) -> None:
     with writing(path, needed=needed, cleanup=[path + ".tmp"]):
         save_model(model, path + ".tmp")
         os.replace(path + ".tmp", path)
+
+
+HYDRA_RECORD_BYTES = 64 * 1024  # Hydra's .hydra/ (config.yaml, hydra.yaml, overrides.yaml): a few kB
+
+
+def check_room(folder: str, needed: int = HYDRA_RECORD_BYTES) -> None:
+    """Before Hydra writes ``.hydra/`` into ``folder`` (which it does outside the app, with a traceback
+    on failure): write and remove ``needed`` bytes there, or raise :class:`WriteError` naming it."""
+    probe = os.path.join(folder, ".hydra")
+    scratch = os.path.join(folder, ".room-check")
+    with writing(probe, needed=needed, cleanup=[scratch]):
+        with open(scratch, "wb") as f:
+            f.write(b"\0" * needed)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(scratch)
