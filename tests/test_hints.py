@@ -16,7 +16,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from apptest import APP, TINY, app_env, compose_app, clean_launcher_env, crash_before, error_lines, main_in_process, read_events
+from apptest import (APP, TINY, app_env, clean_launcher_env, compose_app, crash_runs_before, error_lines, main_in_process,
+                     read_events)
 from sparsecomm.app import hints
 
 AWKWARD = ["plain", "4711", "007", "1e3", "with space", "ünïcödé", "a=b", "it's", 'say "hi"', "[1,2]", "x,y", "123", "true", "null",
@@ -50,16 +51,8 @@ def test_bash_hands_the_app_the_same_argument():
 
 @pytest.mark.parametrize("out_name,run_id", [("out dir ü", "run one"), ("o'q", "r=1,2 ä")])
 def test_the_printed_resume_line_pasted_into_bash_resumes_the_run(tmp_path, capsys, monkeypatch, out_name, run_id):
-    from sparsecomm.app import trainer
-
     out_dir = tmp_path / out_name
-    real_fit = trainer.Trainer.fit
-
-    def crashing_fit(self):
-        crash_before(self, 3)
-        return real_fit(self)
-
-    monkeypatch.setattr(trainer.Trainer, "fit", crashing_fit)
+    crash_runs_before(monkeypatch, 3)
     # run_id typed with the quoting the lexer error would suggest; out_dir as the shell passes it
     args = [*TINY, "steps=6", "checkpoint.every=2", f"out_dir={hints.hydra_value(str(out_dir))}",
             f"run_id={hints.hydra_value(run_id)}"]
@@ -105,19 +98,11 @@ def test_under_slurm_the_hint_names_the_job_and_the_run_id_to_pass(tmp_path):
 
 def test_without_checkpoints_the_hint_is_the_command_that_works(tmp_path, capsys, monkeypatch):
     """A crashed run without checkpoints: the hint says start a new run_id, and the same command is refused."""
-    from sparsecomm.app import trainer
-
-    real_fit = trainer.Trainer.fit
-
-    def crashing_fit(self):
-        crash_before(self, 3)
-        return real_fit(self)
-
-    monkeypatch.setattr(trainer.Trainer, "fit", crashing_fit)
+    finish = crash_runs_before(monkeypatch, 3)
     args = [*TINY, f"out_dir={tmp_path}", "run_id=n", "logging.log_every=1"]
     code, _, err = main_in_process(args, capsys)
     assert code == 1 and "nothing to resume" in err and "another run_id" in err and "starts from step 0" not in err
-    monkeypatch.setattr(trainer.Trainer, "fit", real_fit)
+    finish()
     code, _, err = main_in_process(args, capsys)
     assert code == 2 and "run_id=" in error_lines(err)[0]
     code, _, err = main_in_process([*args[:-2], "run_id=n2", "logging.log_every=1"], capsys)

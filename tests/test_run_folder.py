@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from apptest import APP, TINY, app_env, clean_launcher_env, crash_before, error_lines, main_in_process, read_events
+from apptest import (APP, TINY, app_env, clean_launcher_env, crash_runs_before, error_lines, main_in_process,
+                     read_events)
 from sparsecomm.app import rundir
 
 LONG = ["steps=400", "batch_size=8", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
@@ -136,18 +137,10 @@ def reference_model(tmp_path_factory, capsys) -> bytes:
 def crashed_run(tmp_path_factory, capsys, monkeypatch, out: Path) -> Path:
     """A copy of a run that wrote checkpoints at steps 2 and 4 of 8 and crashed before step 6."""
     if "crashed" not in _CACHE:
-        from sparsecomm.app import trainer
-
         template = tmp_path_factory.mktemp("crashed")
-        real_fit = trainer.Trainer.fit
-
-        def crashing_fit(self):
-            crash_before(self, 5)
-            return real_fit(self)
-
-        monkeypatch.setattr(trainer.Trainer, "fit", crashing_fit)
+        finish = crash_runs_before(monkeypatch, 5)
         code, _, err = main_in_process([*CRASHED, f"out_dir={template}", "run_id=r"], capsys)
-        monkeypatch.setattr(trainer.Trainer, "fit", real_fit)
+        finish()
         assert code == 1 and "Crash" in err
         assert train_steps(template / "r") == [1, 2, 3, 4, 5]
         _CACHE["crashed"] = template / "r"
@@ -204,18 +197,10 @@ def test_a_damaged_run_file_still_resumes_the_run_exactly(tmp_path, tmp_path_fac
 
 
 def test_a_damaged_config_without_checkpoints_is_one_line(tmp_path, capsys, monkeypatch):
-    from sparsecomm.app import trainer
-
-    real_fit = trainer.Trainer.fit
-
-    def crashing_fit(self):
-        crash_before(self, 3)
-        return real_fit(self)
-
-    monkeypatch.setattr(trainer.Trainer, "fit", crashing_fit)
+    finish = crash_runs_before(monkeypatch, 3)
     args = [*TINY, f"out_dir={tmp_path}", "run_id=n", "logging.log_every=1"]
     assert main_in_process(args, capsys)[0] == 1
-    monkeypatch.setattr(trainer.Trainer, "fit", real_fit)
+    finish()
     (tmp_path / "n" / "config.yaml").write_text("- not\n- a mapping\n")
     code, _, err = main_in_process(args, capsys)
     assert code == 2 and "Traceback" not in err

@@ -2,7 +2,10 @@
 
 * a tqdm progress bar on stderr: loss, steps/s, bytes the hook sent per step;
 * ``<run dir>/metrics.jsonl``: one JSON object per line, ``{"event": "train"|"eval"|"mask"|
-  "summary", "step": ..., "time": seconds since start, ...}``;
+  "summary", "step": ..., "time": seconds since start, ...}``. Each step appears once, also
+  after a crash: a resumed run first cuts the file back to the record of the checkpoint it
+  resumes from (:func:`rewind_records`; its ``resume`` record counts the lines dropped), and a
+  line a crash cut short is dropped, so every line is a whole record;
 * optionally Weights & Biases (``logging=wandb``), offline by default, imported lazily.
 
 Usage::

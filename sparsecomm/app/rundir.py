@@ -20,9 +20,16 @@ rank starts, in the process that owns the run (the bare launcher, or global rank
     checkpoints, or checkpoints with ``checkpoint.resume=never``. :class:`RunDirError` says
     so in one line, with the fix (a new ``run_id``). Nothing of the old run is touched.
 
+One live run per folder: with ``create``, :func:`claim` takes the folder's lock
+(:mod:`sparsecomm.app.runlock`, an ``flock`` the kernel drops when its holder dies) and judges the
+folder again under it; the claim holds the lock until the run ends. A folder a live run holds is
+refused in one line naming its holder (:func:`in_use_instead` puts that reason first); a dead
+run's lock blocks nothing.
+
 :func:`discard_if_empty` removes a folder this process created when the run failed before
-writing anything but Hydra's ``.hydra/`` and its first log lines, so failed starts leave no
-empty run directories.
+writing anything but Hydra's ``.hydra/``, its first log lines and empty folders, so failed starts
+leave no empty run directories. :func:`read_config_record` tells a damaged ``config.yaml`` (a
+YAML list, empty, cut, binary) from a config: a damaged one decides nothing, the checkpoints do.
 """
 from __future__ import annotations
 
@@ -246,7 +253,8 @@ def read_config_record(path: str, expected: Mapping) -> tuple[object | None, str
         return None, "empty"
     missing = [k for k in _leaf_keys(expected) if OmegaConf.select(saved, k, default=_MISSING) is _MISSING]
     if missing:
-        return None, f"incomplete, no {missing[0]}" + (f" and {len(missing) - 1} more fields" if len(missing) > 1 else "")
+        more = f" and {len(missing) - 1} more fields" if len(missing) > 1 else ""
+        return None, f"incomplete, no {missing[0]}{more}"
     return saved, ""
 
 

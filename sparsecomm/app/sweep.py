@@ -82,7 +82,8 @@ def _line(num: int, overrides: str, rec: dict[str, Any] | None, width: int) -> s
         status, what = "not started", ""
     elif rec["status"] == "ran":
         acc = rec.get("test_acc")
-        status, what = "ran", (f"test accuracy {acc:.4f}, " if isinstance(acc, float) else "") + str(rec.get("run_dir", ""))
+        accuracy = f"test accuracy {acc:.4f}, " if isinstance(acc, float) else ""
+        status, what = "ran", accuracy + str(rec.get("run_dir", ""))
     elif rec["status"] == "failed":
         status, what = "failed", str(rec.get("line", ""))
     else:
