@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from apptest import (APP, TINY, app_env, clean_launcher_env, crash_runs_before, error_lines, main_in_process,
-                     read_events)
+                     read_events, torchrun_app, worker_pid)
 from sparsecomm.app import rundir
 
-LONG = ["steps=400", "batch_size=8", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
+LONG = ["steps=200", "batch_size=8", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
         "logging.log_every=1", "++mask.num_samples=16", "schedule.dense_steps=1", "cluster.num_threads=1",
         "checkpoint.every=20"]
 
@@ -81,7 +81,7 @@ def test_a_second_command_on_a_live_run_is_refused_in_one_line(tmp_path):
     assert "run_id=" in line
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
-    assert_each_step_once(run_dir, 400)
+    assert_each_step_once(run_dir, 200)
     assert not (tmp_path / "live" / "checkpoints" / ".tmp").exists()
 
 
@@ -93,7 +93,7 @@ def test_two_commands_started_together_one_trains_the_other_is_refused(tmp_path)
     (refused,) = [err for code, err in results if code == 2]
     (line,) = error_lines(refused)
     assert str(tmp_path / "same") in line, line
-    assert_each_step_once(tmp_path / "same", 400)
+    assert_each_step_once(tmp_path / "same", 200)
     assert sorted(os.listdir(tmp_path)) == ["same"]
 
 
@@ -113,7 +113,7 @@ def test_a_sigkilled_run_resumes_and_its_workers_end_with_it(tmp_path):
                            cwd=tmp_path, env=app_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
-    assert_each_step_once(run_dir, 400)
+    assert_each_step_once(run_dir, 200)
     (resume,) = [r for r in read_events(run_dir) if r["event"] == "resume"]
     assert resume["step"] >= 20 and resume["step"] % 20 == 0
 
@@ -206,3 +206,29 @@ def test_a_damaged_config_without_checkpoints_is_one_line(tmp_path, capsys, monk
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
     assert str(tmp_path / "n") in line and "nothing to resume" in line and "run_id=" in line, line
+
+
+def test_under_torchrun_rank_zero_holds_the_folder_and_a_second_job_is_refused(tmp_path):
+    """torchrun: global rank 0 owns the folder; a second job's rank 0 is refused in one line, its
+    other rank waits on nothing (torchrun ends the job), and the first job finishes."""
+    args = [arg for arg in LONG if not arg.startswith("cluster.")]
+    first = torchrun_app(tmp_path, "tr", args)
+    run_dir = tmp_path / "tr"
+    wait_until(first, lambda: any(r["event"] == "train" for r in read_events(run_dir, live=True)), "training")
+    stopped = [first.pid, worker_pid("tr", 0), worker_pid("tr", 1)]
+    assert None not in stopped
+    assert f"pid={stopped[1]} " in (run_dir / ".lock").read_text()  # rank 0's process, not torchrun's
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        second = torchrun_app(tmp_path, "tr", args)
+        _, err = second.communicate(timeout=300)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert second.returncode != 0
+    (line,) = error_lines(err)
+    assert "in use by a live run" in line and str(run_dir) in line, line
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert_each_step_once(run_dir, 200)
