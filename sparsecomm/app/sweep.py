@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -49,6 +50,39 @@ def job_identity() -> tuple[int, str, str]:
 def sequential_launcher() -> bool:
     """The basic launcher (jobs one after the other here): only it can stop the jobs not yet started."""
     return "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
+def run_job(attempt: Callable[[], dict[str, Any] | None], failure_line: Callable[[], str | None], *,
+            owner: bool, stop_on_failure: bool) -> dict[str, Any] | None:
+    """Run this sweep job (``attempt``: the app's run, a user error already turned into its line and
+    SystemExit) and record what happened. A failure returns None so Hydra starts the next job,
+    unless ``stop_on_failure`` (basic launcher) or a signal stopped it (exit code >= 128): then it
+    raises SystemExit. A bug's traceback is printed and the job recorded as failed. ``owner``: this
+    process writes the record (rank 0 of the job)."""
+    num, overrides, sweep_dir = job_identity()
+    stop = stop_on_failure and sequential_launcher()
+    if owner:
+        record(sweep_dir, num, overrides, "running")
+    try:
+        result = attempt()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if owner:
+            record(sweep_dir, num, overrides, "failed", code=code, line=failure_line() or f"exit code {code}")
+        if code >= 128 or stop:
+            raise
+        return None
+    except Exception as e:  # a bug: its traceback, then the next job
+        traceback.print_exc()
+        if owner:
+            record(sweep_dir, num, overrides, "failed", code=1, line=f"{type(e).__name__}: {e}".splitlines()[0])
+        if stop:
+            raise SystemExit(1) from None
+        return None
+    if owner:
+        record(sweep_dir, num, overrides, "ran", test_acc=(result or {}).get("test_acc"),
+               run_dir=(result or {}).get("run_dir"))
+    return result
 
 
 def record(sweep_dir: str, num: int, overrides: str, status: str, **fields: Any) -> None:

@@ -22,7 +22,6 @@ import contextlib
 import os
 import sys
 import time
-import traceback
 import warnings
 from typing import Any
 
@@ -179,35 +178,13 @@ def app(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
-    """One job of a sweep: its failure is recorded (:mod:`sparsecomm.app.sweep`) and the sweep goes on,
-    unless ``stop_sweep_on_failure`` (basic launcher) or a signal (SIGINT/SIGTERM stop the sweep)."""
-    num, overrides, sweep_dir = sweep.job_identity()
-    owner = env_rank() in (None, 0)
-    _LAST_ERROR.clear()
-    if owner:
-        sweep.record(sweep_dir, num, overrides, "running")
-    try:
+    """One job of a sweep: recorded, and a failure does not stop the sweep (:func:`sparsecomm.app.sweep.run_job`)."""
+    def attempt() -> dict[str, Any] | None:
+        _LAST_ERROR.clear()
         with exit_on_user_error():
-            result = run(cfg)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if owner:
-            sweep.record(sweep_dir, num, overrides, "failed", code=code,
-                         line=_LAST_ERROR.get("line", f"exit code {code}"))
-        if code >= 128 or (cfg.get("stop_sweep_on_failure") and sweep.sequential_launcher()):
-            raise
-        return None
-    except Exception as e:  # a bug: its traceback, then the next job
-        traceback.print_exc()
-        if owner:
-            sweep.record(sweep_dir, num, overrides, "failed", code=1, line=f"{type(e).__name__}: {e}".splitlines()[0])
-        if cfg.get("stop_sweep_on_failure") and sweep.sequential_launcher():
-            raise SystemExit(1) from None
-        return None
-    if owner:
-        sweep.record(sweep_dir, num, overrides, "ran", test_acc=(result or {}).get("test_acc"),
-                     run_dir=(result or {}).get("run_dir"))
-    return result
+            return run(cfg)
+    return sweep.run_job(attempt, lambda: _LAST_ERROR.get("line"), owner=env_rank() in (None, 0),
+                         stop_on_failure=bool(cfg.get("stop_sweep_on_failure")))
 
 
 # --- before Hydra runs: the config checked (sparsecomm.app.compose), the run directory claimed -----
