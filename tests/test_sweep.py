@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from apptest import TINY, clean_launcher_env, main_in_process
+from apptest import TINY, clean_launcher_env, main_in_process, run_app
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +88,15 @@ def test_a_second_sweep_into_a_live_sweep_folder_is_refused(tmp_path, capsys):
     finally:
         held.release()
     assert code == 2 and "in use by a live run" in err and str(folder) in err, err
+
+
+def test_the_submitit_launcher_reports_every_job_the_same_way(tmp_path):
+    """Jobs in processes of their own (submitit's local executor, as on Slurm): the sweep's process
+    reads their records. Job 1 fails at run time for real (a batch larger than the rank's shard)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = run_app(["-m", "hydra/launcher=submitit_local", *TINY, f"out_dir={tmp_path}", "run_id=sub",
+                    "batch_size=8,5000"], tmp_path, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = job_lines(proc.stdout)
+    assert " ran " in lines[0] and f"{summary_acc(tmp_path / 'multirun' / 'sub' / '0'):.4f}" in lines[0]
+    assert " failed " in lines[1] and "batch_size=5000" in lines[1] and "lower batch_size" in lines[1], lines
