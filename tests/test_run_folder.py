@@ -232,3 +232,16 @@ def test_under_torchrun_rank_zero_holds_the_folder_and_a_second_job_is_refused(t
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert_each_step_once(run_dir, 200)
+
+
+def test_metrics_without_the_checkpoint_record_are_cut_at_its_step(tmp_path):
+    """A metrics.jsonl without the resumed checkpoint's record (a checkpoint.dir elsewhere, a cut file):
+    records up to that step's train/eval stay, the rest (the step's next mask, later steps, junk) go."""
+    from sparsecomm.app.metrics import rewind_records
+
+    records = [{"event": "mask", "step": 0}, *[{"event": "train", "step": s} for s in (1, 2, 3, 4)],
+               {"event": "eval", "step": 4}, {"event": "mask", "step": 4}, {"event": "train", "step": 5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n" + '{"event": "tr')
+    assert rewind_records(str(path), 4) == 4
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:6]

@@ -58,9 +58,10 @@ def holder(folder: str) -> str:
     """What the lock file of ``folder`` says about its holder (``pid=... host=...``), or ``''``."""
     try:
         with open(os.path.join(folder, LOCK_NAME), errors="replace") as f:
-            return f.read(200).strip()
+            text = f.read(200)
     except OSError:
         return ""
+    return "".join(c for c in text if c.isprintable()).strip()  # a damaged file prints nothing odd
 
 
 def in_use_error(folder: str) -> FolderInUse:
