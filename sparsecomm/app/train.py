@@ -78,6 +78,7 @@ for _name, _fn in (("sc_run_id", lambda explicit=None: run_id(explicit)), ("sc_r
 
 _LAST_ERROR: dict[str, str] = {}  # the last error line this process reported ("line"): what failed
 
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
     return (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RankDisagreement,
@@ -259,8 +260,9 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
         return
     saved, damage = rundir.read_config_record(saved_path, training_config(cfg))
     if saved is None:
-        print(f"sparsecomm: {saved_path} is damaged ({damage}); the checkpoint's own config decides whether this "
-              f"run may resume, and config.yaml is written again", file=sys.stderr, flush=True)
+        if env_rank() in (None, 0):  # every rank reads it; the owner of the folder says so
+            print(f"sparsecomm: {saved_path} is damaged ({damage}); the checkpoint's own config decides whether this "
+                  f"run may resume, and config.yaml is written again", file=sys.stderr, flush=True)
         return
     diffs = config_differences(training_config(saved), training_config(cfg))
     if diffs:
