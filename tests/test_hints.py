@@ -16,12 +16,12 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from apptest import (APP, TINY, app_env, clean_launcher_env, compose_app, crash_runs_before, error_lines, main_in_process,
-                     read_events)
+from apptest import (APP, TINY, app_env, clean_launcher_env, compose_app, crash_runs_before, error_lines,
+                     main_in_process, read_events)
 from sparsecomm.app import hints
 
-AWKWARD = ["plain", "4711", "007", "1e3", "with space", "ünïcödé", "a=b", "it's", 'say "hi"', "[1,2]", "x,y", "123", "true", "null",
-           "back\\slash", "end\\", "q\\'s", " lead", "tab\there", "${oc.env:HOME}x", "{a: 1}", "semi;colon$HOME"]
+AWKWARD = ["plain", "4711", "007", "1e3", "with space", "ünïcödé", "a=b", "it's", 'say "hi"', "[1,2]", "x,y",
+           "123", "true", "null", "back\\slash", "end\\", "q\\'s", " lead", "tab\there", "${oc.env:HOME}x", "{a: 1}", "semi;colon$HOME"]
 
 
 @pytest.fixture(autouse=True)
