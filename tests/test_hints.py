@@ -21,7 +21,8 @@ from apptest import (APP, TINY, app_env, clean_launcher_env, compose_app, crash_
 from sparsecomm.app import hints
 
 AWKWARD = ["plain", "4711", "007", "1e3", "with space", "ünïcödé", "a=b", "it's", 'say "hi"', "[1,2]", "x,y",
-           "123", "true", "null", "back\\slash", "end\\", "q\\'s", " lead", "tab\there", "${oc.env:HOME}x", "{a: 1}", "semi;colon$HOME"]
+           "123", "true", "null", "back\\slash", "end\\", "q\\'s", " lead", "tab\there",
+           "${oc.env:HOME}x", "{a: 1}", "semi;colon$HOME"]
 
 
 @pytest.fixture(autouse=True)
