@@ -51,6 +51,20 @@ def crash_before(trainer, step: int) -> None:
     trainer.train_step = train_step
 
 
+def crash_runs_before(monkeypatch, step: int):
+    """Every run this test starts in-process crashes before ``step`` (as :func:`crash_before`);
+    call the returned function to let runs finish again."""
+    from sparsecomm.app import trainer
+
+    real_fit = trainer.Trainer.fit
+
+    def crashing_fit(self):
+        crash_before(self, step)
+        return real_fit(self)
+    monkeypatch.setattr(trainer.Trainer, "fit", crashing_fit)
+    return lambda: monkeypatch.setattr(trainer.Trainer, "fit", real_fit)
+
+
 # One process, a few steps of digits: the smallest real run of the app.
 TINY = ["cluster.nproc_per_node=1", "steps=4", "schedule.dense_steps=1", "batch_size=8", "eval_every=0",
         "eval_batch_size=128", "logging.progress=false", "++mask.num_samples=16"]

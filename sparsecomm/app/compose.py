@@ -14,11 +14,12 @@ from importlib.resources import files
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import ConfigError, check_config, composition_error, strict_bool_error
+from .hints import unparsable_override
 from .schema import OPTIONS
 
 CONFIG_MODULE = "sparsecomm.conf"
@@ -26,7 +27,17 @@ CONFIG_NAME = "train"
 
 
 def _parse_overrides(overrides: list[str]):
-    return OverridesParser.create().parse_overrides(overrides)
+    """Hydra's parse of the overrides; an override it cannot read is a ConfigError showing the quoting to use."""
+    parser = OverridesParser.create()
+    try:
+        return parser.parse_overrides(overrides)
+    except OverrideParseException as e:
+        for line in overrides:
+            try:
+                parser.parse_override(line)
+            except HydraException as bad:
+                raise ConfigError(unparsable_override(line, bad)) from None
+        raise ConfigError(unparsable_override(" ".join(overrides), e)) from None
 
 
 def config_groups() -> set[str]:

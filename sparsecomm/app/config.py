@@ -46,7 +46,7 @@ RESUME_MODES = ("auto", "never")
 # Config fields a resumed run may change: where and how it runs, what it logs. Everything else
 # (task, mask, schedule, optim, steps, batch_size, seed, comm) must match the checkpoint's.
 RESUME_FREE = ("cluster", "checkpoint", "logging", "out_dir", "run_id", "num_workers", "eval_every",
-               "eval_batch_size", "save_model", "nonfinite")
+               "eval_batch_size", "save_model", "nonfinite", "stop_sweep_on_failure")
 
 
 class ConfigError(ValueError):

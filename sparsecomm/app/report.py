@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 
 from sparsecomm.checkpoint import write_atomic
 
-from . import task_diff
+from . import task_diff, writes
 from .masks import MASK_KINDS
 from .metrics import human_bytes
 
@@ -21,10 +20,10 @@ def publish(summary: Mapping[str, Any], model: torch.nn.Module | None, run_dir: 
     presence marks the run finished (:mod:`sparsecomm.app.rundir`); prints the report and adds it
     to ``log.txt``. Each file is written to a temporary name and renamed."""
     if model is not None:
-        path = os.path.join(run_dir, "model.safetensors")
-        save_model(model, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        writes.save_model_atomic(model, os.path.join(run_dir, "model.safetensors"))
+    path, text = os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode()
+    with writes.writing(path, needed=len(text)):
+        write_atomic(path, text)
     report = format_summary(summary, cluster)
     log.write_log(report)
     print(report, flush=True)

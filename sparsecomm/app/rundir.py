@@ -20,23 +20,35 @@ rank starts, in the process that owns the run (the bare launcher, or global rank
     checkpoints, or checkpoints with ``checkpoint.resume=never``. :class:`RunDirError` says
     so in one line, with the fix (a new ``run_id``). Nothing of the old run is touched.
 
+One live run per folder: with ``create``, :func:`claim` takes the folder's lock
+(:mod:`sparsecomm.app.runlock`, an ``flock`` the kernel drops when its holder dies) and judges the
+folder again under it; the claim holds the lock until the run ends. A folder a live run holds is
+refused in one line naming its holder (:func:`in_use_instead` puts that reason first); a dead
+run's lock blocks nothing.
+
 :func:`discard_if_empty` removes a folder this process created when the run failed before
-writing anything but Hydra's ``.hydra/`` and its first log lines, so failed starts leave no
-empty run directories.
+writing anything but Hydra's ``.hydra/``, its first log lines and empty folders, so failed starts
+leave no empty run directories. :func:`read_config_record` tells a damaged ``config.yaml`` (a
+YAML list, empty, cut, binary) from a config: a damaged one decides nothing, the checkpoints do.
 """
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from datetime import datetime
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import runlock
 
 # Files a run writes into its folder (rank 0) once its checks passed; any of them means the folder holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "mask.safetensors",
              "task_diff.safetensors", "base.safetensors")
 FINISHED = "summary.json"
-LEFT_BY_A_FAILED_START = (".hydra", "log.txt")  # Hydra's record of the command; the start's log lines
+# Hydra's record of the command; the start's log lines; the lock file (runlock)
+LEFT_BY_A_FAILED_START = (".hydra", "log.txt", runlock.LOCK_NAME)
 
 
 class RunDirError(ValueError):
@@ -51,6 +63,11 @@ class AlreadyFinished(Exception):
 class Claim:
     path: str
     created: bool  # this process made the folder (so it may remove it if the run fails at once)
+    lock: runlock.FolderLock | None = dataclass_field(default=None, compare=False)  # held for the whole run
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def restart_count(environ: Mapping[str, str] | None = None) -> int:
@@ -161,7 +178,7 @@ def claim(out_dir: str, fixed_path: str | None, checkpoint_cfg: Mapping | None, 
         while not _mkdir(path, field):
             n += 1
             path = f"{base}_{n}"
-        return Claim(path, True)
+        return Claim(path, True, _lock(path, True))
     path = os.path.abspath(fixed_path)
     resume = str((checkpoint_cfg or {}).get("resume", "auto"))
     state = verdict(path, checkpoint_dir(path, checkpoint_cfg), resume, restart_count(environ))
@@ -174,16 +191,85 @@ def claim(out_dir: str, fixed_path: str | None, checkpoint_cfg: Mapping | None, 
     created = _mkdir(path, field)
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunDirError(f"{field}: the run directory {path} is not writable; point {field} at a writable folder")
-    return Claim(path, created)
+    lock = _lock(path, created)
+    try:  # judged again under the lock: a run that ended meanwhile may have finished the folder
+        verdict(path, checkpoint_dir(path, checkpoint_cfg), resume, restart_count(environ))
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(path, created, lock)
+
+
+def _lock(path: str, created: bool) -> runlock.FolderLock:
+    """The folder's lock (:mod:`sparsecomm.app.runlock`); refused: the folder we made is removed again."""
+    try:
+        lock = runlock.acquire(path)
+    except runlock.FolderInUse as e:
+        if created:
+            discard_if_empty(path)
+        raise RunDirError(str(e)) from None
+    lock.record_holder()
+    return lock
+
+
+def in_use_instead(path: str | None, error: RunDirError) -> RunDirError:
+    """``error`` about the folder ``path``, unless a live run holds it: then that is the reason to say."""
+    if path is not None and runlock.is_live(os.path.abspath(path)):
+        return RunDirError(str(runlock.in_use_error(os.path.abspath(path))))
+    return error
+
+
+def holds_nothing(path: str, checkpoint_cfg: Mapping | None) -> bool:
+    """Does the folder ``path`` hold nothing of a run (no run file, no checkpoint)? A run there starts afresh."""
+    try:
+        return verdict(path, checkpoint_dir(path, checkpoint_cfg), "auto", 0) == "fresh"
+    except RunDirError:
+        return False
 
 
 def discard_if_empty(path: str) -> bool:
-    """Remove ``path`` if it holds nothing but what a failed start leaves; True if removed."""
+    """Remove ``path`` if it holds nothing but what a failed start leaves (and empty folders, such
+    as the checkpoint folder made at start); True if removed."""
     try:
         names = os.listdir(path)
     except OSError:
         return False
-    if any(n not in LEFT_BY_A_FAILED_START for n in names):
+    if any(n not in LEFT_BY_A_FAILED_START and not _empty_dir(os.path.join(path, n)) for n in names):
         return False
     shutil.rmtree(path, ignore_errors=True)
     return not os.path.exists(path)
+
+
+def read_config_record(path: str, expected: Mapping) -> tuple[object | None, str]:
+    """A run folder's ``config.yaml`` as a config, or ``(None, what is wrong with it)``: unreadable,
+    not a mapping, or without fields of ``expected`` (a training config), as a file cut mid-way is."""
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML, decoding, OmegaConf: the file is damaged, whichever it is
+        return None, f"unreadable: {type(e).__name__}"
+    if not isinstance(saved, DictConfig):
+        return None, f"a YAML {type(saved).__name__.removesuffix('Config').lower() or 'value'}, not a mapping of fields"
+    if len(saved) == 0:
+        return None, "empty"
+    missing = [k for k in _leaf_keys(expected) if OmegaConf.select(saved, k, default=_MISSING) is _MISSING]
+    if missing:
+        more = f" and {len(missing) - 1} more fields" if len(missing) > 1 else ""
+        return None, f"incomplete, no {missing[0]}{more}"
+    return saved, ""
+
+
+_MISSING = object()
+
+
+def _leaf_keys(d: Mapping, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in d.items():
+        out += _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else [f"{prefix}{k}"]
+    return out
+
+
+def _empty_dir(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False

@@ -296,6 +296,7 @@ class TrainConfig:
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     out_dir: str = "outputs"  # run directories go under here
     run_id: Optional[str] = None  # null: TORCHELASTIC_RUN_ID / SLURM_JOB_ID, else a timestamp (+ _1, _2 if taken)
+    stop_sweep_on_failure: bool = False  # -m sweeps: false runs every job; true starts none after a failed one
 
 
 # group -> option -> its schema: one entry per conf/<group>/<option>.yaml (tests check both ways)

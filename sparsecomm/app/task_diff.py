@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 
 from sparsecomm import diff as sdiff
 from sparsecomm import distributed as sdist
 from sparsecomm.mask import Mask
 
+from . import writes
 from .metrics import human_bytes
 
 
@@ -68,14 +68,17 @@ class TaskDiffRecorder:
     def write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
         """Rank 0: write ``task_diff.safetensors`` (and ``base.safetensors`` when the base is not the
         initial model); every rank returns the same report (rank 0's, broadcast: a few bytes)."""
-        return sdist.broadcast_from_rank0(self._write(model, run_dir) if sdist.is_main_process() else None)
+        written: list[dict[str, Any]] = []
+        sdist.rank0_decides(lambda: written.append(self._write(model, run_dir)), writes.WriteError)
+        return sdist.broadcast_from_rank0(written[0] if written else None)
 
     def _write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
         if self.skip_reason is not None or self.base is None or self.union is None:
             return {"task_diff": None, "task_diff_skipped": self.skip_reason or "no mask was used"}
         path = os.path.join(run_dir, "task_diff.safetensors")
         try:
-            sdiff.save(model, self.base, self.union, path)
+            with writes.writing(path):
+                sdiff.save(model, self.base, self.union, path)
         except sdiff.LossyDiff as e:  # a bug, not a setting: say so in the summary instead of dying at the end
             return {"task_diff": None, "task_diff_skipped": f"not sparse: {e}"}
         size = sdiff.size_report(path)
@@ -84,7 +87,7 @@ class TaskDiffRecorder:
                   "task_diff_entries": size["num_selected"], "task_diff_base": "initial model"}
         if self.base_step:
             base_path = os.path.join(run_dir, "base.safetensors")
-            save_model(self.base, base_path)
+            writes.save_model_atomic(self.base, base_path)
             report["task_diff_base"] = f"{base_path} (the model after {self.base_step} dense steps)"
         return report
 

@@ -35,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 import sparsecomm
 from sparsecomm.distributed import RankDisagreement
 
-from . import launch, rundir, trainer
+from . import hints, launch, rundir, runlock, sweep, trainer, writes
 from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_config, config_groups, preflight  # noqa: F401
 from .config import check_config, training_config
 from .fault import Interrupted, config_differences
@@ -75,6 +75,9 @@ for _name, _fn in (("sc_run_id", lambda explicit=None: run_id(explicit)), ("sc_r
 
 
 # --- errors a user can fix: one line, exit 2 ------------------------------------------------------
+
+_LAST_ERROR: dict[str, str] = {}  # the last error line this process reported ("line"): what failed
+
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     # OSError last: a file or folder the run cannot read or write (named in the line), not a bug.
@@ -123,6 +126,7 @@ def exit_on_user_error(quiet: bool = False):
     is printed by that rank. A run stopped by SIGINT/SIGTERM exits 128 + the signal's number.
     """
     def report(message: str, collective: bool) -> None:
+        _LAST_ERROR["line"] = message
         if not record_worker_error(message) and not ((quiet or collective) and _quiet_rank()):
             print(message if message.startswith("sparsecomm:") else f"error: {message}", file=sys.stderr, flush=True)
 
@@ -148,6 +152,7 @@ def exit_on_user_error(quiet: bool = False):
 
 def _worker(container: dict, run_dir: str, t0: float) -> dict[str, Any]:
     """Entry point of each worker the bare app starts (torch elastic sets RANK etc.)."""
+    runlock.die_with_parent()  # the launching process holds the run folder's lock: its workers end with it
     with exit_on_user_error():
         return trainer.run(OmegaConf.create(container), run_dir, t0)
 
@@ -167,14 +172,30 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
 def app(cfg: DictConfig) -> dict[str, Any] | None:
+    if sweep.in_sweep():
+        return sweep_job(cfg)
     with exit_on_user_error():
         return run(cfg)
+
+
+def sweep_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """One job of a sweep: recorded, and a failure does not stop the sweep (:func:`sparsecomm.app.sweep.run_job`)."""
+    def attempt() -> dict[str, Any] | None:
+        _LAST_ERROR.clear()
+        with exit_on_user_error():
+            return run(cfg)
+    return sweep.run_job(attempt, lambda: _LAST_ERROR.get("line"), owner=env_rank() in (None, 0),
+                         stop_on_failure=bool(cfg.get("stop_sweep_on_failure")))
 
 
 # --- before Hydra runs: the config checked (sparsecomm.app.compose), the run directory claimed -----
 
 def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, create: bool) -> rundir.Claim | None:
-    """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice."""
+    """Decide this run's folder before Hydra writes into it (``sparsecomm.app.rundir``); None: Hydra's choice.
+
+    With ``create`` (the process that owns the run) the folder's lock is taken and held in the
+    returned claim (:mod:`sparsecomm.app.runlock`); a folder a live run holds is refused as such.
+    """
     explicit_dir = None
     for o in _parse_overrides(overrides):
         if o.key_or_group == ("hydra.sweep.dir" if multirun else "hydra.run.dir") and not o.is_delete():
@@ -185,29 +206,63 @@ def claim_run_dir(cfg: DictConfig, overrides: list[str], *, multirun: bool, crea
     out_dir = os.path.join(str(cfg.out_dir), "multirun") if multirun else str(cfg.out_dir)
     fixed = explicit_dir or (os.path.join(out_dir, rid) if rid else None)
     field = ("hydra.sweep.dir" if multirun else "hydra.run.dir") if explicit_dir else "out_dir"
-    if multirun:  # a sweep's folder holds its jobs' folders: a fixed one must be new or empty
-        if fixed is not None and os.path.isdir(fixed) and os.listdir(fixed):
-            raise rundir.RunDirError(f"sweep directory {os.path.abspath(fixed)} holds an earlier sweep; start this "
+    try:
+        if multirun:
+            claim = _claim_sweep_dir(out_dir, fixed, field, create)
+        else:
+            rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
+            if fixed is not None:
+                check_same_training_config(fixed, cfg)
+            claim = rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
+    except rundir.RunDirError as e:
+        raise (rundir.in_use_instead(fixed, e) if create else e) from None
+    if create and claim is not None:
+        try:
+            writes.check_room(claim.path)  # Hydra's .hydra/ is written before the app runs
+        except writes.WriteError:
+            claim.release()
+            if claim.created:
+                rundir.discard_if_empty(claim.path)
+            raise
+    return claim
+
+
+def _claim_sweep_dir(out_dir: str, fixed: str | None, field: str, create: bool) -> rundir.Claim | None:
+    """A sweep's folder holds its jobs' folders: a fixed one must be new or empty (its lock aside)."""
+    def refuse_earlier_sweep(path: str) -> None:
+        if os.path.isdir(path) and [n for n in os.listdir(path) if n != runlock.LOCK_NAME]:
+            raise rundir.RunDirError(f"sweep directory {os.path.abspath(path)} holds an earlier sweep; start this "
                                      f"one with another run_id=..., or delete the folder")
-        return rundir.claim(out_dir, fixed, None, field=field, create=create) if create else None
-    rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=False)  # refuses another run's folder
+
     if fixed is not None:
-        check_same_training_config(fixed, cfg)
-    return rundir.claim(out_dir, fixed, cfg.checkpoint, field=field, create=create)
+        refuse_earlier_sweep(fixed)
+    if not create:
+        return None
+    claim = rundir.claim(out_dir, fixed, None, field=field, create=True)
+    try:
+        refuse_earlier_sweep(claim.path)  # again, under the lock
+    except rundir.RunDirError:
+        claim.release()
+        raise
+    return claim
 
 
 def check_same_training_config(path: str, cfg: DictConfig) -> None:
     """A run continued in ``path`` must keep the training config its ``config.yaml`` records.
 
     Checked here, before Hydra rewrites ``.hydra/`` there: a refused resume leaves the folder's
-    record as it was. The checkpoint's own config is checked again when it is loaded.
+    record as it was. The checkpoint's own config is checked again when it is loaded. A damaged
+    ``config.yaml`` (not a mapping, cut, unreadable) decides nothing: the checkpoint, which records
+    its config and verifies by hash, does; the resumed run writes ``config.yaml`` again.
     """
     saved_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(saved_path) or str(cfg.checkpoint.resume) == "never":
         return
-    try:
-        saved = OmegaConf.load(saved_path)
-    except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint's own check decides
+    saved, damage = rundir.read_config_record(saved_path, training_config(cfg))
+    if saved is None:
+        if env_rank() in (None, 0):  # every rank reads it; the owner of the folder says so
+            print(f"sparsecomm: {saved_path} is damaged ({damage}); the checkpoint's own config decides whether this "
+                  f"run may resume, and config.yaml is written again", file=sys.stderr, flush=True)
         return
     diffs = config_differences(training_config(saved), training_config(cfg))
     if diffs:
@@ -217,18 +272,17 @@ def check_same_training_config(path: str, cfg: DictConfig) -> None:
             f"a new run with another run_id=...")
 
 
-def resume_hint(path: str, overrides: list[str], checkpoint_cfg) -> str:
-    """How to continue the run in ``path`` after a crash or an interruption."""
+def resume_hint(path: str, overrides: list[str], checkpoint_cfg, options: list[str] | tuple = ()) -> str:
+    """How to continue the run in ``path`` after a crash, an interruption or a failed write: a
+    command to paste (shell- and Hydra-quoted, :mod:`sparsecomm.app.hints`); under Slurm or torchrun
+    the launcher's command with the run id to pass. ``options``: Hydra options (``--config-name x``)."""
+    if rundir.holds_nothing(path, checkpoint_cfg):
+        return "nothing of the run was kept, so the same command starts it again"
     if not rundir.checkpoint_files(rundir.checkpoint_dir(path, checkpoint_cfg)):
         every = (checkpoint_cfg or {}).get("every", 0)
-        return (f"no checkpoint was written (checkpoint.every={every}), so a rerun starts from step 0; set "
-                f"checkpoint.every=N to make a run resumable")
-    if env_rank() is not None:
-        return "resume: rerun the same torchrun/sbatch command with the same run id (checkpoint.resume=auto)"
-    if any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides):
-        return "resume with the same command (the same hydra.run.dir)"
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "run_id"]
-    return "resume with: sparsecomm-train " + " ".join([*keep, f"run_id={os.path.basename(path)}"])
+        return (f"no checkpoint was written (checkpoint.every={every}), so there is nothing to resume: start a new "
+                f"run with another run_id=... (or delete the folder); set checkpoint.every=N to make a run resumable")
+    return hints.resume_command(path, overrides, options)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -250,6 +304,7 @@ def main(argv: list[str] | None = None) -> Any:
     extra: list[str] = []
     claim = cfg = None
     owner = env_rank() in (None, 0)  # the process that owns the run directory (others follow rank 0's)
+    _LAST_ERROR.clear()
     if not informational:
         with exit_on_user_error(quiet=not owner):
             if not (args.config_dir or args.config_path or args.experimental_rerun):
@@ -262,33 +317,50 @@ def main(argv: list[str] | None = None) -> Any:
         if not owner:
             # Under torchrun/Slurm every rank runs Hydra: only rank 0 writes into the run directory.
             extra = ["hydra.run.dir=.", "hydra.output_subdir=null"]
+        elif claim is not None and args.multirun and not any(o.split("=", 1)[0] == "hydra.sweep.dir"
+                                                             for o in args.overrides):
+            # the claimed folder, as a value: Slurm jobs of the submitit launcher resolve it elsewhere
+            extra = [f"hydra.sweep.dir={hints.hydra_value(claim.path)}"]
     # Our hydra/launcher/submitit_slurm.yaml shares the plugin's schema name on purpose: Hydra then
     # validates it against that schema, and says so in a deprecation warning we do not need to see.
     warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema", category=UserWarning)
     sys.argv = [sys.argv[0], *argv, *extra]
     if claim is not None and owner:
         _CLAIMED["sweep" if args.multirun else "run"] = claim.path
+    options = [a for a in argv if a not in set(args.overrides)]
     try:
-        return app()
+        result = app()
     except SystemExit as e:
-        if e.code not in (0, None) and claim is not None and owner and not args.multirun:
-            _after_failure(claim, args.overrides, cfg, e.code)
+        if claim is not None and owner:
+            _after_failure(claim, args, options, cfg, e.code)
         raise
     except BaseException:
-        if claim is not None and owner and not args.multirun:
-            _after_failure(claim, args.overrides, cfg, 1)
+        if claim is not None and owner:
+            _after_failure(claim, args, options, cfg, 1)
         raise
     finally:
         _CLAIMED.clear()
+        if claim is not None:
+            claim.release()
+    if claim is not None and owner and args.multirun:
+        code = sweep.report(claim.path, args.overrides)
+        if code:
+            raise SystemExit(code)
+    return result
 
 
-def _after_failure(claim: rundir.Claim, overrides: list[str], cfg: DictConfig | None, code) -> None:
-    """A failed start leaves no empty folder; a crashed or interrupted run says how to resume."""
+def _after_failure(claim: rundir.Claim, args, options: list[str], cfg: DictConfig | None, code) -> None:
+    """A sweep says what happened to each job; a failed start leaves no empty folder; a run that
+    crashed, was interrupted or could not write a file says how to resume."""
+    if args.multirun:
+        sweep.report(claim.path, args.overrides)
+        return
     if claim.created and rundir.discard_if_empty(claim.path):
         return
-    if code != USER_ERROR_EXIT and os.path.isdir(claim.path):
+    resumable = code != USER_ERROR_EXIT or writes.is_write_failure(_LAST_ERROR.get("line", ""))
+    if resumable and os.path.isdir(claim.path):
         print(f"sparsecomm: run directory {claim.path}; "
-              f"{resume_hint(claim.path, overrides, cfg.get('checkpoint') if cfg is not None else None)}",
+              f"{resume_hint(claim.path, args.overrides, cfg.get('checkpoint') if cfg is not None else None, options)}",
               file=sys.stderr, flush=True)
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparsecomm import distributed as sdist
 from sparsecomm.mask import Mask
 
-from . import fault, launch
+from . import fault, launch, writes
 from .config import config_hash, training_config
 from .data import ShardedData, build_task, evaluate
 from .engine import StepEngine
@@ -140,7 +140,7 @@ class Trainer:
             self.task_diff.set_base(self.model, step)  # the first time only: the weights masked training starts from
             self.task_diff.add_mask(mask)
         _assert_same_config(self.config_hash)
-        digest = mask.save(os.path.join(self.run_dir, "mask.safetensors")) if sdist.is_main_process() else mask.digest()
+        digest = save_mask(mask, self.run_dir) if sdist.is_main_process() else mask.digest()
         seconds = time.perf_counter() - t
         self.log.log("mask", step, kind=self.kind.name, k=mask.num_selected, numel=mask.numel,
                      density=mask.density, digest=digest, seconds=round(seconds, 3))
@@ -217,9 +217,10 @@ class Trainer:
         self.load_state_dict(sd, source=path)
         self.resumed_from = path
         if self.mask is not None and sdist.is_main_process():
-            self.mask.save(os.path.join(self.run_dir, "mask.safetensors"))  # the run dir may be a new one
+            save_mask(self.mask, self.run_dir)  # the run dir may be a new one
+        dropped = self.log.rewind(self.step)  # the crashed run's records past this checkpoint: re-done now
         self.log.log("resume", self.step, path=path, world_size=self.world, saved_world_size=int(sd["world_size"]),
-                     resharded=int(sd["world_size"]) != self.world)
+                     resharded=int(sd["world_size"]) != self.world, dropped_records=dropped)
         self.log.info(f"resumed from {path} at step {self.step} (written by {sd['world_size']} ranks)")
         return True
 
@@ -227,10 +228,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Resume if a checkpoint says so, train to the last step, evaluate, report. Returns the summary."""
         cfg, steps = self.cfg, self.schedule.steps
-        self.resume()  # per checkpoint.resume; a no-op when there is no checkpoint
+        if not self.resume():  # per checkpoint.resume; without a checkpoint the run starts at step 0
+            self.log.rewind(0)  # (a restarted job: its first attempt's records go)
         if sdist.is_main_process():  # only now: a refused resume leaves the folder's record as it was
-            os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
+            write_config(cfg, self.run_dir)
         self.monitor.start()
         start = time.perf_counter()
         for step in range(self.step, steps):
@@ -305,6 +306,22 @@ class _WithoutDigest:
 
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
         self.part.load_state_dict(sd)
+
+
+def save_mask(mask: Mask, run_dir: str) -> str:
+    """Rank 0: ``mask.safetensors`` (one byte per entry); returns the mask's digest."""
+    path = os.path.join(run_dir, "mask.safetensors")
+    with writes.writing(path, needed=mask.numel):
+        return mask.save(path)
+
+
+def write_config(cfg: DictConfig, run_dir: str) -> None:
+    """Rank 0: ``config.yaml``, the resolved config (a cut one is told apart at the next start:
+    :func:`sparsecomm.app.rundir.read_config_record`)."""
+    path = os.path.join(run_dir, "config.yaml")
+    text = OmegaConf.to_yaml(cfg, resolve=True).encode()
+    with writes.writing(path, needed=len(text)), open(path, "wb") as f:
+        f.write(text)
 
 
 def _assert_same_config(digest: str) -> None:
