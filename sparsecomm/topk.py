@@ -52,6 +52,10 @@ def first_k(values: torch.Tensor, k: int) -> torch.Tensor:
     return sel.nonzero().reshape(-1)
 
 
+class NonFiniteScores(ValueError):
+    """The summed scores hold NaN: the model or the loss produced non-finite gradients."""
+
+
 class StreamingTopK:
     """The first ``k`` entries (value desc, position asc) of values that arrive in position order.
 
@@ -149,7 +153,7 @@ def stream_topk(sources: Iterable[tuple[int, Writer]], k: int, *, device: torch.
         if reduce is not None:
             reduce(chunk)
         if torch.isnan(chunk).any():
-            raise ValueError("scores contain NaN: the model or the loss produced non-finite gradients")
+            raise NonFiniteScores("scores contain NaN: the model or the loss produced non-finite gradients")
         top.add(chunk, start)
         start += fill
         fill = 0
@@ -312,7 +316,7 @@ def sum_topk(tensors: Sequence[torch.Tensor], k: int, *, process_group=None,
         stats["per_round"].append([m, union.numel()])
         stats["gathered_bytes"] += m * idx_size
         if torch.isnan(sums).any():
-            raise ValueError("scores contain NaN: the model or the loss produced non-finite gradients")
+            raise NonFiniteScores("scores contain NaN: the model or the loss produced non-finite gradients")
         bound, sums = sums[-1], sums[:-1]
         if union.numel() >= k:
             pick = first_k(sums, k)  # ascending indices into the (ascending) union

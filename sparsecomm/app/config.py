@@ -82,7 +82,7 @@ BOUNDS: dict[str, tuple] = {
     "cluster.link.inter_node_gbit": (0, None, True), "cluster.link.intra_node_gbit": (0, None, True),
     "schedule.dense_steps": (0, None, False), "schedule.refresh_every": (0, None, False),
     "schedule.lr.warmup_steps": (0, None, False), "schedule.lr.min_ratio": (0, 1, False),
-    "optim.lr": (0, None, True), "optim.dense_lr": (0, None, True), "optim.eps": (0, None, False),
+    "optim.lr": (0, None, True), "optim.dense_lr": (0, None, True), "optim.eps": (0, None, True),
     "optim.weight_decay": (0, 10, False), "optim.momentum": (0, 1, False),  # decay x lr beyond 1 flips weights
     "mask.seed": (0, 2**63 - 1, False), "mask.num_samples": (1, None, False), "mask.batch_size": (1, None, False),
     "mask.chunk_size": (1, None, False), "mask.l0_steps": (1, None, False), "mask.alone_lr": (0, None, True),

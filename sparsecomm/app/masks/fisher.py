@@ -11,6 +11,7 @@ import torch
 
 from sparsecomm.fisher import fisher_mask
 from sparsecomm.mask import Mask
+from sparsecomm.topk import NonFiniteScores
 
 from ..config import ConfigError
 from .base import DensityKind
@@ -26,8 +27,13 @@ class FisherKind(DensityKind):
         cfg = self.cfg
         data = self.setting.data.fisher_batches(self.rounds, int(cfg.batch_size))
         exchange: dict = {}
-        mask = fisher_mask(model, data, self.setting.task.loss_fn, density=cfg.density,
-                           num_samples=int(cfg.num_samples), method=cfg.method, always=self.always,
-                           chunk_size=int(cfg.chunk_size), stats=exchange)
+        try:
+            mask = fisher_mask(model, data, self.setting.task.loss_fn, density=cfg.density,
+                               num_samples=int(cfg.num_samples), method=cfg.method, always=self.always,
+                               chunk_size=int(cfg.chunk_size), stats=exchange)
+        except NonFiniteScores:
+            raise ConfigError("the Fisher scores hold NaN (the model's gradients overflow: the dense steps diverged "
+                              "or the weights are too large): lower optim.dense_lr, or shorten schedule.dense_steps"
+                              ) from None
         self.score_bytes += int(exchange.get("bytes_sent", 0))  # per rank, on the wire (sparsecomm.topk.sum_topk)
         return mask
