@@ -116,6 +116,7 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
     assert md.count("| othermodel |") == len(other) and len(res["rows"]) == len(rows)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_smoke(tmp_path):
     import time_to_accuracy
 

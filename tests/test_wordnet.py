@@ -170,6 +170,7 @@ def test_minilm_fisher_scores_run_in_the_layers_engine_and_equal_the_loop(tmp_pa
     assert_scores_match(fast, reference_fisher(t.model, [batch], t.loss_fn), rtol=1e-3, floor=1e-8)
 
 
+@pytest.mark.slow
 def test_app_two_workers_on_a_tiny_wordnet(tmp_path):
     """task=wordnet end to end: 2 workers, FISH mask from step 1 (no dense warm-up)."""
     pytest.importorskip("transformers")
