@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make train   # the embedded default job: 2 Gloo workers, FISH mask, digits (ARGS="key=value ..." to override)
-#   make test    # the test suite
+#   make test    # the whole test suite (what CI runs)
+#   make check   # the inner loop: the suite without the tests marked slow or box (ARGS as for test)
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: setup train test
+.PHONY: setup train test check
 setup: $(VENV)/.installed
 
 train: $(VENV)/.installed
@@ -20,3 +21,6 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q $(ARGS)
+
+check: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -m "not slow and not box" $(ARGS)

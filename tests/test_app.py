@@ -8,6 +8,8 @@ import sys
 import pytest
 from apptest import REPO, app_env, compose_app, read_events, run_app
 
+pytestmark = pytest.mark.slow  # every test runs the app (torchrun, a subprocess or a transfer job): 10-60 s each
+
 SMALL = ["steps=10", "batch_size=16", "eval_every=5", "logging.log_every=2", "mask.num_samples=64"]
 
 

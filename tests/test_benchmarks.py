@@ -36,6 +36,7 @@ def tiny_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_every_variant_runs_and_numbers_are_sane(tiny_run):
     out, result = tiny_run
     assert result["failures"] == {}
@@ -67,23 +68,29 @@ def test_every_variant_runs_and_numbers_are_sane(tiny_run):
         assert rows["floor"]["wire_bytes_per_rank"] < 1024
 
 
+@pytest.mark.slow
 def test_table_json_and_plots_written(tiny_run):
     out, result = tiny_run
     with open(out / "comm.json") as f:
         saved = json.load(f)
     assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python benchmarks/comm.py")
-    md = (out / "comm.md").read_text()
-    header = "| " + " | ".join(h for h, _ in comm.COLUMNS) + " |"
-    assert header in md
-    for r in result["rows"]:
-        assert f"| {r['variant']} |" in md
-    assert "HOLDS" in md or "MISSED" in md or "N/A" in md
+    md = (out / "comm.md").read_text().splitlines()
+    header = ("| model | link | N | variant | step s | x floor | dense / this | fwd / bwd+comm / opt s | "
+              "wire MB/rank/step | payload MB (ours) | wire / 2(N-1)/N payload | wire vs dense | "
+              "peak RSS MiB steps / set-up | opt state MB | hook state MB | notes |")
+    assert header in md and md[md.index(header) + 1] == "|" + "|".join(["---"] * 16) + "|"
+    for r in saved["rows"]:  # one line per measured row, its configuration in the first four cells
+        start = f"| {r['model']} | {r['link']} | {r['world_size']} | {r['variant']} | "
+        (line,) = [m for m in md if m.startswith(start)]
+        assert line.count(" | ") == 15 and line.endswith(" |"), line
+    assert any(v in "\n".join(md) for v in ("HOLDS", "MISSED", "N/A"))
     if report.pyplot() is not None:
         for name in ("comm_step_time.png", "comm_wire_bytes.png"):
             assert (out / name).stat().st_size > 1000
     assert not (out / "tmp").exists()
 
 
+@pytest.mark.slow
 def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
     """--merge: rows of (model, link, ranks) not re-measured are kept, re-measured ones replaced;
     --render-only rebuilds the table from comm.json alone."""
@@ -109,6 +116,7 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
     assert md.count("| othermodel |") == len(other) and len(res["rows"]) == len(rows)
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_smoke(tmp_path):
     import time_to_accuracy
 

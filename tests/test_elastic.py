@@ -11,8 +11,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from apptest import read_events, torchrun_app, worker_pid
+
+pytestmark = pytest.mark.slow  # a torchrun job killed and restarted: about 90 s
 
 ARGS = ["steps=240", "batch_size=16", "eval_every=0", "logging.progress=false", "logging.log_every=10",
         "mask.num_samples=64", "schedule.dense_steps=20", "cluster.num_threads=1", "cluster.nproc_per_node=2",

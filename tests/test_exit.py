@@ -13,6 +13,8 @@ import pytest
 
 from apptest import APP, REPO, TINY, app_env, clean_launcher_env, compose_app, read_events, torchrun_app_cmd
 
+pytestmark = pytest.mark.slow  # torchrun launches and signals: 4-470 s per test
+
 # A short job that still builds DDP, the masked hook and both optimizers on 2 ranks.
 SHORT = ["task=synthetic", "task.in_features=16", "task.hidden=32", "task.depth=1", "task.num_train=256",
          "task.num_test=64", "steps=6", "schedule.dense_steps=2", "batch_size=8", "eval_every=0",

@@ -68,6 +68,7 @@ def assert_same_params(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     cfg = compose_cfg(*REFRESH)
     full_dir, cut_dir = str(tmp_path / "full"), str(tmp_path / "cut")
@@ -132,6 +133,7 @@ def _checkpointed(tmp_path, *overrides):
     return cfg, run_dir, os.path.join(run_dir, "checkpoints")
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_falls_back_loudly_then_errors(tmp_path, capfd):
     cfg, run_dir, ck = _checkpointed(tmp_path)
     assert sorted(os.listdir(ck)) == ["step-00000002.ckpt", "step-00000004.ckpt", "step-00000006.ckpt"]
@@ -158,6 +160,7 @@ def test_corrupted_checkpoint_falls_back_loudly_then_errors(tmp_path, capfd):
     assert res["error"].startswith("CheckpointError: checkpoint.resume=") and "truncated or corrupted" in res["error"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_or_config_is_refused(tmp_path):
     _, _, ck = _checkpointed(tmp_path)
     other = compose_cfg("schedule=fish_fixed", "mask=random", "mask.density=0.2", "steps=6", "task.hidden=16", f"checkpoint.resume={ck}")
@@ -169,6 +172,7 @@ def test_checkpoint_of_another_model_or_config_is_refused(tmp_path):
     assert "was written with another config: optim.lr=" in res["error"]
 
 
+@pytest.mark.slow
 def test_mask_file_for_another_model_names_mask_path(tmp_path):
     from sparsecomm.app import models
     from sparsecomm import random_mask

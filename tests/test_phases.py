@@ -274,6 +274,7 @@ def test_good_configs_pass():
 
 # --- the app, end to end --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_app_diff_pruning_writes_a_task_diff_that_rebuilds_the_model(tmp_path):
     """`sparsecomm-train mask=diff_pruning` on digits, 2 workers: the summary reports the L0 phase's
     bytes and the task diff's size, and diff.apply(initial model, task_diff) == model.safetensors."""

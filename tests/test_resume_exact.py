@@ -23,6 +23,8 @@ from sparsecomm.app import trainer
 from sparsecomm.app.data import ShardedData
 from sparsecomm.checkpoint import decode, encode
 
+pytestmark = pytest.mark.slow  # 2-rank runs resumed 2-4 times each: 30-70 s per test
+
 # The smallest real config: digits CNN (BatchNorm), 2 dense steps, a Fisher mask on 2 x 24 examples.
 DIGITS = ["task=digits", "batch_size=16", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
           "save_model=false", "save_diff=false", "cluster.num_threads=1", "checkpoint.every=1", "checkpoint.keep=100"]

@@ -282,6 +282,9 @@ def compose_task(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from sparsecomm.app import schema
+
+    schema.register()  # the schemas conf/task/*.yaml extend (the app registers them at start)
     shutil.copytree(CONF / "task", tmp_path / "task")
     (tmp_path / "config.yaml").write_text("defaults:\n  - task: digits\n  - _self_\n")
 

@@ -30,6 +30,7 @@ def tiny_bert(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_transfer_part_and_merge(tmp_path):
     pytest.importorskip("transformers")
     data = write_noun(tmp_path / "wn", synsets=TWO_SUPERSENSES)

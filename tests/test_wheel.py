@@ -59,6 +59,7 @@ def test_version_is_written_once():
     assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sparsecomm.__version__"}
 
 
+@pytest.mark.slow
 def test_wheel_carries_every_module_and_config(dists):
     version = _version()
     assert dists["wheel"].name == f"sparsecomm-{version}-py3-none-any.whl"
@@ -74,6 +75,7 @@ def test_wheel_carries_every_module_and_config(dists):
     assert re.search(r"^sparsecomm-train\s*=\s*sparsecomm\.app\.train:main$", entry_points, re.M)
 
 
+@pytest.mark.slow
 def test_sdist_carries_the_tree(dists):
     version = _version()
     prefix = f"sparsecomm-{version}/"
@@ -106,6 +108,7 @@ def _run(venv: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.Co
     return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_outside_the_checkout(installed, tmp_path):
     app = str(installed / "bin" / "sparsecomm-train")
     where = _run(installed, tmp_path, str(installed / "bin" / "python"), "-c",

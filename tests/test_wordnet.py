@@ -130,6 +130,7 @@ def test_length_grouped_batches_cover_each_index_once_and_group_lengths():
     assert sorted(map(tuple, list(sampler))) == sorted(map(tuple, batches)) and list(sampler) != batches
 
 
+@pytest.mark.slow
 @needs_transformers
 def test_build_with_packaged_minilm_mean_pools_and_ignores_padding(tmp_path):
     torch.manual_seed(0)
@@ -151,6 +152,7 @@ def test_build_with_packaged_minilm_mean_pools_and_ignores_padding(tmp_path):
     torch.testing.assert_close(batched[0], t.model.classifier(enc[0, :n].mean(0)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @needs_transformers
 def test_minilm_fisher_scores_run_in_the_layers_engine_and_equal_the_loop(tmp_path):
     """Every parameter of the mean-pooled MiniLM is scored by the layers engine (embeddings
@@ -168,6 +170,7 @@ def test_minilm_fisher_scores_run_in_the_layers_engine_and_equal_the_loop(tmp_pa
     assert_scores_match(fast, reference_fisher(t.model, [batch], t.loss_fn), rtol=1e-3, floor=1e-8)
 
 
+@pytest.mark.slow
 def test_app_two_workers_on_a_tiny_wordnet(tmp_path):
     """task=wordnet end to end: 2 workers, FISH mask from step 1 (no dense warm-up)."""
     pytest.importorskip("transformers")
