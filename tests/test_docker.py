@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each Dockerfile's steps replayed into a fresh venv: minutes
+
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD"}
 APT_ONLY = re.compile(r"^\s*(apt-get \S+.*|rm -rf /var/lib/apt/lists/\*)\s*$")

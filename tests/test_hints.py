@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -51,6 +50,7 @@ def test_bash_hands_the_app_the_same_argument():
 
 
 @pytest.mark.parametrize("out_name,run_id", [("out dir ü", "run one"), ("o'q", "r=1,2 ä")])
+@pytest.mark.slow
 def test_the_printed_resume_line_pasted_into_bash_resumes_the_run(tmp_path, capsys, monkeypatch, out_name, run_id):
     out_dir = tmp_path / out_name
     crash_runs_before(monkeypatch, 3)
@@ -97,6 +97,7 @@ def test_under_slurm_the_hint_names_the_job_and_the_run_id_to_pass(tmp_path):
     assert steps == "steps=8" and as_the_app_reads(rid) == "ab cd", hint
 
 
+@pytest.mark.slow
 def test_without_checkpoints_the_hint_is_the_command_that_works(tmp_path, capsys, monkeypatch):
     """A crashed run without checkpoints: the hint says start a new run_id, and the same command is refused."""
     finish = crash_runs_before(monkeypatch, 3)

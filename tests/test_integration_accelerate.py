@@ -20,6 +20,8 @@ from sparsecomm.fisher import fisher_mask  # noqa: E402
 from sparsecomm.integrations.accelerate import prepare_masked  # noqa: E402
 from sparsecomm.mask import random_mask  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 2-rank Accelerate runs
+
 
 def tiny_mlp() -> nn.Module:
     torch.manual_seed(0)

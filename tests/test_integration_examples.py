@@ -12,6 +12,8 @@ import pytest
 from apptest import REPO, app_env, free_port
 from test_wordnet import TWO_SUPERSENSES, write_noun
 
+pytestmark = pytest.mark.slow  # each example under torchrun on MiniLM: about 40 s
+
 EXAMPLES = {"hf_trainer_wordnet.py": ("transformers", "accelerate"), "accelerate_wordnet.py": ("accelerate",),
             "lightning_wordnet.py": ("lightning",)}
 SMALL = ["--steps", "2", "--train-size", "32", "--test-size", "8", "--batch-size", "4", "--mask-samples", "8"]

@@ -22,6 +22,8 @@ from stack_contract import (WireTap, assert_contract, facts, fresh_accelerate_st
                             snapshot)
 from update_reference import assert_params_close, masked_sgd_reference  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 2-rank Trainer runs of a tiny BERT: about 5 s each
+
 VOCAB, LENGTH, CLASSES = 40, 12, 3
 
 

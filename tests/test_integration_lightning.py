@@ -22,6 +22,8 @@ from sparsecomm.integrations.lightning import SparseCommStrategy, masked_optimiz
 from sparsecomm.mask import random_mask  # noqa: E402
 from sparsecomm.optim import MaskedSGD  # noqa: E402
 
+pytestmark = pytest.mark.slow  # 2-rank Lightning runs
+
 
 def data(seed: int, n: int = 64):
     g = torch.Generator().manual_seed(seed)

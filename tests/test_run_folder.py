@@ -20,6 +20,8 @@ from apptest import (APP, TINY, app_env, clean_launcher_env, crash_runs_before, 
                      read_events, torchrun_app, worker_pid)
 from sparsecomm.app import rundir
 
+pytestmark = pytest.mark.slow  # concurrent, killed and resumed app runs: 10-30 s each
+
 LONG = ["steps=200", "batch_size=8", "eval_every=0", "eval_batch_size=128", "logging.progress=false",
         "logging.log_every=1", "++mask.num_samples=16", "schedule.dense_steps=1", "cluster.num_threads=1",
         "checkpoint.every=20"]

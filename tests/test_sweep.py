@@ -14,6 +14,8 @@ import pytest
 
 from apptest import TINY, clean_launcher_env, main_in_process, run_app
 
+pytestmark = pytest.mark.slow  # multirun sweeps of app runs
+
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch):

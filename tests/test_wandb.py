@@ -15,6 +15,8 @@ pytest.importorskip("wandb")
 
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a 2-rank app run logged offline: about 60 s
+
 BLOCK = 32 * 1024  # the log's block size: a record's 7-byte header never straddles a block
 
 

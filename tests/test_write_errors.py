@@ -17,6 +17,8 @@ import pytest
 
 from apptest import TINY, clean_launcher_env, error_lines, main_in_process, read_events
 
+pytestmark = pytest.mark.slow  # an app run per write point on a full tmpfs
+
 ARGS = [*TINY, "steps=6", "checkpoint.every=2", "logging.log_every=1"]
 
 
