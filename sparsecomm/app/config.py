@@ -78,6 +78,7 @@ BOUNDS: dict[str, tuple] = {
     "nonfinite.max_in_a_row": (1, None, False),
     "cluster.max_restarts": (0, 1000, False), "cluster.nproc_per_node": (1, 4096, False),
     "cluster.nnodes": (1, 100_000, False), "cluster.num_threads": (1, 4096, False),
+    "cluster.timeout_s": (1, 7 * 24 * 3600, False),
     "cluster.master_port": (1, 65535, False),
     "cluster.link.inter_node_gbit": (0, None, True), "cluster.link.intra_node_gbit": (0, None, True),
     "schedule.dense_steps": (0, None, False), "schedule.refresh_every": (0, None, False),
