@@ -44,6 +44,18 @@ from .peers import timeout as peer_timeout
 
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
 
+# The environment our launcher gives its workers unless the user set these (cluster/*.sh export the
+# same). OMP_WAIT_POLICY=PASSIVE: an OpenMP thread that waits for work sleeps instead of spinning.
+# libgomp spins by default (~300k iterations after every parallel region) unless it counts more
+# of its threads than CPUs; where ranks share cores (several per node, the cluster box's nodes on
+# one host, a busy machine) the spinning threads take the CPU from the working ones. Measured: a
+# run resumed in the masked phase took 1.5-3 steps/s against 30-60 for the fresh run on the same
+# cores; the fresh run was fast only by accident (the dense warm-up's full-bucket all-reduce runs
+# a parallel op in a Gloo thread, a second OpenMP team, which tips libgomp into throttled
+# spinning; a resumed run never sends a full bucket). With PASSIVE both run at the fresh speed.
+# libgomp reads it once, when torch is imported: it must be in the worker's environment.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 class WorkerUserError(ValueError):
     """A worker stopped on a user error (bad config, missing data); ``str`` is its one-line message."""
@@ -164,7 +176,7 @@ def init_process_group(cluster: Mapping):
     local_world = int(environ.get("LOCAL_WORLD_SIZE", 1))
     threads = cluster["num_threads"]
     if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) // max(local_world, 1))
+        threads = default_threads(environ, local_world)
     torch.set_num_threads(int(threads))
     if cluster["device"] == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -186,6 +198,22 @@ def init_process_group(cluster: Mapping):
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit)
     return device
+
+
+def default_threads(environ: Mapping[str, str], local_world: int) -> int:
+    """torch threads per process when ``cluster.num_threads`` is null: this process's share of the CPUs
+    it may use. Under Slurm those are the task's (``SLURM_CPUS_PER_TASK``, shared by the workers
+    torchrun starts in the task; a task per process keeps them all), never more than its affinity
+    mask; elsewhere the mask's CPUs shared by the local processes. More threads than CPUs is what
+    makes OpenMP's waiting threads take the CPU from the working ones (see :data:`WORKER_ENV`)."""
+    cores = len(os.sched_getaffinity(0))
+    share = max(local_world, 1)
+    slurm = str(environ.get("SLURM_CPUS_PER_TASK", ""))
+    if slurm.isdigit() and int(slurm) > 0:
+        cores = min(cores, int(slurm))
+        if "TORCHELASTIC_RUN_ID" not in environ:  # one Slurm task per process: the task's CPUs are its own
+            share = 1
+    return max(1, cores // share)
 
 
 def leave_process_group() -> None:
@@ -279,6 +307,8 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     config = launch_config(cluster, plan_, run_id)
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)
+        os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:
