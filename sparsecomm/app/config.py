@@ -218,12 +218,42 @@ def visible_gpus(field: str, value: Any) -> int:
     return n
 
 
+def _count(environ: Mapping[str, str], key: str) -> int | None:
+    value = str(environ.get(key, "")).split("(")[0]  # SLURM_CPUS_ON_NODE may read "4(x2)"
+    return int(value) if value.isdigit() else None
+
+
+def check_slurm_allocation(cluster: Mapping, environ: Mapping[str, str]) -> None:
+    """Inside a Slurm job: the GPUs the config needs against those Slurm gave this node, named.
+
+    (A job whose request no node can satisfy never starts, so nothing here can see it: ``sinfo -o
+    "%N %c %G"`` lists what the nodes have.)"""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    gpus = _count(environ, "SLURM_GPUS_ON_NODE")
+    if gpus is None and environ.get("CUDA_VISIBLE_DEVICES"):
+        gpus = len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    if cluster["backend"] == "nccl" or cluster["device"] == "cuda":
+        field, value = ("cluster.backend", "nccl") if cluster["backend"] == "nccl" else ("cluster.device", "cuda")
+        if not gpus:
+            raise ClusterError(f"{field}={value} needs GPUs, but Slurm job {job} has none on this node "
+                               f"(SLURM_GPUS_ON_NODE unset); submit with --gpus-per-node=N, or use "
+                               f"cluster.backend=gloo cluster.device=cpu")
+        nproc = cluster["nproc_per_node"]
+        if str(nproc).isdigit() and int(nproc) > gpus:
+            raise ClusterError(f"cluster.nproc_per_node={nproc} workers on {field}={value}, but Slurm job {job} has "
+                               f"{gpus} GPU(s) on this node; submit with --gpus-per-node={nproc} or set "
+                               f"cluster.nproc_per_node={gpus}")
+
+
 def check_cluster(cluster: Mapping) -> None:
     """A cluster config this machine can run: choices, counts, GPUs for nccl/cuda."""
     for key, choices in (("backend", BACKENDS), ("device", DEVICES), ("start_method", START_METHODS)):
         if cluster.get(key) not in choices:
             raise ClusterError(f"cluster.{key}={cluster.get(key)!r} is unknown; use one of {', '.join(choices)}")
     whole_number(cluster["nnodes"], "cluster.nnodes", 1, ClusterError)
+    check_slurm_allocation(cluster, os.environ)
     if cluster["backend"] == "nccl" or cluster["device"] == "cuda":
         field, value = ("cluster.backend", "nccl") if cluster["backend"] == "nccl" else ("cluster.device", "cuda")
         visible_gpus(field, value)
