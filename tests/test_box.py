@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -416,3 +417,118 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0")
     assert summary(run_dir)["resumed_from"]
     assert_close_params(run_dir, reference(40), "SIGTERM, requeued, resumed")
+
+
+# --- a node that stops answering ---------------------------------------------------------------
+HANG_TIMEOUT_S = 20
+HANG_MARGIN_S = 120  # the silent-rank check, torch elastic's 30 s shutdown of a stopped worker, exits
+
+
+def metrics_step(run_dir: Path) -> int:
+    """The last train step rank 0 logged (0 if none yet)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(x)["step"] for x in lines if x.strip().startswith("{") and '"train"' in x]
+    return max(steps, default=0)
+
+
+def start_two_nodes(st, tmp: Path, rid: str, port: int) -> dict[str, subprocess.Popen]:
+    args = job_args(tmp / "out", 100000, "logging.log_every=5", f"cluster.timeout_s={HANG_TIMEOUT_S}",
+                    "checkpoint.every=20")
+    return {n: box.popen(st, n, torchrun(2, 2, f"node1:{port}", rid, *args), cwd=tmp, env=app_env(st),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in st["nodes"]}
+
+
+def wait_training(procs: dict, run_dir: Path, step: int = 25, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while metrics_step(run_dir) < step:
+        for n, p in procs.items():
+            assert p.poll() is None, f"{n} exited early:\n{p.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"no train record at step {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+def finish(procs: dict, timeout: float) -> dict[str, tuple[int | None, str, float]]:
+    """Each node's (exit code, output, seconds until it exited); a node still running is killed (rc None)."""
+    t0, out = time.monotonic(), {}
+    for n, p in procs.items():
+        try:
+            text, _ = p.communicate(timeout=max(1.0, t0 + timeout - time.monotonic()))
+            out[n] = (p.returncode, text, time.monotonic() - t0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out[n] = (None, p.communicate()[0], time.monotonic() - t0)
+    return out
+
+
+def node_worker(st, node: str, rid: str, rank: int) -> int:
+    for pid in box.ns_pids(box.netns(st, node)):
+        try:
+            env = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if {f"TORCHELASTIC_RUN_ID={rid}".encode(), f"RANK={rank}".encode()} <= env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} on {node}")
+
+
+def assert_stopped_lines(out: dict, node: str, *must: str) -> None:
+    rc, text, took = out[node]
+    assert rc not in (0, None), f"{node}: rc {rc} after {took:.0f} s\n{text[-3000:]}"
+    lines = [x for x in text.splitlines() if "stopped answering" in x]
+    assert lines and all(x.startswith("sparsecomm: stopped at step ") for x in lines), text[-3000:]
+    assert all("resume: rerun the same torchrun/sbatch command" in x for x in lines), lines
+    for m in must:
+        assert any(m in x for x in lines), (m, lines)
+    print(f"{node}: exit {rc} after {took:.0f} s: {lines[0]}")
+
+
+def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_path):
+    """node2's eth0 down mid-run: node1's ranks name ranks 2, 3 (node2); node2's ranks lose the store
+    on node1; every rank ends with one line and both torchruns exit non-zero within timeout + margin."""
+    procs = start_two_nodes(cluster, tmp_path, "down", RDZV_PORT + 70)
+    ns = box.netns(cluster, "node2")
+    try:
+        wait_training(procs, tmp_path / "out" / "down")
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S)
+    finally:
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=False)
+        box.kill_node(cluster, "node2")  # whatever of this job is left there
+        box.restart(cluster, "node2")
+    assert_stopped_lines(out, "node1", "rank 2 (node2", "rank 3 (node2")
+    assert_stopped_lines(out, "node2", "the job's store at")
+
+
+def test_a_stopped_worker_on_another_node_ends_the_job_in_bounded_time(cluster, tmp_path):
+    """SIGSTOP rank 2 (node2): the other ranks name it; both torchruns exit non-zero within
+    timeout + margin (node2's agent SIGKILLs its stopped worker after its shutdown timeout)."""
+    procs = start_two_nodes(cluster, tmp_path, "sigstop", RDZV_PORT + 71)
+    pid = None
+    try:
+        wait_training(procs, tmp_path / "out" / "sigstop")
+        pid = node_worker(cluster, "node2", "sigstop", 2)
+        os.kill(pid, signal.SIGSTOP)
+        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S)
+    finally:
+        if pid is not None and box.netem.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert_stopped_lines(out, "node1", f"rank 2 (node2, pid {pid})")
+    assert_stopped_lines(out, "node2", f"rank 2 (node2, pid {pid})")
+
+
+def test_sbatch_with_the_scripts_own_defaults_runs_on_a_cpu_cluster(cluster, tmp_path):
+    """No resource options, no PYTHON, no cluster overrides: the header's request fits CPU nodes, the
+    script finds a Python that imports sparsecomm and runs one Gloo worker per node."""
+    env = app_env(cluster)
+    env.pop("PYTHON")
+    jobid = sbatch(cluster, tmp_path, f"--output={tmp_path}/slurm-%j.out", str(SBATCH),
+                   f"out_dir={tmp_path / 'out'}", "steps=30", "eval_every=0", env=env)
+    j = wait_job(cluster, jobid)
+    log = (tmp_path / f"slurm-{jobid}.out").read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "2 node(s) x 1 worker(s) (cluster.backend=gloo cluster.device=cpu)" in log, log[-3000:]
+    s = summary(tmp_path / "out" / jobid)
+    assert s["world_size"] == 2 and s["backend"] == "gloo", s
