@@ -190,6 +190,8 @@ def init_process_group(cluster: Mapping):
     if not dist.is_initialized():
         device_id = device if device.type == "cuda" else None
         limit = peer_timeout(cluster)  # every wait on a peer, the store's connection included
+        if backend == "nccl":  # read when the NCCL group is made: its watchdog ends a rank past the timeout
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         if "RANK" in environ and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             dist.init_process_group(backend, store=elastic_attempt_store(environ, limit), rank=int(environ["RANK"]),
                                     world_size=int(environ["WORLD_SIZE"]), device_id=device_id, timeout=limit)

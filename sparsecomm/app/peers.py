@@ -3,8 +3,9 @@
 Every process group the app creates waits at most ``cluster.timeout_s`` for a peer
 (:func:`launch.init_process_group` passes it to torch): Gloo raises in the rank that waits (a
 timeout, or at once when a peer's connection closes); NCCL's watchdog ends the process after
-that time (torch's default ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, left as it is). The rendezvous
-(the store's connection, our launcher's ``join_timeout``) is bounded by the same setting.
+that time (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``, torch's default, set unless the user chose
+another; the launcher then reports the worker's failure). The rendezvous (the store's
+connection, our launcher's ``join_timeout``) is bounded by the same setting.
 
 :class:`Heartbeat` tells who stopped answering: a daemon thread per rank adds 1 to the counter
 ``hb/<rank>`` in the job's store (the ``MASTER_ADDR:MASTER_PORT`` TCPStore every rank already
