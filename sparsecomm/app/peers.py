@@ -128,14 +128,27 @@ class Heartbeat:
 
 
 def who(heartbeat: Heartbeat | None, environ: Mapping[str, str] | None = None) -> str:
-    """``"rank 2 (node2, pid 1234), rank 3 (node2, pid 1235)"``, or what is known of the silent peer."""
+    """``"rank 2 (node2, pid 1234), rank 3 (node2, pid 1235)"``, or what is known of the silent peer.
+
+    Asked in a daemon thread with a deadline: a request to a store whose host is cut off can wait
+    for TCP's own timeout (many minutes) whatever the store's timeout says."""
     environ = os.environ if environ is None else environ
     if heartbeat is None:
         return "a peer"
+    found: list[str | None] = []
+    asking = threading.Thread(target=lambda: found.append(_silent_peers(heartbeat)), daemon=True)
+    asking.start()
+    asking.join(3 * heartbeat.interval + 10.0)
+    if found and found[0] is not None:
+        return found[0]
+    store = f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')}"
+    return f"the job's store at {store} (rank 0's host) and the ranks there"
+
+
+def _silent_peers(heartbeat: Heartbeat) -> str | None:
     silent = heartbeat.silent_ranks()
     if silent is None:
-        store = f"{environ.get('MASTER_ADDR', '?')}:{environ.get('MASTER_PORT', '?')}"
-        return f"the job's store at {store} (rank 0's host) and the ranks there"
+        return None
     if not silent:
         return "a peer (every rank's heartbeat still runs: a rank stuck in a collective?)"
     return ", ".join(f"rank {r}" + (f" ({place})" if (place := heartbeat.where(r)) else "") for r in silent)
