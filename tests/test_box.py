@@ -492,9 +492,10 @@ def node_worker(st, node: str, rid: str, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} on {node}")
 
 
-def assert_stopped_lines(out: dict, node: str, *must: str) -> None:
+def assert_stopped_lines(out: dict, node: str, *must: str, launcher_exits: bool = True) -> None:
     rc, text, took = out[node]
-    assert rc not in (0, None), f"{node}: rc {rc} after {took:.0f} s\n{text[-3000:]}"
+    if launcher_exits:
+        assert rc not in (0, None), f"{node}: rc {rc} after {took:.0f} s\n{text[-3000:]}"
     lines = [x for x in text.splitlines() if "stopped answering" in x]
     assert lines and all(x.startswith("sparsecomm: stopped at step ") for x in lines), text[-3000:]
     assert all("resume: rerun the same torchrun/sbatch command" in x for x in lines), lines
@@ -504,8 +505,12 @@ def assert_stopped_lines(out: dict, node: str, *must: str) -> None:
 
 
 def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_path):
-    """node2's eth0 down mid-run: node1's ranks name ranks 2, 3 (node2); node2's ranks lose the store
-    on node1; every rank ends with one line and both torchruns exit non-zero within timeout + margin."""
+    """node2's eth0 down mid-run: node1's ranks name ranks 2, 3 (node2) and node1's torchrun exits
+    non-zero; node2's ranks lose the store on node1 and exit with their line too, all within timeout +
+    margin. node2's torchrun itself is not waited for: cut off from its rendezvous host, torch's c10d
+    agent blocks in its keep-alive and ``num_nodes_waiting`` store calls (measured: still there
+    200 s later); under Slurm, ``srun --kill-on-bad-exit=1`` in cluster/slurm_train.sbatch ends it
+    when node1's task fails."""
     procs = start_two_nodes(cluster, tmp_path, "down", RDZV_PORT + 70)
     ns = box.netns(cluster, "node2")
     try:
@@ -518,7 +523,7 @@ def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_p
         box.kill_node(cluster, "node2")  # whatever of this job is left there
         box.restart(cluster, "node2")
     assert_stopped_lines(out, "node1", "rank 2 (node2", "rank 3 (node2")
-    assert_stopped_lines(out, "node2", "the job's store at")
+    assert_stopped_lines(out, "node2", "the job's store at", launcher_exits=False)
     assert not leftover, f"workers of node2 still running after their launcher exited: {leftover}"
 
 
