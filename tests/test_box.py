@@ -316,7 +316,7 @@ def test_sbatch_two_nodes_completes_with_one_run_dir(cluster, reference, tmp_pat
     j = wait_job(cluster, jobid)
     log = (tmp_path / f"slurm-{jobid}.out").read_text()
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "2 node(s) x 2 worker(s), rendezvous node1:29500" in log
+    assert "2 node(s) x 2 worker(s) (cluster.backend=gloo cluster.device=cpu), rendezvous node1:29500" in log
     assert [p.name for p in (tmp_path / "out").iterdir()] == [jobid]
     assert summary(tmp_path / "out" / jobid)["world_size"] == 4
     assert_same_params(params(tmp_path / "out" / jobid), params(reference(40)), "sbatch 2 x 2 vs 1 node x 4")
