@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -315,7 +316,7 @@ def test_sbatch_two_nodes_completes_with_one_run_dir(cluster, reference, tmp_pat
     j = wait_job(cluster, jobid)
     log = (tmp_path / f"slurm-{jobid}.out").read_text()
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "2 node(s) x 2 worker(s), rendezvous node1:29500" in log
+    assert "2 node(s) x 2 worker(s) (cluster.backend=gloo cluster.device=cpu), rendezvous node1:29500" in log
     assert [p.name for p in (tmp_path / "out").iterdir()] == [jobid]
     assert summary(tmp_path / "out" / jobid)["world_size"] == 4
     assert_same_params(params(tmp_path / "out" / jobid), params(reference(40)), "sbatch 2 x 2 vs 1 node x 4")
@@ -416,3 +417,143 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0")
     assert summary(run_dir)["resumed_from"]
     assert_close_params(run_dir, reference(40), "SIGTERM, requeued, resumed")
+
+
+# --- a node that stops answering ---------------------------------------------------------------
+HANG_TIMEOUT_S = 20
+HANG_MARGIN_S = 180  # the silent-rank check, torch elastic's 30 s shutdown of a stopped worker, exits
+
+
+def metrics_step(run_dir: Path) -> int:
+    """The last train step rank 0 logged (0 if none yet)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(x)["step"] for x in lines if x.strip().startswith("{") and '"train"' in x]
+    return max(steps, default=0)
+
+
+def start_two_nodes(st, tmp: Path, rid: str, port: int) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Both nodes' torchrun, each writing its output to a file (a pipe would also wait for any
+    worker a launcher left behind)."""
+    args = job_args(tmp / "out", 100000, "logging.log_every=5", f"cluster.timeout_s={HANG_TIMEOUT_S}",
+                    "checkpoint.every=20")
+    procs = {}
+    for n in st["nodes"]:
+        log = tmp / f"{n}.out"
+        with open(log, "w") as f:
+            procs[n] = (box.popen(st, n, torchrun(2, 2, f"node1:{port}", rid, *args), cwd=tmp, env=app_env(st),
+                                  stdout=f, stderr=subprocess.STDOUT), log)
+    return procs
+
+
+def wait_training(procs: dict, run_dir: Path, step: int = 25, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while metrics_step(run_dir) < step:
+        for n, (p, log) in procs.items():
+            assert p.poll() is None, f"{n} exited early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no train record at step {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+def finish(procs: dict, timeout: float) -> dict[str, tuple[int | None, str, float]]:
+    """Each node's (exit code, output, seconds until it exited); a node still running is killed (rc None)."""
+    t0, took = time.monotonic(), {}
+    while len(took) < len(procs) and time.monotonic() < t0 + timeout:
+        for n, (p, _) in procs.items():
+            if n not in took and p.poll() is not None:
+                took[n] = time.monotonic() - t0
+        time.sleep(0.2)
+    out = {}
+    for n, (p, log) in procs.items():
+        if n not in took:
+            p.kill()
+            p.wait()
+        out[n] = (p.returncode if n in took else None, log.read_text(), took.get(n, float("nan")))
+    return out
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def node_worker(st, node: str, rid: str, rank: int) -> int:
+    for pid in box.ns_pids(box.netns(st, node)):
+        try:
+            env = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if {f"TORCHELASTIC_RUN_ID={rid}".encode(), f"RANK={rank}".encode()} <= env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} on {node}")
+
+
+def assert_stopped_lines(out: dict, node: str, *must: str, launcher_exits: bool = True) -> None:
+    rc, text, took = out[node]
+    if launcher_exits:
+        assert rc not in (0, None), f"{node}: rc {rc} after {took:.0f} s\n{text[-3000:]}"
+    lines = [x for x in text.splitlines() if "stopped answering" in x]
+    assert lines and all(x.startswith("sparsecomm: stopped at step ") for x in lines), text[-3000:]
+    assert all("resume: rerun the same torchrun/sbatch command" in x for x in lines), lines
+    for m in must:
+        assert any(m in x for x in lines), (m, lines)
+    print(f"{node}: exit {rc} after {took:.0f} s: {lines[0]}")
+
+
+def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_path):
+    """node2's eth0 down mid-run: node1's ranks name ranks 2, 3 (node2) and node1's torchrun exits
+    non-zero; node2's ranks lose the store on node1 and exit with their line too, all within timeout +
+    margin. node2's torchrun itself is not waited for: cut off from its rendezvous host, torch's c10d
+    agent blocks in its keep-alive and ``num_nodes_waiting`` store calls (measured: still there
+    200 s later); under Slurm, ``srun --kill-on-bad-exit=1`` in cluster/slurm_train.sbatch ends it
+    when node1's task fails."""
+    procs = start_two_nodes(cluster, tmp_path, "down", RDZV_PORT + 70)
+    ns = box.netns(cluster, "node2")
+    try:
+        wait_training(procs, tmp_path / "out" / "down")
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
+        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S)
+        leftover = [p for p in box.ns_pids(ns) if b"sparsecomm.app.train" in cmdline(p)]
+    finally:
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=False)
+        box.kill_node(cluster, "node2")  # whatever of this job is left there
+        box.restart(cluster, "node2")
+    assert_stopped_lines(out, "node1", "rank 2 (node2", "rank 3 (node2")
+    assert_stopped_lines(out, "node2", "the job's store at", launcher_exits=False)
+    assert not leftover, f"workers of node2 still running after their launcher exited: {leftover}"
+
+
+def test_a_stopped_worker_on_another_node_ends_the_job_in_bounded_time(cluster, tmp_path):
+    """SIGSTOP rank 2 (node2): the other ranks name it; both torchruns exit non-zero within
+    timeout + margin (node2's agent SIGKILLs its stopped worker after its shutdown timeout)."""
+    procs = start_two_nodes(cluster, tmp_path, "sigstop", RDZV_PORT + 71)
+    pid = None
+    try:
+        wait_training(procs, tmp_path / "out" / "sigstop")
+        pid = node_worker(cluster, "node2", "sigstop", 2)
+        os.kill(pid, signal.SIGSTOP)
+        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S)
+    finally:
+        if pid is not None and box.netem.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert_stopped_lines(out, "node1", f"rank 2 (node2, pid {pid})")
+    assert_stopped_lines(out, "node2", f"rank 2 (node2, pid {pid})")
+
+
+def test_sbatch_with_the_scripts_own_defaults_runs_on_a_cpu_cluster(cluster, tmp_path):
+    """No resource options, no PYTHON, no cluster overrides: the header's request fits CPU nodes, the
+    script finds a Python that imports sparsecomm and runs one Gloo worker per node."""
+    env = app_env(cluster)
+    env.pop("PYTHON")
+    jobid = sbatch(cluster, tmp_path, f"--output={tmp_path}/slurm-%j.out", str(SBATCH),
+                   f"out_dir={tmp_path / 'out'}", "steps=30", "eval_every=0", env=env)
+    j = wait_job(cluster, jobid)
+    log = (tmp_path / f"slurm-{jobid}.out").read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "2 node(s) x 1 worker(s) (cluster.backend=gloo cluster.device=cpu)" in log, log[-3000:]
+    s = summary(tmp_path / "out" / jobid)
+    assert s["world_size"] == 2 and s["backend"] == "gloo", s

@@ -94,7 +94,7 @@ def wait_for_training(proc: subprocess.Popen, run_dir: Path, timeout: float = 24
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("sig,nproc", [(signal.SIGINT, 2), (signal.SIGTERM, 1)])
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGINT, 2), (signal.SIGTERM, 1), (signal.SIGHUP, 2)])
 def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_one_line(tmp_path, sig, nproc):
     from sparsecomm.checkpoint import CheckpointManager
 

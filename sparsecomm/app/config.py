@@ -78,6 +78,7 @@ BOUNDS: dict[str, tuple] = {
     "nonfinite.max_in_a_row": (1, None, False),
     "cluster.max_restarts": (0, 1000, False), "cluster.nproc_per_node": (1, 4096, False),
     "cluster.nnodes": (1, 100_000, False), "cluster.num_threads": (1, 4096, False),
+    "cluster.timeout_s": (1, 7 * 24 * 3600, False),
     "cluster.master_port": (1, 65535, False),
     "cluster.link.inter_node_gbit": (0, None, True), "cluster.link.intra_node_gbit": (0, None, True),
     "schedule.dense_steps": (0, None, False), "schedule.refresh_every": (0, None, False),
@@ -217,12 +218,42 @@ def visible_gpus(field: str, value: Any) -> int:
     return n
 
 
+def _count(environ: Mapping[str, str], key: str) -> int | None:
+    value = str(environ.get(key, "")).split("(")[0]  # SLURM_CPUS_ON_NODE may read "4(x2)"
+    return int(value) if value.isdigit() else None
+
+
+def check_slurm_allocation(cluster: Mapping, environ: Mapping[str, str]) -> None:
+    """Inside a Slurm job: the GPUs the config needs against those Slurm gave this node, named.
+
+    (A job whose request no node can satisfy never starts, so nothing here can see it: ``sinfo -o
+    "%N %c %G"`` lists what the nodes have.)"""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    gpus = _count(environ, "SLURM_GPUS_ON_NODE")
+    if gpus is None and environ.get("CUDA_VISIBLE_DEVICES"):
+        gpus = len([d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    if cluster["backend"] == "nccl" or cluster["device"] == "cuda":
+        field, value = ("cluster.backend", "nccl") if cluster["backend"] == "nccl" else ("cluster.device", "cuda")
+        if not gpus:
+            raise ClusterError(f"{field}={value} needs GPUs, but Slurm job {job} has none on this node "
+                               f"(SLURM_GPUS_ON_NODE unset); submit with --gpus-per-node=N, or use "
+                               f"cluster.backend=gloo cluster.device=cpu")
+        nproc = cluster["nproc_per_node"]
+        if str(nproc).isdigit() and int(nproc) > gpus:
+            raise ClusterError(f"cluster.nproc_per_node={nproc} workers on {field}={value}, but Slurm job {job} has "
+                               f"{gpus} GPU(s) on this node; submit with --gpus-per-node={nproc} or set "
+                               f"cluster.nproc_per_node={gpus}")
+
+
 def check_cluster(cluster: Mapping) -> None:
     """A cluster config this machine can run: choices, counts, GPUs for nccl/cuda."""
     for key, choices in (("backend", BACKENDS), ("device", DEVICES), ("start_method", START_METHODS)):
         if cluster.get(key) not in choices:
             raise ClusterError(f"cluster.{key}={cluster.get(key)!r} is unknown; use one of {', '.join(choices)}")
     whole_number(cluster["nnodes"], "cluster.nnodes", 1, ClusterError)
+    check_slurm_allocation(cluster, os.environ)
     if cluster["backend"] == "nccl" or cluster["device"] == "cuda":
         field, value = ("cluster.backend", "nccl") if cluster["backend"] == "nccl" else ("cluster.device", "cuda")
         visible_gpus(field, value)

@@ -256,7 +256,7 @@ class NonFiniteGuard:
 # --- stopping on a signal -------------------------------------------------------------------
 
 class Interrupted(Exception):
-    """The run stopped at a step boundary on SIGINT/SIGTERM; ``str`` is the line for the user.
+    """The run stopped at a step boundary on a signal (:class:`StopOnSignal`); ``str`` is the line for the user.
 
     Raised on every rank at the same step (``collective``). ``exit_code`` is 128 + the signal's
     number, as a shell reports a process ended by that signal.
@@ -271,17 +271,18 @@ class Interrupted(Exception):
 
 
 class StopOnSignal:
-    """SIGINT and SIGTERM ask the run to stop at the next step boundary instead of killing it.
+    """SIGINT, SIGTERM, SIGHUP and SIGQUIT ask the run to stop at the next step boundary instead of killing it.
 
-    Slurm sends SIGTERM before it kills a job at its time limit (and on ``scancel``); torchrun and
-    the app's own launcher pass SIGINT/SIGTERM on to every worker. The handler only records the
+    Slurm sends SIGTERM before it kills a job at its time limit (and on ``scancel``); a closed
+    terminal sends SIGHUP; torchrun and the app's own launcher pass all four on to every worker
+    (torch elastic's ``signals_to_handle``). The handler only records the
     first signal (the terminal and the launcher both deliver a Ctrl-C: one request). The trainer
     asks :meth:`requested` at each step; ranks agree on it inside the loss all-reduce of each log
     step (``logging.log_every``), so every rank stops at the same step without an extra collective,
     writes a checkpoint if checkpoints are on, and raises :class:`Interrupted`.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
     def __init__(self, install: bool = True):
         self.signum = 0

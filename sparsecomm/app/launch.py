@@ -39,8 +39,22 @@ from .config import ClusterError, check_cluster, visible_gpus
 from .fault import Interrupted
 from .fields import whole_number
 from .netif import configure as configure_socket_ifname
+from .peers import PEER_LOST_RECORD, PeerLost
+from .peers import timeout as peer_timeout
 
 ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they leave a one-line error
+
+# The environment our launcher gives its workers unless the user set these (cluster/*.sh export the
+# same). OMP_WAIT_POLICY=PASSIVE: an OpenMP thread that waits for work sleeps instead of spinning.
+# libgomp spins by default (~300k iterations after every parallel region) unless it counts more
+# of its threads than CPUs; where ranks share cores (several per node, the cluster box's nodes on
+# one host, a busy machine) the spinning threads take the CPU from the working ones. Measured: a
+# run resumed in the masked phase took 1.5-3 steps/s against 30-60 for the fresh run on the same
+# cores; the fresh run was fast only by accident (the dense warm-up's full-bucket all-reduce runs
+# a parallel op in a Gloo thread, a second OpenMP team, which tips libgomp into throttled
+# spinning; a resumed run never sends a full bucket). With PASSIVE both run at the fresh speed.
+# libgomp reads it once, when torch is imported: it must be in the worker's environment.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class WorkerUserError(ValueError):
@@ -149,7 +163,8 @@ def init_process_group(cluster: Mapping):
     """Join the default process group per ``cluster``; returns this rank's torch device.
 
     Uses ``env://`` when a launcher set the variables, else a one-process world in memory.
-    Threads per process: ``cluster.num_threads`` or this node's cores / local processes.
+    Threads per process: ``cluster.num_threads`` or this node's cores / local processes. Every
+    collective and the store's connection wait at most ``cluster.timeout_s`` (:mod:`.peers`).
     """
     check_cluster(cluster)
     environ = os.environ
@@ -161,7 +176,7 @@ def init_process_group(cluster: Mapping):
     local_world = int(environ.get("LOCAL_WORLD_SIZE", 1))
     threads = cluster["num_threads"]
     if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) // max(local_world, 1))
+        threads = default_threads(environ, local_world)
     torch.set_num_threads(int(threads))
     if cluster["device"] == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -174,14 +189,33 @@ def init_process_group(cluster: Mapping):
         device = torch.device("cpu")
     if not dist.is_initialized():
         device_id = device if device.type == "cuda" else None
+        limit = peer_timeout(cluster)  # every wait on a peer, the store's connection included
+        if backend == "nccl":  # read when the NCCL group is made: its watchdog ends a rank past the timeout
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         if "RANK" in environ and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=elastic_attempt_store(environ), rank=int(environ["RANK"]),
-                                    world_size=int(environ["WORLD_SIZE"]), device_id=device_id)
+            dist.init_process_group(backend, store=elastic_attempt_store(environ, limit), rank=int(environ["RANK"]),
+                                    world_size=int(environ["WORLD_SIZE"]), device_id=device_id, timeout=limit)
         elif "RANK" in environ:
-            dist.init_process_group(backend, init_method="env://", device_id=device_id)
+            dist.init_process_group(backend, init_method="env://", device_id=device_id, timeout=limit)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit)
     return device
+
+
+def default_threads(environ: Mapping[str, str], local_world: int) -> int:
+    """torch threads per process when ``cluster.num_threads`` is null: this process's share of the CPUs
+    it may use. Under Slurm those are the task's (``SLURM_CPUS_PER_TASK``, shared by the workers
+    torchrun starts in the task; a task per process keeps them all), never more than its affinity
+    mask; elsewhere the mask's CPUs shared by the local processes. More threads than CPUs is what
+    makes OpenMP's waiting threads take the CPU from the working ones (see :data:`WORKER_ENV`)."""
+    cores = len(os.sched_getaffinity(0))
+    share = max(local_world, 1)
+    slurm = str(environ.get("SLURM_CPUS_PER_TASK", ""))
+    if slurm.isdigit() and int(slurm) > 0:
+        cores = min(cores, int(slurm))
+        if "TORCHELASTIC_RUN_ID" not in environ:  # one Slurm task per process: the task's CPUs are its own
+            share = 1
+    return max(1, cores // share)
 
 
 def leave_process_group() -> None:
@@ -201,7 +235,7 @@ def leave_process_group() -> None:
     gc.collect()
 
 
-def elastic_attempt_store(environ: Mapping[str, str]):
+def elastic_attempt_store(environ: Mapping[str, str], timeout: timedelta = timedelta(minutes=5)):
     """The torch elastic agent's shared store, under a prefix per restart attempt.
 
     torchrun's c10d rendezvous hands every restart attempt the SAME TCPStore server (the agent's,
@@ -213,7 +247,7 @@ def elastic_attempt_store(environ: Mapping[str, str]):
     ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun there (a fresh store per attempt).
     """
     store = dist.TCPStore(host_name=environ["MASTER_ADDR"], port=int(environ["MASTER_PORT"]),
-                          world_size=int(environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(minutes=30))
+                          world_size=int(environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"sparsecomm/attempt-{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -256,7 +290,8 @@ def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
         min_nodes=plan_.nnodes, max_nodes=plan_.nnodes, nproc_per_node=plan_.nproc_per_node,
         run_id=str(rdzv_id or uuid.uuid4().hex), rdzv_backend=str(cluster["rdzv_backend"]),
         rdzv_endpoint=str(endpoint), max_restarts=int(cluster["max_restarts"]),
-        monitor_interval=0.1, start_method=str(cluster["start_method"]))
+        monitor_interval=0.1, start_method=str(cluster["start_method"]),
+        rdzv_configs={"join_timeout": max(int(peer_timeout(cluster).total_seconds()), 1)})
 
 
 def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: Any,
@@ -266,14 +301,16 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     A worker that stops on a user error leaves its one-line message in
     ``$SPARSECOMM_ERROR_DIR/rank<N>`` (:func:`record_worker_error`); the lowest rank's is raised
     here as :class:`WorkerUserError`, so the parent prints one line. Any other failure raises
-    :class:`WorkerFailed` with torch elastic's report. SIGINT/SIGTERM to this process: torch's
-    agent passes the signal on to the workers, which stop at a step boundary (writing a
-    checkpoint if checkpoints are on, :class:`sparsecomm.app.fault.StopOnSignal`) within the agent's
+    :class:`WorkerFailed` with torch elastic's report; a worker's lost peer, as :class:`.peers.PeerLost`.
+    SIGINT/SIGTERM/SIGHUP/SIGQUIT to this process: torch's agent passes the signal on to the
+    workers, which stop at a step boundary (writing a checkpoint if checkpoints are on, :class:`sparsecomm.app.fault.StopOnSignal`) within the agent's
     shutdown timeout; their line comes back as :class:`sparsecomm.app.fault.Interrupted`.
     """
     config = launch_config(cluster, plan_, run_id)
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)
+        os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:
@@ -282,11 +319,16 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
         except ChildFailedError as e:
             messages = read_worker_errors(errors)
             if messages:
-                raise WorkerUserError(messages[min(messages)]) from None
+                first = messages[min(messages)]
+                if first.startswith(PEER_LOST_RECORD):
+                    raise PeerLost(first.removeprefix(PEER_LOST_RECORD)) from None
+                raise WorkerUserError(first) from None
             raise WorkerFailed(e.format_msg()) from None
         except SignalException as e:
             messages = read_worker_errors(errors)
-            line = messages[min(messages)] if messages else f"interrupted by {e.sigval.name} before the first step"
+            line = messages[min(messages)] if messages else (
+                f"interrupted by {e.sigval.name} before any worker reached a step boundary to stop at (the "
+                f"workers were starting, or torch's shutdown timeout ended them first)")
             raise Interrupted(line.removeprefix("sparsecomm: "), int(e.sigval)) from None
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)

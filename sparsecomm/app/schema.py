@@ -54,6 +54,7 @@ class ClusterConfig:
     max_restarts: int = 0  # elastic restarts of failed workers
     start_method: str = "spawn"  # how the bare app starts its workers: spawn | fork | forkserver
     num_threads: Optional[int] = None  # torch threads per process; null: this node's cores / nproc_per_node
+    timeout_s: float = 300.0  # a collective (or the rendezvous) waiting longer on a peer stops every rank, one line
     link: LinkConfig = field(default_factory=LinkConfig)
 
 

@@ -40,8 +40,10 @@ from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_confi
 from .config import check_config, training_config
 from .fault import Interrupted, config_differences
 from .launch import WorkerFailed, WorkerUserError, env_rank, record_worker_error
+from .peers import PEER_LOST_RECORD, PeerLost
 
 USER_ERROR_EXIT = 2
+PEER_LOST_EXIT = 3  # a peer (rank, node, the job's store) stopped answering for cluster.timeout_s
 _T0 = time.time()
 
 
@@ -58,6 +60,7 @@ def run_id(explicit: str | None = None) -> str:
 
 # The folders main() claimed in this process ("run", "sweep"); Hydra's run/sweep dir resolve to them.
 _CLAIMED: dict[str, str] = {}
+_OVERRIDES: list[str] = []  # this command's overrides, for the resume command a stopped run prints
 
 
 def _run_dir(out_dir: str, explicit: str | None = None) -> str:
@@ -138,6 +141,11 @@ def exit_on_user_error(quiet: bool = False):
     except Interrupted as e:
         report(f"sparsecomm: {e}", True)
         raise SystemExit(e.exit_code) from None
+    except PeerLost as e:
+        if not record_worker_error(f"{PEER_LOST_RECORD}{e}"):  # the launcher adds its resume command
+            hint = f"; {resume_hint(e.run_dir, _OVERRIDES, e.checkpoint)}" if e.run_dir else ""
+            print(f"sparsecomm: {e}{hint}", file=sys.stderr, flush=True)
+        raise SystemExit(PEER_LOST_EXIT) from None
     except rundir.AlreadyFinished as e:
         report(str(e), True)
         raise SystemExit(0) from None
@@ -165,8 +173,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if plan.mode in ("join", "single"):
         return trainer.run(cfg, run_dir, _T0)
     container = OmegaConf.to_container(cfg, resolve=True)  # resolved here, where ${hydra:...} works
-    results = launch.launch_workers(cfg.cluster, plan, _worker, container, run_dir, _T0,
-                                    run_id=os.path.basename(run_dir))
+    try:
+        results = launch.launch_workers(cfg.cluster, plan, _worker, container, run_dir, _T0,
+                                        run_id=os.path.basename(run_dir))
+    except PeerLost as e:
+        e.run_dir, e.checkpoint = run_dir, cfg.checkpoint
+        raise
     return results.get(0)
 
 
@@ -328,6 +340,7 @@ def main(argv: list[str] | None = None) -> Any:
     if claim is not None and owner:
         _CLAIMED["sweep" if args.multirun else "run"] = claim.path
     options = [a for a in argv if a not in set(args.overrides)]
+    _OVERRIDES[:] = args.overrides
     try:
         result = app()
     except SystemExit as e:
@@ -340,6 +353,7 @@ def main(argv: list[str] | None = None) -> Any:
         raise
     finally:
         _CLAIMED.clear()
+        _OVERRIDES.clear()
         if claim is not None:
             claim.release()
     if claim is not None and owner and args.multirun:
@@ -356,6 +370,8 @@ def _after_failure(claim: rundir.Claim, args, options: list[str], cfg: DictConfi
         sweep.report(claim.path, args.overrides)
         return
     if claim.created and rundir.discard_if_empty(claim.path):
+        return
+    if code == PEER_LOST_EXIT:  # PeerLost's line holds the resume command already
         return
     resumable = code != USER_ERROR_EXIT or writes.is_write_failure(_LAST_ERROR.get("line", ""))
     if resumable and os.path.isdir(claim.path):

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparsecomm import distributed as sdist
 from sparsecomm.mask import Mask
 
-from . import fault, launch, writes
+from . import fault, launch, peers, writes
 from .config import config_hash, training_config
 from .data import ShardedData, build_task, evaluate
 from .engine import StepEngine
@@ -332,15 +332,27 @@ def _assert_same_config(digest: str) -> None:
 def run(cfg: DictConfig, run_dir: str, t0: float | None = None) -> dict[str, Any]:
     """Every rank's whole life: join the process group, train, leave. Returns the summary.
 
-    SIGINT/SIGTERM stop the run at a step boundary (:class:`sparsecomm.app.fault.StopOnSignal`).
+    SIGINT/SIGTERM/SIGHUP stop the run at a step boundary (:class:`sparsecomm.app.fault.StopOnSignal`).
+    A peer that stops answering for ``cluster.timeout_s`` raises :class:`sparsecomm.app.peers.PeerLost`.
     """
     stop = fault.StopOnSignal()
-    device = launch.init_process_group(cfg.cluster)
-    trainer = None
+    trainer = heartbeat = None
     try:
+        device = launch.init_process_group(cfg.cluster)  # bounded by cluster.timeout_s, so inside the try
+        heartbeat = peers.Heartbeat.start(cfg.cluster)
         trainer = Trainer(cfg, run_dir, device, t0, stop=stop)
         return trainer.fit()
+    except Exception as e:
+        if not peers.is_peer_failure(e):
+            raise
+        done = trainer.step if trainer is not None else None
+        total = trainer.schedule.steps if trainer is not None else int(cfg.steps)
+        raise peers.lost(e, heartbeat, cfg.cluster, done=done, total=total,
+                         run_dir=trainer.run_dir if trainer is not None else run_dir,
+                         checkpoint=cfg.checkpoint) from None
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         if trainer is not None:
             trainer.close()
         del trainer

@@ -1,0 +1,107 @@
+"""A peer that stops answering ends the run within ``cluster.timeout_s`` plus a margin, with one
+line per surviving rank naming the step, the silent rank and the resume command (2 local Gloo
+ranks; the multi-node cases, a node's link down and a stopped worker, are in tests/test_box.py)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from apptest import APP, app_env, read_events, torchrun_app_cmd, worker_pid
+
+TIMEOUT_S = 10
+MARGIN_S = 60  # the silent-rank check (3 heartbeat intervals), the launcher's shutdown, interpreter exits
+JOB = ["steps=100000", "batch_size=32", "eval_every=0", "logging.progress=false", "logging.log_every=5",
+       "mask.num_samples=32", "schedule.dense_steps=5", "checkpoint.every=20", "cluster.num_threads=1",
+       f"cluster.timeout_s={TIMEOUT_S}"]
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(e["event"] == "train" and e["step"] >= step for e in read_events(run_dir, live=True)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no train record at step {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def a_worker_of(launcher: int) -> int:
+    """A training worker our launcher spawned (not multiprocessing's resource tracker)."""
+    workers = [p for p in children(launcher) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2, workers
+    return max(workers)
+
+
+def stop_and_wait(proc: subprocess.Popen, pid: int) -> tuple[str, float]:
+    """SIGSTOP ``pid`` (a worker); the launcher's stderr and the seconds it took to exit."""
+    os.kill(pid, signal.SIGSTOP)
+    t = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT_S + MARGIN_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        err = proc.communicate()[1] + "\n[test] the launcher was still running"
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)  # the stopped worker, if the launcher left it
+        except ProcessLookupError:
+            pass
+    return err, time.monotonic() - t
+
+
+def stopped_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "stopped answering" in line]
+
+
+def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
+    proc = subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}", "run_id=stop"],
+                            cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "stop", proc, 25)
+    last = max(e["step"] for e in read_events(tmp_path / "stop", live=True) if e["event"] == "train")
+    pid = a_worker_of(proc.pid)
+    err, took = stop_and_wait(proc, pid)
+    assert proc.returncode not in (0, None), err[-3000:]
+    lines = stopped_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    line = lines[0]
+    assert line.startswith("sparsecomm: stopped at step "), line
+    assert re.search(rf": rank [01] \([^)]*, pid {pid}\) stopped answering", line), line
+    assert f"cluster.timeout_s={TIMEOUT_S}" in line, line
+    step = int(re.search(r"at step (\d+) of", line).group(1))
+    assert step > last, (step, last)
+    assert "resume with: sparsecomm-train " in line and "run_id=stop" in line, line
+    assert "Traceback" not in err, err[-3000:]
+    print(f"launcher ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {line}")
+
+
+def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
+    cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id="tr")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**app_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "tr", proc, 25)
+    pid = worker_pid("tr", 1)
+    err, took = stop_and_wait(proc, pid)
+    assert proc.returncode not in (0, None), err[-3000:]
+    lines = stopped_lines(err)
+    assert len(lines) == 1, err[-3000:]  # rank 0 survives; rank 1 is the stopped one
+    assert f"rank 1 (" in lines[0] and f"pid {pid})" in lines[0], lines[0]
+    assert "resume: rerun the same torchrun/sbatch command" in lines[0], lines[0]
+    print(f"torchrun ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc"])
+def test_a_bad_timeout_is_one_line(tmp_path, value):
+    proc = subprocess.run([str(APP), "--check", f"cluster.timeout_s={value}", f"out_dir={tmp_path}"], cwd=tmp_path,
+                          env=app_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cluster.timeout_s"), proc.stderr
