@@ -498,7 +498,8 @@ def assert_stopped_lines(out: dict, node: str, *must: str, launcher_exits: bool 
         assert rc not in (0, None), f"{node}: rc {rc} after {took:.0f} s\n{text[-3000:]}"
     lines = [x for x in text.splitlines() if "stopped answering" in x]
     assert lines and all(x.startswith("sparsecomm: stopped at step ") for x in lines), text[-3000:]
-    assert all("resume: rerun the same torchrun/sbatch command" in x for x in lines), lines
+    # each line ends with the command that resumes: torchrun's options and the run id to pass
+    assert all("resume with the same torchrun options" in x and " run_id=" in x for x in lines), lines
     for m in must:
         assert any(m in x for x in lines), (m, lines)
     print(f"{node}: exit {rc} after {took:.0f} s: {lines[0]}")

@@ -94,7 +94,7 @@ def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
     lines = stopped_lines(err)
     assert len(lines) == 1, err[-3000:]  # rank 0 survives; rank 1 is the stopped one
     assert f"rank 1 (" in lines[0] and f"pid {pid})" in lines[0], lines[0]
-    assert "resume: rerun the same torchrun/sbatch command" in lines[0], lines[0]
+    assert "resume with the same torchrun options (rdzv id tr)" in lines[0] and lines[0].endswith(" run_id=tr"), lines[0]
     print(f"torchrun ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
 
 
