@@ -12,6 +12,8 @@ library with (written there once, never with the library's code).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,20 @@ def crash_runs_before(monkeypatch, step: int):
 # One process, a few steps of digits: the smallest real run of the app.
 TINY = ["cluster.nproc_per_node=1", "steps=4", "schedule.dense_steps=1", "batch_size=8", "eval_every=0",
         "eval_batch_size=128", "logging.progress=false", "++mask.num_samples=16"]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at ``path`` (created) with mount ``options`` (e.g. ``size=16m``, ``ro,size=1m``),
+    unmounted afterwards; the test is skipped where mounting needs a root this process is not."""
+    path.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip(f"mounting a tmpfs ({options}) needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def clean_launcher_env(monkeypatch) -> None:

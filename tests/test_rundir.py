@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apptest import TINY, clean_launcher_env, crash_before, error_lines, main_in_process, read_events
+from apptest import TINY, clean_launcher_env, crash_before, error_lines, main_in_process, read_events, tmpfs
 from sparsecomm.app import rundir
 from sparsecomm.checkpoint import CheckpointManager
 
@@ -185,22 +185,13 @@ def test_an_unusable_out_dir_is_one_line(tmp_path, capsys, kind):
 
 def test_a_read_only_file_system_is_one_line(tmp_path, capsys):
     """A read-only mount (root ignores permission bits, so a real one): out_dir and checkpoint.dir."""
-    import subprocess
-
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         code, _, err = main_in_process([*TINY, f"out_dir={ro}"], capsys)
         assert code == 2 and "out_dir" in error_lines(err)[0] and len(error_lines(err)) == 1, err
         code, _, err = main_in_process([*TINY, f"out_dir={tmp_path / 'o'}", "checkpoint.every=2",
                                         f"checkpoint.dir={ro / 'ck'}"], capsys)
         assert code == 2 and len(error_lines(err)) == 1, err
         assert "checkpoint.dir" in error_lines(err)[0] and "writable" in error_lines(err)[0]
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_a_full_disk_at_checkpoint_time_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from apptest import TINY, clean_launcher_env, error_lines, main_in_process, read_events
+from apptest import TINY, clean_launcher_env, error_lines, main_in_process, read_events, tmpfs
 
 pytestmark = pytest.mark.slow  # an app run per write point on a full tmpfs
 
@@ -30,15 +30,8 @@ def _env(monkeypatch):
 @pytest.fixture
 def disk(tmp_path):
     """A 16 MB tmpfs at ``tmp_path/disk`` (needs root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "size=16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(mount: Path) -> None:
