@@ -317,8 +317,9 @@ def _assert_same_config(digest: str) -> None:
     sdist.assert_same_on_all_ranks(digest, "config hash", fix="Start every rank with the same config and overrides.")
 
 
-def run(cfg: DictConfig, run_dir: str, t0: float | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str, t0: float | None = None, callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
     """Every rank's whole life: join the process group, train, leave. Returns the summary.
+    ``callbacks``: measurement hooks (:class:`~sparsecomm.app.callbacks.Callback`), on every rank.
 
     SIGINT/SIGTERM/SIGHUP stop the run at a step boundary (:class:`sparsecomm.app.fault.StopOnSignal`).
     A peer that stops answering for ``cluster.timeout_s`` raises :class:`sparsecomm.app.peers.PeerLost`.
@@ -328,7 +329,7 @@ def run(cfg: DictConfig, run_dir: str, t0: float | None = None) -> dict[str, Any
     try:
         device = launch.init_process_group(cfg.cluster)  # bounded by cluster.timeout_s, so inside the try
         heartbeat = peers.Heartbeat.start(cfg.cluster)
-        trainer = Trainer(cfg, run_dir, device, t0, stop=stop)
+        trainer = Trainer(cfg, run_dir, device, t0, stop=stop, callbacks=callbacks)
         return trainer.fit()
     except Exception as e:
         if not peers.is_peer_failure(e):
