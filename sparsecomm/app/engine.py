@@ -35,7 +35,7 @@ class StepEngine:
 
     ``sync`` (optional, :class:`~sparsecomm.app.gradient_sync.GradientSync`) counts the bytes and
     answers whether the reduced gradient is finite; ``nonfinite`` (optional,
-    :class:`~sparsecomm.app.fault.NonFiniteGuard`) then decides to skip the update (on every rank
+    :class:`~sparsecomm.app.nonfinite.NonFiniteGuard`) then decides to skip the update (on every rank
     alike) and stops the run after too many in a row. ``times``: when a dict, each step appends
     the seconds of its forward, backward (with the all-reduce) and optimizer phases.
     """
