@@ -1,7 +1,7 @@
 """The train log: the loss window, the log line every ``logging.log_every`` steps, and stop requests.
 
 Each log line costs one all-reduce of 3 float64 (the loss sum, the steps in the window, and the
-number of ranks that got a stop signal, :class:`sparsecomm.app.fault.StopOnSignal`): the ranks
+number of ranks that got a stop signal, :class:`sparsecomm.app.signals.StopOnSignal`): the ranks
 agree there, so they all stop at the same step. Nothing else crosses the network.
 """
 from __future__ import annotations

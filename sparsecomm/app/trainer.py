@@ -5,7 +5,7 @@
     gradient_sync.GradientSync DDP with the masked all-reduce hook (or plain DDP); bytes sent
     optimizers                 optim/: torch's dense AdamW/SGD, the library's masked ones
     engine.StepEngine          the one step: forward, backward (the hook syncs), update
-    run_state.RunState         what a checkpoint holds, component by component (fault.Checkpoints writes)
+    checkpointing.CheckpointManager  the run's checkpoints: components by name (run_state.components)
 
 What crosses the network per step is the hook's (:mod:`sparsecomm.hook`); the trainer adds one
 all-reduce of 3 float64 per log line (loss sum, steps, stop requests) and of 3 per evaluation.
@@ -28,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from sparsecomm import distributed as sdist
 from sparsecomm.mask import Mask
 
-from . import fault, launch, peers, writes
+from . import launch, peers, signals, writes
 from .callbacks import Callback, Callbacks
 from .changes import ChangeApplier
-from .config import config_hash, training_config
+from .checkpointing import CheckpointManager, TrainingHeader
+from .config import config_hash
 from .data import build_data, build_task, evaluate_run
 from .engine import StepEngine
 from .masks import Setting, build_mask_kind
@@ -39,24 +40,21 @@ from .masks.base import Comparison, MaskKind, View
 from .masks.dense import DenseKind
 from .metrics import make_logger
 from .monitor import TrainMonitor, log_mask, log_skipped, log_start
+from .nonfinite import NonFiniteGuard
 from .report import publish
-from .run_state import FORMAT, Attr, MaskState, Progress, RankBuffers, RunState, resume_notes
+from .run_state import MaskState, Progress, RankBuffers, components, resume_notes
 from .schedule import LRSchedule, Schedule
 from .summary import run_summary
 from .task_diff import TaskDiffRecorder
 from .train_state import TrainState, buffer_bytes, new_state, use_mask
 
-FIX = ("start a new run with another run_id=... (a fresh folder), or point checkpoint.resume at checkpoints "
-       "of this model and config")
-
-
 class Trainer:
     """Builds a run from ``cfg`` on an initialised process group and trains it (:meth:`fit`)."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, t0: float | None = None,
-                 stop: fault.StopOnSignal | None = None, callbacks: Iterable[Callback] = ()):
+                 stop: signals.StopOnSignal | None = None, callbacks: Iterable[Callback] = ()):
         self.t0 = time.time() if t0 is None else t0
-        self.stop = stop if stop is not None else fault.StopOnSignal(install=False)
+        self.stop = stop if stop is not None else signals.StopOnSignal(install=False)
         self.cfg, self.device = cfg, device
         self.rank, self.world = sdist.rank(), sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
@@ -69,13 +67,15 @@ class Trainer:
         self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim))
         self.schedule = self.kind.plan(Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=not self.kind.dense))
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.lr, cfg.steps)
-        self.nonfinite = fault.NonFiniteGuard(cfg.nonfinite.max_in_a_row)
+        self.nonfinite = NonFiniteGuard(cfg.nonfinite.max_in_a_row)
         self.state = new_state(cfg, model, device, masked=not self.kind.dense, nonfinite=self.nonfinite)
         self.buffer_bytes_per_step = buffer_bytes(model, cfg.comm, self.world)
         self.task_diff = None if self.kind.dense else TaskDiffRecorder(template=model)
         torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout etc. differ per rank from here on
-        self.checkpoints = fault.Checkpoints(cfg.checkpoint, self.run_dir)
-        sdist.rank0_decides(self.checkpoints.check_writable, fault.CheckpointError)  # now, not at the first checkpoint
+        header = TrainingHeader(cfg, self.config_hash, lambda: self.state.model)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, header=header, validate=header.validate,
+                                             prepare=self.before_load)  # its states: below
+        self.checkpoints.check_writable()  # now, not at the first checkpoint
         self.callbacks = Callbacks(callbacks)
         self.engine = StepEngine(self.task.loss_fn, timed=self.callbacks.wants_step_times)
         self.resumed_from: str | None = None
@@ -86,16 +86,11 @@ class Trainer:
                                     lr_factor=self.lr_schedule.factor)
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.state.step,
                                  lambda: self.state.sync.bytes_sent)
-        self.run_state = RunState()
         self.rank_buffers = RankBuffers(lambda: self.state.model)
-        for name, part in [("model", Attr(self.state, "model", cpu=True)), ("buffers", self.rank_buffers),
-                           ("dense_opt", Attr(self.state, "dense_opt")),
-                           ("mask", MaskState(lambda: self.state.mask,
-                                              lambda m: use_mask(self.state, m, cfg.optim, validate=True))),
-                           ("sparse_opt", _WithoutDigest(Attr(self.state, "sparse_opt"))),
-                           ("sync", Attr(self.state, "sync")), ("mask_kind", self.kind), ("progress", self.progress),
-                           ("nonfinite", self.nonfinite)] + ([("task_diff", self.task_diff)] if self.task_diff else []):
-            self.run_state.register(name, part)
+        mask = MaskState(lambda: self.state.mask, lambda m: use_mask(self.state, m, cfg.optim, validate=True))
+        self.checkpoints.states.update(components(
+            self.state, buffers=self.rank_buffers, mask=mask, kind=self.kind, progress=self.progress,
+            nonfinite=self.nonfinite, task_diff=self.task_diff))
         log_start(self.log, self.task.name, self.kind.name, self.schedule.name, model, self.world, cfg.cluster.backend,
                   device, self.run_dir)
 
@@ -152,59 +147,51 @@ class Trainer:
                     self.device)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds (:mod:`sparsecomm.app.run_state`). Collective (RNG states)."""
-        return self.run_state.state_dict({
-            "step": self.step, "world_size": self.world, "config": training_config(self.cfg),
-            "config_hash": self.config_hash, "model_signature": fault.model_signature(self.model)})
-
-    def load_state_dict(self, sd: dict[str, Any], source: str = "checkpoint") -> None:
-        """Restore :meth:`state_dict` (collective: ranks check they agree on the mask and config)."""
-        if sd.get("format") != FORMAT:
-            raise fault.CheckpointError(f"{source} has format {sd.get('format')!r}, not {FORMAT}; {FIX}")
-        step = int(sd["step"])  # e.g. a checkpoint inside diff pruning's L0 phase: the kind enters it first
+    def before_load(self, header: dict[str, Any]) -> None:
+        """Before a checkpoint's components load: its step; the kind's model for that step (diff pruning's L0 phase)."""
+        step = int(header["step"])
         self.apply(self.state, self.kind.before_load(self.view(self.state, step, dense=False)), step)
-        why = fault.signature_difference(sd["model_signature"], fault.model_signature(self.model))
-        if why is not None:
-            raise fault.CheckpointError(f"{source} is a checkpoint of another model: {why}; {FIX}")
-        if sd["config_hash"] != self.config_hash:
-            diffs = fault.config_differences(sd["config"], training_config(self.cfg))
-            raise fault.CheckpointError(f"{source} was written with another config: "
-                                        f"{'; '.join(diffs[:3]) or 'hash differs'}; rerun with the checkpoint's values, or {FIX}")
         self.state.step = step
-        try:
-            self.run_state.load_state_dict(sd)
-        except ValueError as e:
-            raise fault.CheckpointError(f"{source}: {e}; {FIX}") from None
-        for line in resume_notes(sd, self.progress, self.rank_buffers):
-            self.log.info(line)
-        _assert_same_config(self.config_hash)
-        sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
-                                       fix="Every rank must load the same checkpoint.")
 
     def save_checkpoint(self) -> str | None:
         """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
         t = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.state_dict)
+        path = self.checkpoints.save(self.step)
         if path is not None:
             self.log.log("checkpoint", self.step, path=path, seconds=round(time.perf_counter() - t, 3))
         return path
 
     def resume(self) -> bool:
-        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest valid one), if any."""
-        found = self.checkpoints.fetch()
+        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest valid one), if any.
+        Collective: ranks check they agree on the config and the mask afterwards."""
+        found = self.checkpoints.resume()
         if found is None:
             return False
-        path, sd = found
-        self.load_state_dict(sd, source=path)
+        step, path, header = found
+        for line in resume_notes(header, self.progress, self.rank_buffers):
+            self.log.info(line)
+        _assert_same_config(self.config_hash)
+        sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
+                                       fix="Every rank must load the same checkpoint.")
         self.resumed_from = path
         if self.mask is not None and sdist.is_main_process():
             save_mask(self.mask, self.run_dir)  # the run dir may be a new one
-        dropped = self.log.rewind(self.step)  # the crashed run's records past this checkpoint: re-done now
-        self.log.log("resume", self.step, path=path, world_size=self.world, saved_world_size=int(sd["world_size"]),
-                     resharded=int(sd["world_size"]) != self.world, dropped_records=dropped)
-        self.log.info(f"resumed from {path} at step {self.step} (written by {sd['world_size']} ranks)")
+        dropped = self.log.rewind(step)  # the crashed run's records past this checkpoint: re-done now
+        saved_world = int(header["world_size"])
+        self.log.log("resume", step, path=path, world_size=self.world, saved_world_size=saved_world,
+                     resharded=saved_world != self.world, dropped_records=dropped)
+        self.log.info(f"resumed from {path} at step {step} (written by {saved_world} ranks)")
         return True
+
+    def _interrupted(self, done: int, total: int) -> signals.Interrupted:
+        """Every rank stops after step ``done`` on a signal: a checkpoint if they are on (unless one was
+        written at this step), a log record, and the :class:`~sparsecomm.app.signals.Interrupted` to raise."""
+        on = self.checkpoints.every > 0
+        if on and not self.checkpoints.written_at(done):
+            self.save_checkpoint()
+        stopped = signals.interrupted(self.stop.signum, done, total, self.checkpoints.last_path, on)
+        self.log.log("interrupted", done, signal=signals.signal_name(stopped.signum), checkpoint=self.checkpoints.last_path)
+        return stopped
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -224,10 +211,10 @@ class Trainer:
             stop = self.monitor.after_step(done, loss, self.engine.last_skipped, done == steps, self.world)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != steps:
                 self.evaluate(done)
-            saved = self.save_checkpoint() if self.checkpoints.due(done, steps) else None
+            if self.checkpoints.due(done, steps):
+                self.save_checkpoint()
             if stop and done < steps:  # every rank at the same step
-                raise fault.interrupted(self.stop.signum, done, steps, self.checkpoints, saved, self.save_checkpoint,
-                                        self.log)
+                raise self._interrupted(done, steps)
         train_s = time.perf_counter() - start
         return self.finish(self.evaluate(steps), train_s)
 
@@ -282,20 +269,6 @@ class Trainer:
         self.state.sync = self.state.dense_opt = self.state.sparse_opt = None
 
 
-class _WithoutDigest:
-    """A masked optimizer's state without its mask digest (the checkpoint's ``mask`` holds it once)."""
-
-    def __init__(self, part: Attr):
-        self.part = part
-
-    def state_dict(self) -> dict[str, Any] | None:
-        sd = self.part.state_dict()
-        return None if sd is None else {k: v for k, v in sd.items() if k != "mask_digest"}
-
-    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
-        self.part.load_state_dict(sd)
-
-
 def save_mask(mask: Mask, run_dir: str) -> str:
     """Rank 0: ``mask.safetensors`` (one byte per entry); returns the mask's digest."""
     path = os.path.join(run_dir, "mask.safetensors")
@@ -321,10 +294,10 @@ def run(cfg: DictConfig, run_dir: str, t0: float | None = None, callbacks: Itera
     """Every rank's whole life: join the process group, train, leave. Returns the summary.
     ``callbacks``: measurement hooks (:class:`~sparsecomm.app.callbacks.Callback`), on every rank.
 
-    SIGINT/SIGTERM/SIGHUP stop the run at a step boundary (:class:`sparsecomm.app.fault.StopOnSignal`).
+    SIGINT/SIGTERM/SIGHUP stop the run at a step boundary (:class:`sparsecomm.app.signals.StopOnSignal`).
     A peer that stops answering for ``cluster.timeout_s`` raises :class:`sparsecomm.app.peers.PeerLost`.
     """
-    stop = fault.StopOnSignal()
+    stop = signals.StopOnSignal()
     trainer = heartbeat = None
     try:
         device = launch.init_process_group(cfg.cluster)  # bounded by cluster.timeout_s, so inside the try
