@@ -82,3 +82,21 @@ def log_mask(log, kind: str, mask, digest: str, step: int, seconds: float) -> No
             seconds=round(seconds, 3))
     log.info(f"step {step}: {kind} mask, k={mask.num_selected:,} of {mask.numel:,} "
              f"(density {mask.density:.4g}), digest {digest[:12]}, {seconds:.1f} s")
+
+
+def log_resume(log, step: int, path: str, header, notes: list[str]) -> None:
+    """A resume: what it does not carry over exactly (``notes``), the crashed run's records past
+    ``step`` dropped from the log (they are re-done), its record and line."""
+    for line in notes:
+        log.info(line)
+    dropped = log.rewind(step)
+    saved_world = int(header["world_size"])
+    log.log("resume", step, path=path, world_size=sdist.world_size(), saved_world_size=saved_world,
+            resharded=saved_world != sdist.world_size(), dropped_records=dropped)
+    log.info(f"resumed from {path} at step {step} (written by {saved_world} ranks)")
+
+
+def log_eval(log, done: int, result) -> None:
+    """An evaluation after ``done`` steps: its record and line."""
+    log.log("eval", done, **result)
+    log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")
