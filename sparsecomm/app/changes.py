@@ -23,6 +23,7 @@ from . import writes
 from .masks.base import Change, MaskKind, View, watch_local_gradients
 from .masks.dense import DenseKind
 from .monitor import log_mask
+from .run_state import MaskState
 from .schedule import Schedule
 from .train_state import TrainState, swap_model, use_mask
 
@@ -79,11 +80,15 @@ class KindSteps:
         self.log, self.run_dir, self.config_hash = apply.log, run_dir, config_hash
 
     @classmethod
-    def build(cls, cfg: Mapping, kind: MaskKind, schedule: Schedule, model: torch.nn.Module, *, task, data,
-              device: torch.device, log, task_diff, run_dir: str, config_hash: str) -> KindSteps:
-        """The run's: ``cfg`` the run's config, ``model`` its initial model."""
-        return cls(kind, schedule, ChangeApplier(cfg, device, kind, log, task_diff, model), setting=(task, data, device),
+    def build(cls, cfg: Mapping, kind: MaskKind, schedule: Schedule, model: torch.nn.Module,
+              setting: tuple[Any, Any, Any], log, task_diff, *, run_dir: str, config_hash: str) -> KindSteps:
+        """The run's: ``cfg`` the run's config, ``model`` its initial model, ``setting`` (task, data, device)."""
+        return cls(kind, schedule, ChangeApplier(cfg, setting[2], kind, log, task_diff, model), setting=setting,
                    run_dir=run_dir, config_hash=config_hash)
+
+    def sends_dense(self, step: int) -> bool:
+        """Whether ``step`` sends dense gradients (per the schedule; always for a kind without a mask)."""
+        return self.kind.dense or self.schedule.sends_dense(step)
 
     def view(self, state: TrainState, step: int, dense: bool = False) -> View:
         """What the kind reads at ``step`` of ``state``."""
@@ -140,10 +145,19 @@ class KindSteps:
         if state.mask is not None and sdist.is_main_process():
             save_mask(state.mask, self.run_dir)
 
-    def outputs(self, state: TrainState) -> Change:
-        """The kind's summary fields at the end (collective), its records and lines applied."""
+    def mask_state(self, state: TrainState) -> MaskState:
+        """The checkpoint component of ``state``'s mask; a loaded mask is checked against the model
+        and goes to the hook (collective) and the masked optimizer."""
+        return MaskState(lambda: state.mask, lambda mask: use_mask(state, mask, self.apply.cfg.optim, validate=True))
+
+    def outputs(self, state: TrainState, *, save_diff: bool) -> Change:
+        """The end (collective): the task diff (rank 0 writes it when ``save_diff``), then the kind's
+        outputs, its records and lines applied; ``fields``: the summary fields of both."""
+        task_diff = self.apply.task_diff
+        diff = task_diff.write(state.model, self.run_dir, self.log) if save_diff and task_diff is not None else {}
         change = self.kind.outputs(self.view(state, state.step))
         self.apply(state, change, state.step)
+        change.fields = {**diff, **change.fields}
         return change
 
 

@@ -62,11 +62,11 @@ class TrainMonitor:
         return bool(reduced[2] > 0)
 
 
-def log_start(log, task, kind: str, schedule: str, model: torch.nn.Module, world: int, backend: str,
-              device: torch.device, run_dir: str) -> None:
-    """The run's first log line: what trains, on how many ranks, where it writes."""
+def log_start(log, task: str, kind: str, schedule: str, model: torch.nn.Module, backend: str, run_dir: str) -> None:
+    """The run's first log line: what trains (on the device of ``model``), on how many ranks, where it writes."""
+    device = next(model.parameters()).device
     log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind}, "
-             f"schedule={schedule}, {world} ranks ({backend}, {device.type}), run dir {run_dir}")
+             f"schedule={schedule}, {sdist.world_size()} ranks ({backend}, {device.type}), run dir {run_dir}")
 
 
 def log_skipped(log, guard, step: int) -> None:
@@ -100,3 +100,9 @@ def log_eval(log, done: int, result) -> None:
     """An evaluation after ``done`` steps: its record and line."""
     log.log("eval", done, **result)
     log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")
+
+
+def log_checkpoint(log, step: int, path: str | None, seconds: float) -> None:
+    """A checkpoint rank 0 wrote (``path`` None on the other ranks: nothing to record)."""
+    if path is not None:
+        log.log("checkpoint", step, path=path, seconds=round(seconds, 3))

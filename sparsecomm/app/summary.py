@@ -10,13 +10,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from sparsecomm import distributed as sdist
+
 from .masks.base import MaskKind
 from .schedule import Schedule
 from .train_state import TrainState
 
 
-def run_summary(cfg: Mapping, state: TrainState, kind: MaskKind, schedule: Schedule, *, task: str, world: int,
-                final: Mapping[str, float], t0: float, train_s: float, buffer_bytes_per_step: int, run_dir: str,
+def run_summary(cfg: Mapping, state: TrainState, kind: MaskKind, schedule: Schedule, final: Mapping[str, float],
+                train_s: float, task: str, t0: float, buffer_bytes_per_step: int, *, run_dir: str,
                 resumed_from: str | None) -> dict[str, Any]:
     """The summary's fields: what trained (task, mask, schedule, ranks), the mask (k, density,
     digest), the final test accuracy and loss, the times, what the gradients sent (``bytes_sent``)
@@ -24,7 +26,7 @@ def run_summary(cfg: Mapping, state: TrainState, kind: MaskKind, schedule: Sched
     sync, mask = state.sync, state.mask
     return {
         "task": task, "mask": kind.name, "schedule": schedule.name,
-        "world_size": world, "backend": cfg.cluster.backend, "steps": schedule.steps,
+        "world_size": sdist.world_size(), "backend": cfg.cluster.backend, "steps": schedule.steps,
         "dense_steps": 0 if kind.dense else schedule.dense_steps,
         "numel": sum(p.numel() for p in state.model.parameters()),
         "k": mask.num_selected if mask is not None else None, "density": mask.density if mask is not None else 1.0,

@@ -37,14 +37,14 @@ from .engine import StepEngine
 from .masks import Setting, build_mask_kind
 from .masks.base import Comparison
 from .metrics import make_logger
-from .monitor import TrainMonitor, log_eval, log_resume, log_skipped, log_start
+from .monitor import TrainMonitor, log_checkpoint, log_eval, log_resume, log_skipped, log_start
 from .nonfinite import NonFiniteGuard
 from .report import publish
-from .run_state import MaskState, Progress, RankBuffers, components, resume_notes
+from .run_state import Progress, RankBuffers, components, resume_notes
 from .schedule import LRSchedule, Schedule
 from .summary import run_summary
 from .task_diff import TaskDiffRecorder
-from .train_state import TrainState, buffer_bytes, new_state, use_mask
+from .train_state import TrainState, buffer_bytes, new_state
 
 
 class Trainer:
@@ -52,10 +52,8 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, t0: float | None = None,
                  stop: signals.StopOnSignal | None = None, callbacks: Iterable[Callback] = ()):
-        self.t0 = time.time() if t0 is None else t0
-        self.stop = stop if stop is not None else signals.StopOnSignal(install=False)
-        self.cfg, self.device = cfg, device
-        self.world = sdist.world_size()
+        self.t0, self.stop = time.time() if t0 is None else t0, stop or signals.StopOnSignal(install=False)
+        self.cfg, self.device, self.world = cfg, device, sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
         self.config_hash = config_hash(cfg)  # of the training config: ranks, checkpoints and resumes compare it
         assert_same_config(self.config_hash)
@@ -66,8 +64,8 @@ class Trainer:
         self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim))
         self.schedule = self.kind.plan(Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=not self.kind.dense))
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.lr, cfg.steps)
-        self.nonfinite = NonFiniteGuard(cfg.nonfinite.max_in_a_row)
-        self.state = new_state(cfg, model, device, masked=not self.kind.dense, nonfinite=self.nonfinite)
+        self.state = new_state(cfg, model, device, masked=not self.kind.dense,
+                               nonfinite=NonFiniteGuard(cfg.nonfinite.max_in_a_row))
         self.buffer_bytes_per_step = buffer_bytes(model, cfg.comm, self.world)
         self.task_diff = None if self.kind.dense else TaskDiffRecorder(template=model)
         torch.manual_seed(cfg.seed + 1 + sdist.rank())  # dropout etc. differ per rank from here on
@@ -80,27 +78,22 @@ class Trainer:
         self.engine = StepEngine(self.task.loss_fn, timed=self.callbacks.wants_step_times)
         self.resumed_from: str | None = None
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps, config=OmegaConf.to_container(cfg, resolve=True))
-        self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, task=self.task, data=self.data,
-                                          device=device, log=self.log, task_diff=self.task_diff, run_dir=self.run_dir,
-                                          config_hash=self.config_hash)
+        self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, (self.task, self.data, device), self.log,
+                                          self.task_diff, run_dir=self.run_dir, config_hash=self.config_hash)
         self.monitor = TrainMonitor(self.log, self.stop, device, every=cfg.logging.log_every, state=self.state,
-                                    dense_at=lambda s: self.kind.dense or self.schedule.sends_dense(s),
-                                    lr_factor=self.lr_schedule.factor)
+                                    dense_at=self.kind_steps.sends_dense, lr_factor=self.lr_schedule.factor)
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.state.step,
                                  lambda: self.state.sync.bytes_sent)
         self.rank_buffers = RankBuffers(lambda: self.state.model)
-        mask = MaskState(lambda: self.state.mask, lambda m: use_mask(self.state, m, cfg.optim, validate=True))
         self.checkpoints.states.update(components(
-            self.state, buffers=self.rank_buffers, mask=mask, kind=self.kind, progress=self.progress,
-            nonfinite=self.nonfinite, task_diff=self.task_diff))
-        log_start(self.log, self.task.name, self.kind.name, self.schedule.name, model, self.world, cfg.cluster.backend,
-                  device, self.run_dir)
+            self.state, buffers=self.rank_buffers, mask=self.kind_steps.mask_state(self.state), kind=self.kind,
+            progress=self.progress, nonfinite=self.state.nonfinite, task_diff=self.task_diff))
+        log_start(self.log, self.task.name, self.kind.name, self.schedule.name, model, cfg.cluster.backend, self.run_dir)
 
     model = property(lambda self: self.state.model, doc="The model trained now (the state's).")
     mask = property(lambda self: self.state.mask, doc="The mask trained with now, or None (the state's).")
     step = property(lambda self: self.state.step, doc="Steps done (the state's).")
 
-    # -- steps -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
         """The run's step ``step``; returns the local loss."""
         return self.step_of(self.state, self.data, self.kind_steps, step)
@@ -118,13 +111,11 @@ class Trainer:
         state.step = step + 1
         return loss
 
-    # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> str | None:
         """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
         t = time.perf_counter()
         path = self.checkpoints.save(self.step)
-        if path is not None:
-            self.log.log("checkpoint", self.step, path=path, seconds=round(time.perf_counter() - t, 3))
+        log_checkpoint(self.log, self.step, path, time.perf_counter() - t)
         return path
 
     def resume(self) -> bool:
@@ -138,16 +129,13 @@ class Trainer:
         return True
 
     def _interrupted(self, done: int, total: int) -> signals.Interrupted:
-        """Every rank stops after step ``done`` on a signal: a checkpoint if they are on (unless one was
-        written at this step), a log record, and the :class:`~sparsecomm.app.signals.Interrupted` to raise."""
-        on = self.checkpoints.every > 0
-        if on and not self.checkpoints.written_at(done):
+        """Every rank stops after step ``done`` on a signal: a checkpoint if none is, a record, the error to raise."""
+        if self.checkpoints.every > 0 and not self.checkpoints.written_at(done):
             self.save_checkpoint()
-        stopped = signals.interrupted(self.stop.signum, done, total, self.checkpoints.last_path, on)
+        stopped = signals.interrupted(self.stop.signum, done, total, self.checkpoints.last_path, self.checkpoints.every > 0)
         self.log.log("interrupted", done, signal=signals.signal_name(stopped.signum), checkpoint=self.checkpoints.last_path)
         return stopped
 
-    # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Resume if a checkpoint says so, train to the last step, evaluate, report. Returns the summary."""
         cfg, steps = self.cfg, self.schedule.steps
@@ -174,20 +162,16 @@ class Trainer:
 
     def evaluate(self, done: int) -> dict[str, float]:
         """Test accuracy and loss over every rank's slice (one all-reduce of 3 float64), logged."""
-        result = evaluate_run(self.model, self.data, self.task.loss_fn, self.device,
-                              rank0_buffers=self.buffer_bytes_per_step > 0)
+        result = evaluate_run(self.model, self.data, self.task.loss_fn, self.device, self.buffer_bytes_per_step > 0)
         log_eval(self.log, done, result)
         self.callbacks.on_eval(self.state, done, result)
         return result
 
     def finish(self, final: dict[str, float], train_s: float) -> dict[str, Any]:
         """The summary (collective: the task diff, the kind's outputs); rank 0 writes and prints it."""
-        summary = run_summary(self.cfg, self.state, self.kind, self.schedule, task=self.task.name, world=self.world,
-                              final=final, t0=self.t0, train_s=train_s, buffer_bytes_per_step=self.buffer_bytes_per_step,
-                              run_dir=self.run_dir, resumed_from=self.resumed_from)
-        if self.task_diff is not None and self.cfg.save_diff:
-            summary.update(self.task_diff.write(self.model, self.run_dir, self.log))  # rank 0 writes it
-        outputs = self.kind_steps.outputs(self.state)  # collective
+        summary = run_summary(self.cfg, self.state, self.kind, self.schedule, final, train_s, self.task.name, self.t0,
+                              self.buffer_bytes_per_step, run_dir=self.run_dir, resumed_from=self.resumed_from)
+        outputs = self.kind_steps.outputs(self.state, save_diff=self.cfg.save_diff)  # collective
         summary.update(outputs.fields)
         if outputs.compare is not None:
             summary.update(self.compare(outputs.compare))
@@ -199,13 +183,12 @@ class Trainer:
         return summary
 
     def compare(self, c: Comparison) -> dict[str, Any]:
-        """Train ``c.model`` alone through :meth:`step_of` (plain DDP, the dense optimizer, the run's lr
-        schedule and steps, a fresh stream of the same batches), then evaluate it (collective)."""
+        """Train ``c.model`` alone through :meth:`step_of` on a fresh stream of the same batches; evaluate it."""
         model, data = copy.deepcopy(c.model).to(self.device).train(), build_data(self.task, self.cfg, self.device)
         state, plain = new_state(self.cfg, model, self.device, masked=False, dense_lr=c.lr), self.kind_steps.plain(data)
         for step in range(self.schedule.steps):
             self.step_of(state, data, plain, step)
-        result = evaluate_run(state.model, data, self.task.loss_fn, self.device, rank0_buffers=False)
+        result = evaluate_run(state.model, data, self.task.loss_fn, self.device, False)
         self.log.info(c.line(result, self.schedule.steps, state.dense_lr))
         return c.fields(result, state.sync.bytes_sent, state.dense_lr)
 
