@@ -2,7 +2,7 @@
 
     data.ShardedData           this rank's shard, its Fisher batches, its slice of the test set
     masks.MaskKind             mask/: builds the shared mask and takes part in steps (masks/*.py)
-    gradient_sync.GradientSync DDP with the masked all-reduce hook (or plain DDP); bytes sent
+    comm.build_comm            comm/: DDP and its hook (dense, fp16, bf16, powersgd, post_local, masked); bytes sent
     optimizers                 optim/: torch's dense AdamW/SGD, the library's masked ones
     engine.StepEngine          the one step: forward, backward (the hook syncs), update
     run_state.RunState         what a checkpoint holds, component by component (fault.Checkpoints writes)
@@ -31,7 +31,7 @@ from . import fault, launch, peers, writes
 from .config import config_hash, training_config
 from .data import ShardedData, build_task, evaluate
 from .engine import StepEngine
-from .gradient_sync import GradientSync, wrap_ddp
+from .comm import build_comm, uses_mask
 from .masks import Setting, build_mask_kind
 from .metrics import make_logger
 from .monitor import TrainMonitor
@@ -63,14 +63,14 @@ class Trainer:
         self.data = ShardedData(self.task, self.rank, self.world, batch_size=cfg.batch_size,
                                 eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=device,
                                 num_workers=cfg.num_workers)
-        self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, self.model, cfg.seed))
+        self.kind, self.unused_mask = _mask_kind(cfg, Setting(self.task, self.data, self.model, cfg.seed))
         self.schedule = self.kind.plan(Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=not self.kind.dense))
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.lr, cfg.steps)
-        self.ddp = wrap_ddp(self.model, cfg.comm, device)
+        self.sync = build_comm(cfg.comm, self.model, device, masked=not self.kind.dense)
+        self.ddp = self.sync.ddp
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every training forward.
         self.buffer_bytes_per_step = sum(b.numel() * b.element_size() for b in self.model.buffers()) \
             if cfg.comm.sync_buffers and self.world > 1 else 0
-        self.sync = GradientSync(self.ddp, masked=not self.kind.dense, comm=cfg.comm)
         self.mask: Mask | None = None
         self.dense_opt, self.dense_lr = build_optimizer(cfg.optim, self.model)
         self.sparse_opt, self.sparse_lr = None, None
@@ -103,13 +103,15 @@ class Trainer:
             f"sparsecomm: task={self.task.name} ({sum(p.numel() for p in self.model.parameters()):,} parameters), "
             f"mask={self.kind.name}, schedule={self.schedule.name}, {self.world} ranks ({cfg.cluster.backend}, "
             f"{device.type}), run dir {self.run_dir}")
+        if self.unused_mask:
+            self.log.info(f"comm={cfg.comm.name}: every entry trains (dense optimizer); mask={self.unused_mask} is unused")
 
     # -- steps -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
         """One step: the schedule's mask and mode, then the engine's step. Returns the local loss."""
         optimizer, base_lr = self._prepare(step)
         loss = self.engine.step(self.data.next_batch(), optimizer, base_lr * self.lr_schedule.factor(step),
-                                step=step, extra_loss=self.kind.extra_loss)
+                                step=step, extra_loss=self.kind.extra_loss, after_update=self.sync.after_update)
         if self.engine.last_skipped:
             self.log.log("nonfinite", step + 1, skipped=self.nonfinite.skipped, in_a_row=self.nonfinite.in_a_row)
             self.log.info(f"step {step}: the all-reduced gradient holds NaN/Inf; step skipped on every rank "
@@ -159,9 +161,9 @@ class Trainer:
                    lr: float | None = None, *, dense_bytes_per_step: int | None = None) -> None:
         """Train ``module`` from now on (diff pruning): a new DDP and hook, the byte counters go
         on; ``optimizer`` at ``lr`` for dense steps (default: ``optim/``'s dense one)."""
-        self.model, self.ddp = module, wrap_ddp(module, self.cfg.comm, self.device)
-        self.sync = GradientSync(self.ddp, masked=True, comm=self.cfg.comm, previous=self.sync,
-                                 dense_bytes_per_step=dense_bytes_per_step)
+        self.sync = build_comm(self.cfg.comm, module, self.device, previous=self.sync,
+                               dense_bytes_per_step=dense_bytes_per_step)
+        self.model, self.ddp = module, self.sync.ddp
         self.dense_opt, self.dense_lr = (optimizer, lr) if optimizer is not None else \
             build_optimizer(self.cfg.optim, module)
         self.engine.module, self.engine.sync = self.ddp, self.sync
@@ -263,7 +265,7 @@ class Trainer:
         """The summary (collective: the task diff and the kind's outputs); rank 0 writes and prints it."""
         cfg, sync, mask = self.cfg, self.sync, self.mask
         summary = {
-            "task": self.task.name, "mask": self.kind.name, "schedule": self.schedule.name,
+            **sync.stats(), "task": self.task.name, "mask": "unused" if self.unused_mask else self.kind.name, "schedule": self.schedule.name,
             "world_size": self.world, "backend": cfg.cluster.backend, "steps": self.schedule.steps,
             "dense_steps": 0 if self.kind.dense else self.schedule.dense_steps,
             "numel": sum(p.numel() for p in self.model.parameters()),
@@ -274,7 +276,7 @@ class Trainer:
             "bytes_sent": sync.bytes_sent, "dense_bytes": sync.dense_bytes,
             "ratio": sync.bytes_sent / sync.dense_bytes if sync.dense_bytes else float("nan"),
             "mask_score_bytes": self.kind.score_bytes, "buffer_bytes": self.buffer_bytes_per_step * self.schedule.steps,
-            "wire_dtype": cfg.comm.wire_dtype, "run_dir": self.run_dir,
+            "run_dir": self.run_dir,
             "skipped_steps": self.nonfinite.skipped, "resumed_from": self.resumed_from,
         }
         if self.task_diff is not None and cfg.save_diff:
@@ -322,6 +324,15 @@ def write_config(cfg: DictConfig, run_dir: str) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True).encode()
     with writes.writing(path, needed=len(text)), open(path, "wb") as f:
         f.write(text)
+
+
+def _mask_kind(cfg: DictConfig, setting: Setting):
+    """``(kind, unused)``: the mask kind, or the dense one when ``comm`` sends every entry
+    (then ``unused`` names the configured kind)."""
+    kind = build_mask_kind(cfg.mask, setting)
+    if uses_mask(cfg.comm) or kind.dense:
+        return kind, None
+    return build_mask_kind(OmegaConf.create({"name": "dense"}), setting), kind.name
 
 
 def _assert_same_config(digest: str) -> None:
