@@ -25,6 +25,7 @@ from .masks.dense import DenseKind
 from .monitor import log_mask
 from .run_state import MaskState
 from .schedule import Schedule
+from .task_diff import TaskDiffRecorder
 from .train_state import TrainState, swap_model, use_mask
 
 
@@ -81,10 +82,16 @@ class KindSteps:
 
     @classmethod
     def build(cls, cfg: Mapping, kind: MaskKind, schedule: Schedule, model: torch.nn.Module,
-              setting: tuple[Any, Any, Any], log, task_diff, *, run_dir: str, config_hash: str) -> KindSteps:
-        """The run's: ``cfg`` the run's config, ``model`` its initial model, ``setting`` (task, data, device)."""
+              setting: tuple[Any, Any, Any], log, *, run_dir: str, config_hash: str) -> KindSteps:
+        """The run's: ``cfg`` the run's config, ``model`` its initial model, ``setting`` (task, data,
+        device); a kind with a mask records the task diff (:class:`~sparsecomm.app.task_diff.TaskDiffRecorder`)."""
+        task_diff = None if kind.dense else TaskDiffRecorder(template=model)
         return cls(kind, schedule, ChangeApplier(cfg, setting[2], kind, log, task_diff, model), setting=setting,
                    run_dir=run_dir, config_hash=config_hash)
+
+    @property
+    def task_diff(self) -> TaskDiffRecorder | None:
+        return self.apply.task_diff
 
     def sends_dense(self, step: int) -> bool:
         """Whether ``step`` sends dense gradients (per the schedule; always for a kind without a mask)."""
@@ -101,8 +108,8 @@ class KindSteps:
         if self.schedule.mask_due(step):
             self.new_mask(state, step)
         dense = self.schedule.sends_dense(step)
-        if self.apply.task_diff is not None and self.schedule.is_full_step(step):
-            self.apply.task_diff.full_step(step)
+        if self.task_diff is not None and self.schedule.is_full_step(step):
+            self.task_diff.full_step(step)
         change = self.kind.before_step(self.view(state, step, dense))  # diff pruning may swap the model here
         self.apply(state, change, step)
         dense = dense if change is None or change.dense is None else change.dense
@@ -131,8 +138,9 @@ class KindSteps:
         return KindSteps(kind, self.schedule, self.apply, setting=(self.setting[0], data, self.setting[2]),
                          run_dir=self.run_dir, config_hash=self.config_hash)
 
-    def before_load(self, state: TrainState, step: int) -> None:
-        """Before a checkpoint of ``step`` loads: the kind's change (diff pruning's L0 model)."""
+    def before_load(self, state: TrainState, header: Mapping[str, Any]) -> None:
+        """Before a checkpoint loads (``header``: its header): its step, the kind's change (diff pruning's L0 model)."""
+        step = int(header["step"])
         self.apply(state, self.kind.before_load(self.view(state, step)), step)
         state.step = step
 
@@ -153,8 +161,7 @@ class KindSteps:
     def outputs(self, state: TrainState, *, save_diff: bool) -> Change:
         """The end (collective): the task diff (rank 0 writes it when ``save_diff``), then the kind's
         outputs, its records and lines applied; ``fields``: the summary fields of both."""
-        task_diff = self.apply.task_diff
-        diff = task_diff.write(state.model, self.run_dir, self.log) if save_diff and task_diff is not None else {}
+        diff = {} if not save_diff or self.task_diff is None else self.task_diff.write(state.model, self.run_dir, self.log)
         change = self.kind.outputs(self.view(state, state.step))
         self.apply(state, change, state.step)
         change.fields = {**diff, **change.fields}

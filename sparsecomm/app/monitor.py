@@ -62,11 +62,14 @@ class TrainMonitor:
         return bool(reduced[2] > 0)
 
 
-def log_start(log, task: str, kind: str, schedule: str, model: torch.nn.Module, backend: str, run_dir: str) -> None:
-    """The run's first log line: what trains (on the device of ``model``), on how many ranks, where it writes."""
+def log_start(log, task: str, kind, schedule: str, model: torch.nn.Module, backend: str, run_dir: str) -> None:
+    """The run's first log line: what trains (on the device of ``model``), on how many ranks, where it
+    writes; then the mask kind's notes."""
     device = next(model.parameters()).device
-    log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind}, "
+    log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind.name}, "
              f"schedule={schedule}, {sdist.world_size()} ranks ({backend}, {device.type}), run dir {run_dir}")
+    for line in kind.notes():
+        log.info(line)
 
 
 def log_skipped(log, guard, step: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from sparsecomm.mask import Mask
 
-from .gradient_sync import GradientSync, wrap_ddp
+from .comm import build_comm
 from .optimizers import build_optimizer
 
 
@@ -47,21 +47,12 @@ class TrainState:
         return (self.dense_opt, self.dense_lr) if dense or self.sparse_opt is None else (self.sparse_opt, self.sparse_lr)
 
 
-def build_sync(comm: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool,
-               previous: Any = None, dense_bytes_per_step: int | None = None) -> GradientSync:
-    """The gradient sync of ``model`` per ``comm/`` (its ``ddp`` the DDP wrapper); ``previous``: the
-    sync of the model it replaces (its byte counters go on)."""
-    ddp = wrap_ddp(model, comm, device)
-    sync = GradientSync(ddp, masked=masked, comm=comm, previous=previous, dense_bytes_per_step=dense_bytes_per_step)
-    sync.ddp = ddp
-    return sync
-
-
 def new_state(cfg: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool, nonfinite: Any = None,
               dense_lr: float | None = None) -> TrainState:
-    """``model`` (on ``device``) under DDP with the run's sync, ``optim/``'s dense optimizer (at
-    ``dense_lr`` when given: the step sets it), no mask yet."""
-    sync = build_sync(cfg.comm, model, device, masked=masked)
+    """``model`` (on ``device``) under DDP with the ``comm/`` option's sync (``masked`` False: a kind
+    without a mask, ``comm=masked`` is plain DDP), ``optim/``'s dense optimizer (at ``dense_lr`` when
+    given: the step sets it), no mask yet."""
+    sync = build_comm(cfg.comm, model, device, masked=masked)
     optimizer, lr = build_optimizer(cfg.optim, model)
     return TrainState(model, sync, optimizer, lr if dense_lr is None else float(dense_lr), nonfinite=nonfinite)
 
@@ -71,8 +62,7 @@ def swap_model(state: TrainState, model: torch.nn.Module, cfg: Mapping, device: 
                dense_bytes_per_step: int | None = None) -> None:
     """Train ``model`` from now on: a new DDP and hook (the byte counters go on), ``optimizer`` =
     (dense optimizer, lr) for its dense steps (default: ``optim/``'s dense one)."""
-    state.sync = build_sync(cfg.comm, model, device, masked=True, previous=state.sync,
-                            dense_bytes_per_step=dense_bytes_per_step)
+    state.sync = build_comm(cfg.comm, model, device, previous=state.sync, dense_bytes_per_step=dense_bytes_per_step)
     state.model = model
     state.dense_opt, state.dense_lr = optimizer if optimizer is not None else build_optimizer(cfg.optim, model)
 

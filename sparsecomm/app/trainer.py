@@ -2,7 +2,7 @@
 
     data.ShardedData           this rank's shard, its Fisher batches, its slice of the test set
     masks.MaskKind             mask/: builds the shared mask and takes part in steps (masks/*.py)
-    gradient_sync.GradientSync DDP with the masked all-reduce hook (or plain DDP); bytes sent
+    comm.build_comm            comm/: DDP and its hook (dense, fp16, bf16, powersgd, post_local, masked); bytes sent
     optimizers                 optim/: torch's dense AdamW/SGD, the library's masked ones
     engine.StepEngine          the one step: forward, backward (the hook syncs), update
     checkpointing.CheckpointManager  the run's checkpoints: components by name (run_state.components)
@@ -31,6 +31,7 @@ from . import launch, peers, signals, writes
 from .callbacks import Callback, Callbacks
 from .changes import KindSteps, assert_same_config
 from .checkpointing import CheckpointManager, TrainingHeader
+from .comm import uses_mask
 from .config import config_hash
 from .data import build_data, build_task, evaluate_run
 from .engine import StepEngine
@@ -43,7 +44,6 @@ from .report import publish
 from .run_state import Progress, RankBuffers, components, resume_notes
 from .schedule import LRSchedule, Schedule
 from .summary import run_summary
-from .task_diff import TaskDiffRecorder
 from .train_state import TrainState, buffer_bytes, new_state
 
 
@@ -61,25 +61,24 @@ class Trainer:
         self.task = build_task(cfg.task)
         self.data = build_data(self.task, cfg, device)
         model = self.task.model.to(device)
-        self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim))
+        self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim),
+                                    comm=None if uses_mask(cfg.comm) else cfg.comm.name)
         self.schedule = self.kind.plan(Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=not self.kind.dense))
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.lr, cfg.steps)
         self.state = new_state(cfg, model, device, masked=not self.kind.dense,
                                nonfinite=NonFiniteGuard(cfg.nonfinite.max_in_a_row))
         self.buffer_bytes_per_step = buffer_bytes(model, cfg.comm, self.world)
-        self.task_diff = None if self.kind.dense else TaskDiffRecorder(template=model)
         torch.manual_seed(cfg.seed + 1 + sdist.rank())  # dropout etc. differ per rank from here on
         header = TrainingHeader(cfg, self.config_hash, lambda: self.state.model)
-        self.checkpoints = CheckpointManager(  # its states: below
-            cfg.checkpoint, self.run_dir, header=header, validate=header.validate,
-            prepare=lambda h: self.kind_steps.before_load(self.state, int(h["step"])))
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, header=header, validate=header.validate,
+                                             prepare=lambda h: self.kind_steps.before_load(self.state, h))  # states: below
         self.checkpoints.check_writable()  # now, not at the first checkpoint
         self.callbacks = Callbacks(callbacks)
         self.engine = StepEngine(self.task.loss_fn, timed=self.callbacks.wants_step_times)
         self.resumed_from: str | None = None
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps, config=OmegaConf.to_container(cfg, resolve=True))
         self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, (self.task, self.data, device), self.log,
-                                          self.task_diff, run_dir=self.run_dir, config_hash=self.config_hash)
+                                          run_dir=self.run_dir, config_hash=self.config_hash)
         self.monitor = TrainMonitor(self.log, self.stop, device, every=cfg.logging.log_every, state=self.state,
                                     dense_at=self.kind_steps.sends_dense, lr_factor=self.lr_schedule.factor)
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.state.step,
@@ -87,8 +86,8 @@ class Trainer:
         self.rank_buffers = RankBuffers(lambda: self.state.model)
         self.checkpoints.states.update(components(
             self.state, buffers=self.rank_buffers, mask=self.kind_steps.mask_state(self.state), kind=self.kind,
-            progress=self.progress, nonfinite=self.state.nonfinite, task_diff=self.task_diff))
-        log_start(self.log, self.task.name, self.kind.name, self.schedule.name, model, cfg.cluster.backend, self.run_dir)
+            progress=self.progress, nonfinite=self.state.nonfinite, task_diff=self.kind_steps.task_diff))
+        log_start(self.log, self.task.name, self.kind, self.schedule.name, model, cfg.cluster.backend, self.run_dir)
 
     model = property(lambda self: self.state.model, doc="The model trained now (the state's).")
     mask = property(lambda self: self.state.mask, doc="The mask trained with now, or None (the state's).")
@@ -104,7 +103,8 @@ class Trainer:
         optimizer, base_lr = state.optimizer(dense)
         loss = self.engine.step(state.ddp, data.next_batch(), optimizer, base_lr * self.lr_schedule.factor(step),
                                 sync=state.sync, nonfinite=state.nonfinite, step=step, extra_loss=steps.kind.extra_loss,
-                                after_backward=lambda: steps.after_backward(state, step, dense))
+                                after_backward=lambda: steps.after_backward(state, step, dense),
+                                after_update=state.sync.after_update)
         if self.engine.last_skipped:
             log_skipped(self.log, state.nonfinite, step)
         steps.after(state, step, dense)
