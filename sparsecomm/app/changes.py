@@ -56,7 +56,8 @@ class ChangeApplier:
         if change.mask is not None:
             use_mask(state, change.mask, self.cfg.optim)
             if self.task_diff is not None:
-                self.task_diff.set_base(state.model, step)  # the first time only: the weights masked training starts from
+                # the first time only: the weights masked training starts from
+                self.task_diff.set_base(state.model, step)
                 self.task_diff.add_mask(change.mask)
 
     def close(self) -> None:
@@ -161,7 +162,9 @@ class KindSteps:
     def outputs(self, state: TrainState, *, save_diff: bool) -> Change:
         """The end (collective): the task diff (rank 0 writes it when ``save_diff``), then the kind's
         outputs, its records and lines applied; ``fields``: the summary fields of both."""
-        diff = {} if not save_diff or self.task_diff is None else self.task_diff.write(state.model, self.run_dir, self.log)
+        diff = {}
+        if save_diff and self.task_diff is not None:
+            diff = self.task_diff.write(state.model, self.run_dir, self.log)  # rank 0 writes it
         change = self.kind.outputs(self.view(state, state.step))
         self.apply(state, change, state.step)
         change.fields = {**diff, **change.fields}

@@ -55,7 +55,8 @@ class TrainMonitor:
         per_step = (sync.bytes_sent - self.mark[1]) / steps
         self.log.log("train", done, loss=loss, steps_per_s=steps / max(now - self._clock, 1e-9),
                      bytes_per_step=per_step, bytes_sent=sync.bytes_sent, dense_bytes=sync.dense_bytes,
-                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1), skipped_steps=self.state.nonfinite.skipped)
+                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1),
+                     skipped_steps=self.state.nonfinite.skipped)
         self.log.progress(done, loss=f"{loss:.4f}", sent=f"{human_bytes(per_step)}/step")
         self._clock, self.mark = now, (done, sync.bytes_sent)
         self.window.zero_()

@@ -44,7 +44,9 @@ class TrainState:
 
     def optimizer(self, dense: bool) -> tuple[torch.optim.Optimizer, float]:
         """The optimizer of a dense or a masked step and its base lr."""
-        return (self.dense_opt, self.dense_lr) if dense or self.sparse_opt is None else (self.sparse_opt, self.sparse_lr)
+        if dense or self.sparse_opt is None:
+            return self.dense_opt, self.dense_lr
+        return self.sparse_opt, self.sparse_lr
 
 
 def new_state(cfg: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool, nonfinite: Any = None,

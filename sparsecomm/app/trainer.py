@@ -1,10 +1,14 @@
 """The trainer: one config builds the components; the trainer wires them and runs the steps.
 
     data.ShardedData           this rank's shard, its Fisher batches, its slice of the test set
-    masks.MaskKind             mask/: builds the shared mask and takes part in steps (masks/*.py)
-    comm.build_comm            comm/: DDP and its hook (dense, fp16, bf16, powersgd, post_local, masked); bytes sent
-    optimizers                 optim/: torch's dense AdamW/SGD, the library's masked ones
+    masks.MaskKind             mask/: builds the shared mask; at each point of a step it reads a
+                               View and returns a Change (masks/*.py)
+    train_state.TrainState     the run's one mutable state: model, sync (comm/: DDP and its hook,
+                               comm.build_comm), optimizers (optim/), mask, step
+    changes.KindSteps          the schedule and the kind around each step; ChangeApplier applies
+                               what the kind returns
     engine.StepEngine          the one step: forward, backward (the hook syncs), update
+    callbacks.Callback         measurement hooks (step times, bytes, evaluations, summary fields)
     checkpointing.CheckpointManager  the run's checkpoints: components by name (run_state.components)
 
 What crosses the network per step is the hook's (:mod:`sparsecomm.hook`); the trainer adds one
@@ -71,14 +75,14 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1 + sdist.rank())  # dropout etc. differ per rank from here on
         header = TrainingHeader(cfg, self.config_hash, lambda: self.state.model)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, header=header, validate=header.validate,
-                                             prepare=lambda h: self.kind_steps.before_load(self.state, h))  # states: below
+                                             prepare=lambda h: self.kind_steps.before_load(self.state, h))
         self.checkpoints.check_writable()  # now, not at the first checkpoint
         self.callbacks = Callbacks(callbacks)
         self.engine = StepEngine(self.task.loss_fn, timed=self.callbacks.wants_step_times)
         self.resumed_from: str | None = None
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps, config=OmegaConf.to_container(cfg, resolve=True))
-        self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, (self.task, self.data, device), self.log,
-                                          run_dir=self.run_dir, config_hash=self.config_hash)
+        self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, (self.task, self.data, device),
+                                          self.log, run_dir=self.run_dir, config_hash=self.config_hash)
         self.monitor = TrainMonitor(self.log, self.stop, device, every=cfg.logging.log_every, state=self.state,
                                     dense_at=self.kind_steps.sends_dense, lr_factor=self.lr_schedule.factor)
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.state.step,

@@ -79,7 +79,8 @@ class Comparison:
     def fields(self, result: Mapping[str, float], bytes_sent: int, lr: float) -> dict[str, Any]:
         """The summary fields of the trained comparison (``result``: its evaluation)."""
         p = self.prefix
-        return {f"{p}_acc": result["test_acc"], f"{p}_loss": result["test_loss"], f"{p}_bytes": bytes_sent, f"{p}_lr": lr}
+        return {f"{p}_acc": result["test_acc"], f"{p}_loss": result["test_loss"], f"{p}_bytes": bytes_sent,
+                f"{p}_lr": lr}
 
     def line(self, result: Mapping[str, float], steps: int, lr: float) -> str:
         """Its log line."""
