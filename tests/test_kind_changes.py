@@ -79,3 +79,24 @@ def test_kinds_import_neither_the_trainer_nor_its_state():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module.split(".")[-1] not in banned, f"{path.name} imports {node.module}"
+
+
+def _fit_plain(rank, world, cfg, run_dir):
+    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
+    try:
+        return {"summary": t.fit(), "n": sum(p.numel() for p in t.model.parameters())}
+    finally:
+        t.close()
+
+
+def test_a_comm_option_that_sends_every_entry_leaves_the_kind_unused(tmp_path):
+    """comm=fp16 with mask=random: every step sends all n entries as fp16 (n x 2 bytes, counted
+    here), no mask is chosen or written, the log says the kind is unused, the summary mask=unused."""
+    r0, r1 = run_ranks(_fit_plain, 2, compose_app(*TINY, "comm=fp16"), str(tmp_path), timeout=120)
+    n = r0["n"]
+    for r in (r0, r1):
+        s = r["summary"]
+        assert s["mask"] == "unused" and s["comm"] == "fp16" and s["k"] is None
+        assert s["bytes_sent"] == 5 * n * 2 and s["dense_bytes"] == 5 * n * 4
+    assert not (tmp_path / "mask.safetensors").exists()
+    assert "comm=fp16: every entry trains (dense optimizer); mask=random is unused" in (tmp_path / "log.txt").read_text()
