@@ -1,11 +1,13 @@
 """The run's mutable state, in one place: what the trainer trains and with what.
 
 :class:`TrainState` is the ONE owner of the model, the gradient sync (which holds the DDP
-wrapper and its communication hook), the two optimizers, the mask and the step count. Objects
-here are replaced (diff pruning swaps its model, a refresh swaps the mask) only by the trainer
-applying a mask kind's :class:`~sparsecomm.app.masks.base.Change`; everything else reads them
+wrapper and its communication hook), the two optimizers, the mask, the step count and the
+non-finite guard. Objects here are replaced (diff pruning swaps its model, a refresh swaps the
+mask) only where a mask kind's :class:`~sparsecomm.app.masks.base.Change` is applied
+(:mod:`sparsecomm.app.changes`) and where a checkpoint's mask loads; everything else reads them
 from the state when it needs them, so nothing holds a stale reference. Nothing here crosses the
-network.
+network but what building a sync (DDP broadcasts rank 0's weights) and setting a mask (ranks
+compare its digest) send.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from .optimizers import build_optimizer
 class TrainState:
     """The model being trained, its sync (``sync.ddp`` the DDP wrapper), the dense optimizer (dense
     steps, mask=dense, comm options other than masked) and the masked one (built at the first
-    mask, following it after), the mask and the steps done."""
+    mask, following it after), the mask, the steps done and the non-finite guard (None: a
+    comparison run, whose steps are not checked)."""
 
     model: torch.nn.Module
     sync: Any
