@@ -80,11 +80,13 @@ def test_no_summary_at_all_is_one_error_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four 2-rank app runs, each starting its workers
 def test_the_comm_sweep_end_to_end_and_its_table(tmp_path, monkeypatch):
     clean_launcher_env(monkeypatch)
     steps, dense_steps = 20, 5
     proc = subprocess.run([str(APP), "-m", "comm=dense,fp16,powersgd,masked", "task=digits", f"steps={steps}",
                            f"schedule.dense_steps={dense_steps}", "eval_every=0", "logging.progress=false",
+                           "batch_size=8", "eval_batch_size=128", "++mask.num_samples=16", "save_model=false",
                            f"out_dir={tmp_path}", "run_id=cmp"], cwd=tmp_path, env=app_env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
