@@ -101,6 +101,7 @@ def test_the_registry_and_the_yamls_name_the_same_options():
     names = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "comm").glob("*.yaml")}
     assert names == set(COMM_OPTIONS) == set(schema.OPTIONS["comm"])
     assert [n for n, cls in COMM_OPTIONS.items() if cls.uses_mask] == ["masked"]
+    assert all(schema.OPTIONS["comm"][n].uses_mask == cls.uses_mask for n, cls in COMM_OPTIONS.items())
 
 
 def test_dense_is_the_mean_and_sends_every_entry():
@@ -301,7 +302,7 @@ def test_a_mask_on_an_option_without_one_is_refused():
 @pytest.mark.parametrize("fields,field", [({"rank": 0}, "comm.rank"), ({"start_iter": 1}, "comm.start_iter")])
 def test_bad_powersgd_fields_name_themselves(fields, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        OmegaConf.to_object(comm_cfg("powersgd", **fields)).check()
+        OmegaConf.to_object(comm_cfg("powersgd", **fields)).check(None)
 
 
 def test_each_option_builds_its_optimizer():
