@@ -82,18 +82,6 @@ def composition_error(exc: BaseException | None, base: DictConfig, overrides: li
     return ConfigError(f"{key}={shown} must be {_node_kind(field)}{example}")
 
 
-def strict_bool_error(base: DictConfig, key: str, value: Any, overrides: list[str]) -> ConfigError | None:
-    """OmegaConf takes 0, 1, "yes", ... for a boolean field; the app wants true or false."""
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(base, parent, default=None) if parent else base
-    field = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
-    if not isinstance(field, nodes.BooleanNode) or isinstance(value, bool) or (value is None and field._is_optional()):
-        return None
-    if isinstance(value, str) and value.startswith("${"):
-        return None  # an interpolation: checked once resolved
-    return composition_error(None, base, overrides, key=key)
-
-
 # --- every option checks its own fields; the rules between groups ---------------------------------
 
 def options(cfg: DictConfig, path: str = "") -> Iterator[tuple[str, DictConfig]]:
