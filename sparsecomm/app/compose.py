@@ -145,12 +145,13 @@ def compose_app(hydra: Hydra, config_name: str, overrides: list[str], *, multiru
             check_keys(overrides, explain.base())
         raise explain.failure(e) from None
     for o in parsed:
-        if o.is_sweep_override() or o.is_delete() or o.key_or_group in explain.groups or _is_hydras(o.key_or_group):
+        if o.is_delete() or o.key_or_group in explain.groups or _is_hydras(o.key_or_group):
             continue
-        if known_keys and (o.is_add() or o.is_force_add()) and not _schema_field(cfg, o):
+        if known_keys and (o.is_add() or o.is_force_add() or o.is_sweep_override()) and not _schema_field(cfg, o):
             check_keys(overrides, explain.base())
-        if _not_a_bool(cfg, o):
-            raise composition_error(None, explain.base(), overrides, key=o.key_or_group)
+        for value in _values(o):  # a sweep's values are typed here, before any job starts
+            if _refused(cfg, o.key_or_group, value):
+                raise composition_error(None, explain.base(), [f"{o.key_or_group}={value}"], key=o.key_or_group)
     if check:
         check_config(job_config(cfg))
     return cfg
@@ -188,15 +189,31 @@ def _schema_field(cfg: DictConfig, o: Override) -> bool:
     return leaf in {f.name for f in dataclasses.fields(schema)}
 
 
-def _not_a_bool(cfg: DictConfig, o: Override) -> bool:
-    """OmegaConf takes 0, 1, "yes", ... for a boolean field; the app wants true or false."""
-    parent, _, leaf = o.key_or_group.rpartition(".")
+def _values(o: Override) -> list[str]:
+    """The values ``o`` sets, as typed: one, or each of a sweep's."""
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator())
+    return [o.input_line.split("=", 1)[1]] if "=" in o.input_line else []
+
+
+def _refused(cfg: DictConfig, key: str, text: str) -> bool:
+    """Would the field ``key`` of ``cfg`` refuse the value ``text``? OmegaConf takes 0, 1, "yes", ...
+    for a boolean field; the app wants true or false. Interpolations are checked once resolved."""
+    parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     field = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
-    value = o.value()
-    if not isinstance(field, nodes.BooleanNode) or isinstance(value, bool) or (value is None and field._is_optional()):
+    if not isinstance(field, nodes.ValueNode) or isinstance(field, nodes.AnyNode) or text.startswith("${"):
         return False
-    return not (isinstance(value, str) and value.startswith("${"))  # an interpolation: checked once resolved
+    value = OverridesParser.create().parse_override(f"{key}={text}").value()
+    if value is None:
+        return not field._is_optional()
+    if isinstance(field, nodes.BooleanNode) and not isinstance(value, bool):
+        return True
+    try:
+        field.validate_and_convert(value)
+    except OmegaConfBaseException:
+        return True
+    return False
 
 
 class _Explainer:
