@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -37,7 +38,8 @@ import sparsecomm
 from . import hydra_run, launch, runfolder, runlock, sweep, trainer, writes
 from .compose import CONFIG_MODULE, CONFIG_NAME, compose_app, compose_config, config_groups, create_hydra, job_config  # noqa: F401
 from .config import check_config
-from .errors import PEER_LOST_EXIT, USER_ERROR_EXIT, ErrorReport, exit_on_user_error, one_line  # noqa: F401
+from .errors import (  # noqa: F401  (exit_on_user_error, one_line: the entry points' and tests')
+    PEER_LOST_EXIT, USER_ERROR_EXIT, ErrorReport, exit_on_user_error, one_line, user_error_types)
 from .launch import env_rank
 from .peers import PeerLost
 
@@ -146,7 +148,13 @@ def _run(hydra, cfg: DictConfig, app: App, claim, owner: bool, multirun: bool, o
         hydra_run.set_hydra_value(cfg, folder_key, claim.path)
     try:
         with app.errors.guard(quiet=not owner):
-            (hydra_run.multirun if multirun else hydra_run.run)(hydra, cfg, app)
+            try:
+                (hydra_run.multirun if multirun else hydra_run.run)(hydra, cfg, app)
+            except user_error_types():
+                raise
+            except Exception:  # a bug: its traceback, and exit code 1
+                traceback.print_exc()
+                raise SystemExit(1) from None
     except BaseException as e:
         if claim is not None and owner:
             code = e.code if isinstance(e, SystemExit) else 1
