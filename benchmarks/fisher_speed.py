@@ -12,9 +12,7 @@ path at least 10x faster than the loop. Writes ``fisher_speed.{md,json}`` to ``-
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -22,9 +20,7 @@ from torch import nn
 
 from sparsecomm.modelio import forward
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+from benchmarks import report, workloads
 
 TARGET = 10.0
 SAMPLES = {"small_cnn": 256, "resnet18": 64, "mlp": 64, "minilm": 128}  # per model, unless --samples; the loop is slow

@@ -28,17 +28,18 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from apprun import free_port
-
+from benchmarks.apprun import free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "worker.py")
+WORKER = "benchmarks.worker"  # the per-rank modules torchrun starts (-m), from the repository root
 _ports = itertools.count(29500)
 
 
-def torchrun_cmd(nproc: int, port: int, script: str, *args: str, nnodes: int = 1, node_rank: int = 0,
+def torchrun_cmd(nproc: int, port: int, module: str, *args: str, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str = "127.0.0.1") -> list[str]:
+    """torchrun running ``python -m module args`` on each rank (``module``: e.g. ``benchmarks.worker``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), script, *args]
+            "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), "-m", module,
+            *args]
 
 
 def worker_env(link, threads: int) -> dict:
@@ -50,9 +51,9 @@ def worker_env(link, threads: int) -> dict:
     return env
 
 
-def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int, timeout: float,
+def run_torchrun(link, nproc: int, module: str, args: list[str], *, threads: int, timeout: float,
                  echo=print) -> tuple[int, str]:
-    """Run ``script`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
+    """Run the module ``module`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
 
     On a multi-node link (``link.nnodes`` > 1, :mod:`boxlink`) ``nproc`` ranks per node: one
     torchrun per node, static rendezvous on node 1; the exit code is the first non-zero one.
@@ -62,9 +63,9 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     port = next(_ports) if link.isolated else free_port()
     nnodes = getattr(link, "nnodes", 1)
     if nnodes == 1:
-        cmds = [link.wrap(torchrun_cmd(nproc, port, script, *args))]
+        cmds = [link.wrap(torchrun_cmd(nproc, port, module, *args))]
     else:
-        cmds = [link.wrap_node(node, torchrun_cmd(nproc, port, script, *args, nnodes=nnodes, node_rank=i,
+        cmds = [link.wrap_node(node, torchrun_cmd(nproc, port, module, *args, nnodes=nnodes, node_rank=i,
                                                   master_addr=link.master_addr))
                 for i, node in enumerate(link.nodes)]
     tail: deque[str] = deque(maxlen=60)
@@ -102,9 +103,9 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     return rc, "\n".join(tail)
 
 
-def run_worker(link, nproc: int, script: str, spec: dict, spec_path: str, *, threads: int, timeout: float,
+def run_worker(link, nproc: int, module: str, spec: dict, spec_path: str, *, threads: int, timeout: float,
                echo=print) -> tuple[int, str, dict | None]:
-    """Write ``spec`` to ``spec_path``, run ``script spec_path`` on ``nproc`` ranks (:func:`run_torchrun`)
+    """Write ``spec`` to ``spec_path``, run ``python -m module spec_path`` on ``nproc`` ranks (:func:`run_torchrun`)
     and read back the JSON the worker wrote to ``spec['out']``; both files are removed.
 
     Returns (exit code, last output lines, the worker's JSON or None if it wrote none).
@@ -112,7 +113,7 @@ def run_worker(link, nproc: int, script: str, spec: dict, spec_path: str, *, thr
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     try:
-        rc, tail = run_torchrun(link, nproc, script, [spec_path], threads=threads, timeout=timeout, echo=echo)
+        rc, tail = run_torchrun(link, nproc, module, [spec_path], threads=threads, timeout=timeout, echo=echo)
     finally:
         os.unlink(spec_path)
     written = None

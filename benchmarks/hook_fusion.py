@@ -12,14 +12,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import sparsecomm  # noqa: E402
 from multirank import run_ranks  # noqa: E402
 

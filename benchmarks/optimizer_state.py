@@ -9,15 +9,11 @@ moments of k entries). Expected ratio: about the density. Writes ``optimizer_sta
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+from benchmarks import report, workloads
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -14,17 +14,13 @@ overhead within 1.5x of the 25M model's. Writes ``overhead.{md,json}`` to ``--ou
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+from benchmarks import report, workloads
 
 BUCKET_BYTES = 25 * 2**20
 

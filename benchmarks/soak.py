@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from apprun import read_events, torchrun_app, worker_pid  # noqa: E402
+from benchmarks.apprun import read_events, torchrun_app, worker_pid
 
 
 def steps_lost(evs: list[dict]) -> tuple[int, list[dict]]:

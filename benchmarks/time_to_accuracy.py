@@ -19,13 +19,10 @@ import argparse
 import importlib
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-import netem  # noqa: E402
-import report  # noqa: E402
+from benchmarks import harness, report
+from cluster import netem
 
 METHODS = ["dense", "fp16", "powersgd-r4", "fish", "random"]
 LABELS = {"dense": "dense DDP", "fp16": "fp16 hook", "powersgd-r4": "PowerSGD rank 4", "fish": "FISH mask",
@@ -164,7 +161,7 @@ def main(argv=None) -> dict:
             threads = max(1, (os.cpu_count() or 1) // a.ranks)
             spec["threads"] = threads
             print(f"{task}: {len(a.methods)} methods x {a.seeds} seeds on {a.ranks} ranks, link {link.label}", flush=True)
-            rc, tail, written = harness.run_worker(link, a.ranks, os.path.join(harness.HERE, "tta_worker.py"), spec,
+            rc, tail, written = harness.run_worker(link, a.ranks, "benchmarks.tta_worker", spec,
                                                    spec["out"] + ".spec", threads=threads, timeout=a.timeout,
                                                    echo=lambda s: print(s, flush=True))
             label, note = link.label, link.fallback or ""

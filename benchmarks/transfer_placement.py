@@ -27,7 +27,6 @@ from itertools import islice
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 GROUPS = [  # (label, regex over parameter names), first match wins
     ("head (kept whole)", r"^classifier\."),

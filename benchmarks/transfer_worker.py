@@ -68,9 +68,8 @@ from sparsecomm.hook import register_masked_allreduce
 from sparsecomm.mask import Mask, count_for_density, matches_any
 from sparsecomm.optim import MaskedAdamW
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tta_worker import build_task, mask_kind  # noqa: E402
-from worker import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, optimizer_state_bytes  # noqa: E402
+from benchmarks.tta_worker import build_task, mask_kind
+from benchmarks.probes import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, optimizer_state_bytes
 
 
 MASKED = ("fish", "fishhead", "fishtensor", "random", "diffprune")  # kinds with a density: "<kind>-<D%>"

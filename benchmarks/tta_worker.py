@@ -24,7 +24,6 @@ Rank 0 writes the curves after each method.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import time
 
@@ -39,8 +38,8 @@ from sparsecomm.app import schema
 from sparsecomm.app.masks import Setting, build_mask_kind
 from sparsecomm.optim import MaskedAdamW
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from worker import PayloadCounter, TxReader, baseline_ddp, measure_runs  # noqa: E402
+from benchmarks.probes import PayloadCounter, TxReader, measure_runs
+from benchmarks.worker import baseline_ddp
 
 
 def build_task(spec: dict, seed: int):

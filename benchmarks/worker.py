@@ -45,148 +45,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import sparsecomm
 from sparsecomm.app.engine import StepEngine
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-import workloads  # noqa: E402
+from benchmarks import harness, workloads
+from benchmarks.probes import (NodeCounters, PayloadCounter, TxReader, barrier_cost, busy_cpu_seconds, delta,
+                               foreign_share, node_barrier_cost, optimizer_state_bytes, peak_rss_bytes, reset_peak_rss,
+                               tensor_bytes)
 
 # torch's PowerSGD hook on Gloo fails with more than one DDP bucket ("Received data size doesn't match
 # expected size", or a hang); with a single bucket it works.
 SINGLE_BUCKET_MB = 1 << 16
-
-
-# --- measurement helpers -----------------------------------------------------------------------
-class PayloadCounter:
-    """Counts the bytes of every tensor handed to ``dist.all_reduce`` while ``active``."""
-
-    def __init__(self):
-        self.bytes = 0
-        self.calls = 0
-        self.active = False
-        self._orig = dist.all_reduce
-
-        def counting_all_reduce(tensor, *args, **kwargs):
-            if self.active:
-                self.bytes += tensor.numel() * tensor.element_size()
-                self.calls += 1
-            return self._orig(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting_all_reduce
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where it cannot.
-
-    Freed heap pages are handed back first (glibc ``malloc_trim``), so a variant's peak is not
-    inflated by memory the previous variant freed but the allocator kept.
-    """
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of all tensors inside nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def optimizer_state_bytes(opt) -> int:
-    """Bytes of the optimizer's state tensors (moments; Adam's step counters are 4 bytes each)."""
-    if opt is None:
-        return 0
-    return sum(tensor_bytes(st) for st in opt.state.values())
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds used by every process on the machine so far (/proc/stat, first line)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def foreign_share(busy0, busy1, ours: float, wall: float) -> float | None:
-    """Share of the machine's CPUs that processes other than our ranks used during a window.
-
-    Timings on a shared machine are as good as its quiet; rows with a large share are marked.
-    """
-    if busy0 is None or busy1 is None or wall <= 0:
-        return None
-    return max(0.0, busy1 - busy0 - ours) / (wall * (os.cpu_count() or 1))
-
-
-class NodeCounters:
-    """Bytes sent per interface (``ifaces``, e.g. eth0 and lo) by this node, from this process's
-    network namespace's ``/proc/net/dev``; read by each node's local rank 0 only (other ranks
-    report 0), so a sum over all ranks is a sum over nodes (multi-node runs, boxlink.py)."""
-
-    def __init__(self, ifaces: list[str]):
-        self.ifaces = list(ifaces)
-        self.leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
-
-    def __call__(self) -> dict[str, int]:
-        if not self.leader:
-            return {i: 0 for i in self.ifaces}
-        with open("/proc/net/dev") as f:
-            lines = f.read().splitlines()[2:]
-        tx = {}
-        for line in lines:
-            name, _, rest = line.partition(":")
-            if name.strip() in self.ifaces:
-                tx[name.strip()] = int(rest.split()[8])
-        return {i: tx.get(i, 0) for i in self.ifaces}
-
-
-class ClusterTx:
-    """Bytes every node has sent on ``ifaces`` (eth0: to other nodes; lo: inside the node), summed
-    over nodes: each node's local rank 0 reads its counters (:class:`NodeCounters`), one int64
-    all-reduce adds them up. A collective: every rank calls it at the same points (the accuracy
-    workers on a multi-node link, ``"ifaces"`` in the spec)."""
-
-    def __init__(self, ifaces: list[str]):
-        self.node = NodeCounters(ifaces)
-
-    def __call__(self) -> int:
-        total = torch.tensor([sum(self.node().values())], dtype=torch.int64)
-        dist.all_reduce(total)
-        return int(total)
-
-
-def _delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {k: b[k] - a[k] for k in a}
-
-
-class TxReader:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __call__(self) -> int:
-        with open(self.path) as f:
-            return int(f.read().strip())
 
 
 # --- one variant ---------------------------------------------------------------------------------
@@ -305,7 +171,7 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
         "times": times, "phases": {k: statistics.median(t) for k, t in phases.items()},
         "peak_rss": peak_rss_bytes() if reset_ok else None, "setup_peak_rss": setup_peak, "payload": payload,
         "cpu_s": cpu1 - cpu0,
-        "node_tx": _delta(n0, n1),
+        "node_tx": delta(n0, n1),
         "finite": all(map(lambda f: f == f and abs(f) != float("inf"), losses)),
     }
     everyone: list = [None] * world
@@ -342,41 +208,6 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
     del net, opt, state, model
     gc.collect()
     return row
-
-
-def barrier_cost(tx, n: int = 8) -> float:
-    """Bytes on the link per barrier (all ranks together), to subtract from a timed window.
-    Every rank reads ``tx`` (a :class:`ClusterTx` is a collective)."""
-    dist.barrier()
-    a = tx()
-    for _ in range(n):
-        dist.barrier()
-    b = tx()
-    return (b - a) / n
-
-
-def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
-    """Per interface, bytes all nodes send per barrier: the multi-node version of barrier_cost."""
-    dist.barrier()
-    a = node_tx()
-    for _ in range(n):
-        dist.barrier()
-    d = _delta(a, node_tx())
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, d)
-    return {i: sum(r[i] for r in everyone) / n for i in node_tx.ifaces}
-
-
-def measure_runs(spec_path: str, jobs_of, progress) -> None:
-    """A rank of an accuracy benchmark (time to accuracy, transfer): join, read the link's
-    counters (the namespace's ``tx_path``, or with ``"ifaces"`` every node's, :class:`ClusterTx`:
-    then the jobs must read ``tx`` on every rank) and a barrier's cost, then run ``jobs_of(spec, counter, tx, per_barrier)`` one by
-    one, recorded under ``"runs"`` in the spec's ``out`` (``harness.record_each``)."""
-    spec = harness.join(spec_path)
-    counter = PayloadCounter()
-    tx = ClusterTx(spec["ifaces"]) if spec.get("ifaces") else TxReader(spec["tx_path"])
-    per_barrier = barrier_cost(tx)
-    harness.record_each(spec["out"], "runs", per_barrier, jobs_of(spec, counter, tx, per_barrier), progress)
 
 
 def main(spec_path: str) -> None:

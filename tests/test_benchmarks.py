@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import comm  # noqa: E402
-import netem  # noqa: E402
-import report  # noqa: E402
+from benchmarks import comm, comm_results, report
+from cluster import netem
 
 NO_NETNS = netem.why_no_namespace()
 needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"no network namespace here: {NO_NETNS}")
@@ -41,7 +37,7 @@ def test_every_variant_runs_and_numbers_are_sane(tiny_run):
     out, result = tiny_run
     assert result["failures"] == {}
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {v["id"] for v in comm.variant_list()}
+    assert set(rows) == {v["id"] for v in comm_results.variant_list()}
     params = rows["dense"]["params"]
     for vid, r in rows.items():
         assert r["world_size"] == 2 and r["steps"] == 3 and len(r["step_s_all"]) == 3, vid
@@ -73,7 +69,7 @@ def test_table_json_and_plots_written(tiny_run):
     out, result = tiny_run
     with open(out / "comm.json") as f:
         saved = json.load(f)
-    assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python benchmarks/comm.py")
+    assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python -m benchmarks.comm ")
     md = (out / "comm.md").read_text().splitlines()
     header = ("| model | link | N | variant | step s | x floor | dense / this | fwd / bwd+comm / opt s | "
               "wire MB/rank/step | payload MB (ours) | wire / 2(N-1)/N payload | wire vs dense | "
@@ -97,17 +93,17 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
     out, result = tiny_run
     with open(out / "comm.json") as f:
         saved = json.load(f)
-    other = [dict(r, model="othermodel", run={"command": "python benchmarks/comm.py --models othermodel",
+    other = [dict(r, model="othermodel", run={"command": "python -m benchmarks.comm --models othermodel",
                                               "date": "2026-01-01T00:00:00"}) for r in saved["rows"]]
     prev = dict(saved, rows=other + saved["rows"])
     (tmp_path / "comm.json").write_text(json.dumps(prev))
     fresh = [dict(r, step_s=r["step_s"] * 2) for r in saved["rows"]]  # "re-measured" tiny rows
-    rows, failures = comm.merge_previous(str(tmp_path / "comm.json"), fresh, {})
+    rows, failures = comm_results.merge_previous(str(tmp_path / "comm.json"), fresh, {})
     assert len(rows) == 2 * len(saved["rows"]) and failures == {}
     assert [r["model"] for r in rows].count("othermodel") == len(other)
     tiny = [r for r in rows if r["model"] == "tiny"]
     assert [r["step_s"] for r in tiny] == [r["step_s"] for r in fresh]  # replaced, not duplicated
-    assert comm.merge_previous(str(tmp_path / "missing.json"), fresh, {})[0] == fresh
+    assert comm_results.merge_previous(str(tmp_path / "missing.json"), fresh, {})[0] == fresh
     prev["rows"] = rows
     (tmp_path / "comm.json").write_text(json.dumps(prev))
     res = comm.main(["--render-only", "--out", str(tmp_path)])
@@ -118,7 +114,7 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_time_to_accuracy_smoke(tmp_path):
-    import time_to_accuracy
+    from benchmarks import time_to_accuracy
 
     res = time_to_accuracy.main(["--methods", "fish", "--steps", "6", "--dense-steps", "2",
                                  "--eval-every", "3", "--seeds", "1", "--rate", "unshaped", "--num-samples", "32",
@@ -156,10 +152,7 @@ def test_time_to_accuracy_smoke(tmp_path):
 
 
 def test_small_benchmarks_run(tmp_path):
-    import fisher_speed
-    import optimizer_state
-    import overhead
-    import workloads
+    from benchmarks import fisher_speed, optimizer_state, overhead, workloads
 
     r = fisher_speed.measure("tiny", samples=16, repeats=1, chunk_size=8)
     assert r["engine"] == "layers" and r["max_rel_diff"] < 1e-4 and r["vec_s"] > 0 and r["loop_s"] > 0

@@ -7,15 +7,11 @@ width, and that the tables, fits and JSON come out.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import memory  # noqa: E402
+from benchmarks import memory
 
 
 def test_width_and_fit_helpers():

@@ -3,16 +3,12 @@ each one hands to the network are the ones its algorithm implies, and parts merg
 Accuracy and time are not asserted (the benchmark reports them)."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import transfer  # noqa: E402
-from test_wordnet import TWO_SUPERSENSES, write_noun  # noqa: E402
+from benchmarks import transfer, transfer_results
+from test_wordnet import TWO_SUPERSENSES, write_noun
 
 
 def tiny_bert(folder):
@@ -100,14 +96,14 @@ def test_summary_threshold_reach_and_verdicts():
               "k": 5, "diff_bytes": 60, "model_file_bytes": 10_000},
              {"method": "random-0.5", "lr": 1e-3, "seed": 0, "curve": curve([0.1, 0.5, 0.75], dt=1)},
              {"method": "powersgd-r4", "lr": 1e-4, "seed": 0, "curve": curve([0.1, 0.7, 0.79], dt=5, db=1e4)}]
-    rows, threshold = transfer.summarize(runs)
+    rows, threshold = transfer_results.summarize(runs)
     assert threshold == pytest.approx(0.95 * 0.805)
     by = {r["method"]: r for r in rows}
     assert by["dense"]["final_acc"] == pytest.approx(0.805) and by["dense"]["seeds"] == 2
     assert by["fish-0.5"]["reach_s"] == 2 and by["fish-0.5"]["reach_bytes"] == 1e3
     assert by["dense"]["reach_s"] == 20 and by["random-0.5"]["reach_s"] is None
     assert by["powersgd-r4"]["reach_s"] == 10
-    v = transfer.verdicts(rows)
+    v = transfer_results.verdicts(rows)
     # within 1 point of dense; NOT 10 points above random (5); beats PowerSGD r4 with 1/10 of its
     # bytes; fastest to the threshold; the diff is 0.6% of the model file
     assert [d["status"] for d in v] == ["HOLDS", "MISSED", "HOLDS", "HOLDS", "HOLDS"], v
@@ -142,7 +138,7 @@ def test_placement_counts_entries_per_residual_channel():
     transformers = pytest.importorskip("transformers")
     import torch
 
-    import transfer_placement
+    from benchmarks import transfer_placement
     from sparsecomm.mask import Mask
 
     config = transformers.BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
