@@ -1,7 +1,7 @@
 """Fisher scoring speed: the vectorised per-example path against the reference batch-size-1
 autograd loop, on the same model and the same samples (issue 2).
 
-    python benchmarks/fisher_speed.py [--models small_cnn resnet18 mlp minilm] [--samples N] [--quick]
+    python -m benchmarks.fisher_speed [--models small_cnn resnet18 mlp minilm] [--samples N] [--quick]
 
 All paths are ``sparsecomm.fisher.fisher_scores``: ``engine="auto"`` (what ``fisher_mask`` runs:
 the exact "layers" engine where the model qualifies, else torch.func vmap), the torch.func

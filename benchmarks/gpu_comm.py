@@ -1,8 +1,8 @@
 """A short NCCL benchmark on the GPUs of one machine: step time and bytes handed to all-reduce,
 dense DDP against the masked all-reduce hook (fp32 and bf16 wire) with ``MaskedAdamW``.
 
-    torchrun --nproc-per-node 1 benchmarks/gpu_comm.py [--model mlp] [--steps 20] [--density 0.005]
-    torchrun --nproc-per-node 2 benchmarks/gpu_comm.py --device cpu --model tiny   # a dry run, Gloo
+    torchrun --nproc-per-node 1 -m benchmarks.gpu_comm [--model mlp] [--steps 20] [--density 0.005]
+    torchrun --nproc-per-node 2 -m benchmarks.gpu_comm --device cpu --model tiny   # a dry run, Gloo
 
 One rank per GPU (``cuda:LOCAL_RANK``); with one GPU the world has one rank, so NCCL's
 all-reduce is local and the numbers measure the hook's CUDA path (packing, casts, the fused

@@ -1,6 +1,6 @@
 """One fused all-reduce per step vs one per bucket, for the masked hook (issue 2).
 
-    python benchmarks/hook_fusion.py [--params 25e6] [--density 0.005] [--bucket-cap-mb 4] [--steps 12]
+    python -m benchmarks.hook_fusion [--params 25e6] [--density 0.005] [--bucket-cap-mb 4] [--steps 12]
 
 Two Gloo ranks on this machine (forked, file:// store). Both modes run in the SAME processes,
 alternating, so machine noise hits both alike. Prints the median backward+hook time per step

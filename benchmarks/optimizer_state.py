@@ -1,6 +1,6 @@
 """Optimizer state bytes: ``MaskedAdamW.state_bytes()`` against ``torch.optim.AdamW`` (issue 2).
 
-    python benchmarks/optimizer_state.py [--model mlp] [--densities 0.001 0.005 0.02]
+    python -m benchmarks.optimizer_state [--model mlp] [--densities 0.001 0.005 0.02]
 
 After one step on the same model and gradients, the state tensors of torch's AdamW (two moments
 of n entries, plus a 4-byte step counter per parameter) are compared with MaskedAdamW's (two

@@ -2,7 +2,7 @@
 forward+backward, at 0.5% density on the 25M-parameter MLP; and at a 4x larger model with the
 same k, to show that the overhead follows k, not the model size (issue 2).
 
-    python benchmarks/overhead.py [--quick] [--reps 10]
+    python -m benchmarks.overhead [--quick] [--reps 10]
 
 One process, no network: the pieces the hook and the optimizer run each step are timed on the
 real code (``sparsecomm.packing.build_plan / pack / unpack_`` over DDP-like 25 MB buckets, the

@@ -2,9 +2,9 @@
 wire, for dense DDP, fp16, PowerSGD rank 4, the FISH mask and a random mask of the same density,
 on an emulated link (issue 4).
 
-    python benchmarks/time_to_accuracy.py                       # digits, 1 Gbit, 2 ranks, 3 seeds
-    python benchmarks/time_to_accuracy.py --quick               # 1 seed, 200 steps
-    python benchmarks/time_to_accuracy.py --tasks digits glue   # also the MiniLM transfer task
+    python -m benchmarks.time_to_accuracy                       # digits, 1 Gbit, 2 ranks, 3 seeds
+    python -m benchmarks.time_to_accuracy --quick               # 1 seed, 200 steps
+    python -m benchmarks.time_to_accuracy --tasks digits glue   # also the MiniLM transfer task
 
 Same weights, batches and link for every method; settings follow the app's defaults
 (``conf/``: 400 steps of 32 examples per rank, 20 dense steps at lr 3e-3 before the mask, masked

@@ -1,6 +1,6 @@
 """Where FISH 0.5% and random 0.5% put their entries in MiniLM (issue 11's "find out why").
 
-    python benchmarks/transfer_placement.py --num-samples 256 --more-samples 1024 --head-steps 25 --out benchmarks/results
+    python -m benchmarks.transfer_placement --num-samples 256 --more-samples 1024 --head-steps 25 --out benchmarks/results
 
 One process: the WordNet task as ``transfer.py`` builds it (seed 0, 4,000 training synsets), the
 Fisher scores of the first ``--num-samples`` training examples (``ShardedData.fisher_batches``
@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
         a_, b_ = masks["FISH"], masks["FISH, head first"]
         both = sum(int((a_[nm] & b_[nm]).sum()) for nm in params)
         overlap = {"shared_entries": both, "share_of_k": both / k}
-    res = {"command": "python benchmarks/transfer_placement.py " + " ".join(argv or sys.argv[1:]),
+    res = {"command": "python -m benchmarks.transfer_placement " + " ".join(argv or sys.argv[1:]),
            "num_samples": seen, "k": k, "numel": n, "fisher_s": fisher_s, "head_steps": a.head_steps,
            "groups": rows, "word_embedding_rows_touched": touched, "tokens": tokens, "residual_channels": channels,
            "fish_overlap": overlap}

@@ -1,7 +1,7 @@
 """Per-rank fine-tuning loop of the transfer head-to-head; ``transfer.py`` starts it with torchrun
 inside the emulated link.
 
-    python -m torch.distributed.run --nproc_per_node 2 ... benchmarks/transfer_worker.py SPEC.json
+    python -m torch.distributed.run --nproc_per_node 2 ... -m benchmarks.transfer_worker SPEC.json
 
 SPEC (written by ``transfer.py``)::
 

@@ -1,6 +1,6 @@
 """Per-rank training loop of the time-to-accuracy benchmark; torchrun starts it inside the link.
 
-    python -m torch.distributed.run --nproc_per_node N ... benchmarks/tta_worker.py SPEC.json
+    python -m torch.distributed.run --nproc_per_node N ... -m benchmarks.tta_worker SPEC.json
 
 SPEC (written by ``time_to_accuracy.py``)::
 

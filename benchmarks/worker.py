@@ -1,7 +1,7 @@
 """Per-rank step loop of the communication benchmark; torchrun starts one per rank inside the link.
 
     python -m torch.distributed.run --nproc_per_node N --master_addr 127.0.0.1 --master_port P \\
-        benchmarks/worker.py SPEC.json
+        -m benchmarks.worker SPEC.json
 
 ``SPEC.json`` (written by ``harness.launch``)::
 
