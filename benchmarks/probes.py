@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from benchmarks import harness
 
+
 class PayloadCounter:
     """Counts the bytes of every tensor handed to ``dist.all_reduce`` while ``active``."""
 
@@ -28,6 +29,7 @@ class PayloadCounter:
             return self._orig(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
+
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0); False where it cannot.
@@ -47,12 +49,14 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
 
+
 def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
 
 def tensor_bytes(obj) -> int:
     """Bytes of all tensors inside nested dicts/lists/tuples."""
@@ -64,11 +68,13 @@ def tensor_bytes(obj) -> int:
         return sum(tensor_bytes(v) for v in obj)
     return 0
 
+
 def optimizer_state_bytes(opt) -> int:
     """Bytes of the optimizer's state tensors (moments; Adam's step counters are 4 bytes each)."""
     if opt is None:
         return 0
     return sum(tensor_bytes(st) for st in opt.state.values())
+
 
 def busy_cpu_seconds() -> float | None:
     """CPU seconds used by every process on the machine so far (/proc/stat, first line)."""
@@ -80,6 +86,7 @@ def busy_cpu_seconds() -> float | None:
     user, nice, system, idle, iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
+
 def foreign_share(busy0, busy1, ours: float, wall: float) -> float | None:
     """Share of the machine's CPUs that processes other than our ranks used during a window.
 
@@ -88,6 +95,7 @@ def foreign_share(busy0, busy1, ours: float, wall: float) -> float | None:
     if busy0 is None or busy1 is None or wall <= 0:
         return None
     return max(0.0, busy1 - busy0 - ours) / (wall * (os.cpu_count() or 1))
+
 
 class NodeCounters:
     """Bytes sent per interface (``ifaces``, e.g. eth0 and lo) by this node, from this process's
@@ -110,6 +118,7 @@ class NodeCounters:
                 tx[name.strip()] = int(rest.split()[8])
         return {i: tx.get(i, 0) for i in self.ifaces}
 
+
 class ClusterTx:
     """Bytes every node has sent on ``ifaces`` (eth0: to other nodes; lo: inside the node), summed
     over nodes: each node's local rank 0 reads its counters (:class:`NodeCounters`), one int64
@@ -124,8 +133,10 @@ class ClusterTx:
         dist.all_reduce(total)
         return int(total)
 
+
 def delta(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: b[k] - a[k] for k in a}
+
 
 class TxReader:
     def __init__(self, path: str):
@@ -134,6 +145,7 @@ class TxReader:
     def __call__(self) -> int:
         with open(self.path) as f:
             return int(f.read().strip())
+
 
 def barrier_cost(tx, n: int = 8) -> float:
     """Bytes on the link per barrier (all ranks together), to subtract from a timed window.
@@ -145,6 +157,7 @@ def barrier_cost(tx, n: int = 8) -> float:
     b = tx()
     return (b - a) / n
 
+
 def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
     """Per interface, bytes all nodes send per barrier: the multi-node version of barrier_cost."""
     dist.barrier()
@@ -155,6 +168,7 @@ def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, d)
     return {i: sum(r[i] for r in everyone) / n for i in node_tx.ifaces}
+
 
 def measure_runs(spec_path: str, jobs_of, progress) -> None:
     """A rank of an accuracy benchmark (time to accuracy, transfer): join, read the link's

@@ -30,6 +30,7 @@ BOX_NAME = "scbox-test"
 RDZV_PORT = 29400
 pytestmark = [pytest.mark.box, pytest.mark.timeout(900)]  # a test may start the module's box and 2-3 jobs
 
+
 @pytest.fixture(scope="module")
 def cluster():
     reason = box.why_not(slurm=True)
@@ -58,6 +59,7 @@ def cluster():
         assert not alive, f"box down left processes {alive}"
         assert not os.path.exists(st["dir"])
 
+
 def app_env(st, **extra) -> dict:
     env = box.env(st)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
@@ -67,6 +69,7 @@ def app_env(st, **extra) -> dict:
     env.update(extra)
     return env
 
+
 def job_args(out: Path, steps: int, *extra: str, density: str | None = "0.2") -> list[str]:
     """The default digits job, shortened (20 dense steps, then the FISH mask), with a 20% mask so
     that the masked gradient sync is what each step sends (see the eth0 test). DDP's broadcast of
@@ -75,9 +78,11 @@ def job_args(out: Path, steps: int, *extra: str, density: str | None = "0.2") ->
     return [f"out_dir={out}", f"steps={steps}", "eval_every=0", *([f"mask.density={density}"] if density else []),
             *extra]
 
+
 def torchrun(nnodes: int, nproc: int, rdzv: str, rid: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", rid, "-m", "sparsecomm.app.train", *args]
+
 
 def run_nodes(st, cmds: dict[str, list[str]], cwd: Path, timeout: float = 600, env=None,
               self_loopback: bool = False) -> dict[str, subprocess.CompletedProcess]:
@@ -97,14 +102,17 @@ def run_nodes(st, cmds: dict[str, list[str]], cwd: Path, timeout: float = 600, e
         out[n] = subprocess.CompletedProcess(p.args, p.returncode, text)
     return out
 
+
 def eth0_tx(st) -> dict[str, int]:
     """Bytes each node has sent on eth0 so far."""
     return {n: box.counters(st, n)["eth0"]["tx_bytes"] for n in st["nodes"]}
+
 
 def params(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "model.safetensors"))
+
 
 def assert_same_params(a: dict, b: dict, what: str) -> None:
     import torch
@@ -112,6 +120,7 @@ def assert_same_params(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys()
     diff = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
     assert not diff, f"{what}: parameters differ (max abs diff per tensor): {diff}"
+
 
 def assert_close_params(run_dir: Path, ref_dir: Path, what: str, rel: float = 2e-3) -> None:
     """The run's final parameters (and buffers) are the reference run's up to float summation
@@ -131,13 +140,16 @@ def assert_close_params(run_dir: Path, ref_dir: Path, what: str, rel: float = 2e
     print(f"{what}: ||run - ref|| = {gap:.3g}, ||ref - base|| = {moved:.3g} (ratio {gap / moved:.2g})")
     assert gap <= rel * moved, f"{what}: ||run - ref|| = {gap:.3g} > {rel} x ||ref - base|| = {rel * moved:.3g}"
 
+
 def load_base(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "base.safetensors"))
 
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
 
 # --- 1. torchrun across two nodes ------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -157,9 +169,11 @@ def reference(cluster, tmp_path_factory):
         return done[(steps, *extra)]
     return run
 
+
 def two_node_run(st, tmp: Path, rid: str, steps: int, *extra: str, self_loopback=False, port=RDZV_PORT):
     cmds = {n: torchrun(2, 2, f"node1:{port}", rid, *job_args(tmp / "out", steps, *extra)) for n in st["nodes"]}
     return run_nodes(st, cmds, tmp, self_loopback=self_loopback)
+
 
 @pytest.fixture(scope="module")
 def two_node_runs(cluster, tmp_path_factory):
@@ -177,9 +191,11 @@ def two_node_runs(cluster, tmp_path_factory):
                      "eth0": {n: after[n] - before[n] for n in after}}
     return runs
 
+
 def completed(run: dict) -> None:
     for n, r in run["res"].items():
         assert r.returncode == 0, f"{n}:\n{r.stdout[-3000:]}"
+
 
 def test_torchrun_two_nodes_equals_one_node(two_node_runs, reference):
     """Bit-identical: same world size, same rank order, the same ring all-reduce summation order."""
@@ -188,6 +204,7 @@ def test_torchrun_two_nodes_equals_one_node(two_node_runs, reference):
     assert sorted(p.name for p in run["dir"].parent.iterdir()) == ["long", "short"]
     assert summary(run["dir"])["world_size"] == 4
     assert_same_params(params(run["dir"]), params(reference(run["steps"])), "2 nodes x 2 vs 1 node x 4")
+
 
 def test_eth0_bytes_per_masked_step_match_the_ring(two_node_runs):
     """Each node's eth0 per masked step (the 10 extra steps of ``long``) vs a ring all-reduce over
@@ -209,6 +226,7 @@ def test_eth0_bytes_per_masked_step_match_the_ring(two_node_runs):
         assert abs(measured / expected - 1) <= 0.10, (
             f"{node}: eth0 {measured:.0f} B/step vs ring prediction {expected:.0f} B ({measured / expected - 1:+.1%})")
 
+
 # --- 4. interface selection -----------------------------------------------------------------------
 def test_loopback_hostname_picks_the_interface_and_says_so(two_node_runs):
     """Every hostname on 127.0.1.1 (no cluster.socket_ifname): node2 takes the route to node1,
@@ -219,6 +237,7 @@ def test_loopback_hostname_picks_the_interface_and_says_so(two_node_runs):
     assert "hostname node1 resolves to 127.0.1.1 (loopback): using eth0, the only interface besides lo" in out["node1"]
     assert "hostname node2 resolves to 127.0.1.1 (loopback): using eth0, the interface that routes to the " \
            "rendezvous host node1 (10.213.7.11)" in out["node2"]
+
 
 def test_loopback_hostname_and_no_way_to_tell_stops_with_one_line(cluster, tmp_path):
     """The rendezvous host's name on 127.0.1.1 and two interfaces up: no guess, one line naming
@@ -241,6 +260,7 @@ def test_loopback_hostname_and_no_way_to_tell_stops_with_one_line(cluster, tmp_p
     assert len(lines) == 1 and "set cluster.socket_ifname=" in lines[0] and "127.0.1.1" in lines[0], res.stderr
     assert "eth0, extra0" in lines[0]
 
+
 # --- Slurm --------------------------------------------------------------------------------------
 def sbatch(st, cwd: Path, *args: str, env=None) -> str:
     """Submit from node1 (a client on the box's network); returns the job id."""
@@ -248,6 +268,7 @@ def sbatch(st, cwd: Path, *args: str, env=None) -> str:
                   capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip().split(";")[0]
+
 
 def job(st, jobid: str) -> dict[str, str]:
     """``scontrol show job -o`` as a dict (JobState, ExitCode, Restarts, ...)."""
@@ -260,9 +281,11 @@ def job(st, jobid: str) -> dict[str, str]:
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
+
 def scontrol(st, *args: str) -> None:
     res = box.run(st, "node1", ["scontrol", *args], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, f"scontrol {' '.join(args)}: {res.stderr}"
+
 
 def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, str]:
     deadline = time.monotonic() + timeout
@@ -275,10 +298,12 @@ def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, 
             pytest.fail(f"job {jobid} not done after {timeout:.0f} s: {j.get('JobState')} ({j.get('Reason')})")
         time.sleep(0.5)
 
+
 def slurm_job_args(out: Path, steps: int, *extra: str, density: str | None = "0.2") -> list[str]:
     return ["cluster.backend=gloo", "cluster.device=cpu", *job_args(out, steps, *extra, density=density)]
 
 SBATCH_OPTS = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")  # the script asks for 4 GPUs, 32 CPUs
+
 
 def test_sbatch_two_nodes_completes_with_one_run_dir(cluster, reference, tmp_path):
     env = app_env(cluster, SPARSECOMM_GPUS_PER_NODE="2")
@@ -291,6 +316,7 @@ def test_sbatch_two_nodes_completes_with_one_run_dir(cluster, reference, tmp_pat
     assert [p.name for p in (tmp_path / "out").iterdir()] == [jobid]
     assert summary(tmp_path / "out" / jobid)["world_size"] == 4
     assert_same_params(params(tmp_path / "out" / jobid), params(reference(40)), "sbatch 2 x 2 vs 1 node x 4")
+
 
 def test_submitit_sweep_every_job_completes(cluster, tmp_path):
     """The sweep config as documented; on the box: 2 nodes x 1 task per job, no GPUs, small memory.
@@ -310,9 +336,11 @@ def test_submitit_sweep_every_job_completes(cluster, tmp_path):
         s = summary(p)
         assert s["world_size"] == 2 and s["steps"] == 30 and abs(s["density"] - float(density)) < 1e-3, s
 
+
 # --- 3. faults across nodes --------------------------------------------------------------------
 def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+
 
 def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, reference, tmp_path):
     """SIGKILL every process of node 2 (slurmd, slurmstepd, torchrun, workers) after the job's
@@ -359,6 +387,7 @@ def test_node_killed_mid_job_then_resubmitted_resumes_and_matches(cluster, refer
     # bits, and AdamW carries it on. On 2 ranks (a+b = b+a) resume is bit-exact (test_fault.py).
     assert_close_params(run_dir, reference(40), "killed, resubmitted, resumed")
 
+
 def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, reference, tmp_path):
     """``scancel --signal=TERM`` (what Slurm sends at ``--time``): the workers stop at the next
     step boundary (``logging.log_every=1``: every step), checkpoint and exit. Checkpoints are on
@@ -389,6 +418,7 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
 HANG_TIMEOUT_S = 20
 HANG_MARGIN_S = 180  # the silent-rank check, torch elastic's 30 s shutdown of a stopped worker, exits
 
+
 def metrics_step(run_dir: Path) -> int:
     """The last train step rank 0 logged (0 if none yet)."""
     try:
@@ -397,6 +427,7 @@ def metrics_step(run_dir: Path) -> int:
         return 0
     steps = [json.loads(x)["step"] for x in lines if x.strip().startswith("{") and '"train"' in x]
     return max(steps, default=0)
+
 
 def start_two_nodes(st, tmp: Path, rid: str, port: int) -> dict[str, tuple[subprocess.Popen, Path]]:
     """Both nodes' torchrun, each writing its output to a file (a pipe would also wait for any
@@ -411,6 +442,7 @@ def start_two_nodes(st, tmp: Path, rid: str, port: int) -> dict[str, tuple[subpr
                                   stdout=f, stderr=subprocess.STDOUT), log)
     return procs
 
+
 def wait_training(procs: dict, run_dir: Path, step: int = 25, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while metrics_step(run_dir) < step:
@@ -418,6 +450,7 @@ def wait_training(procs: dict, run_dir: Path, step: int = 25, timeout: float = 3
             assert p.poll() is None, f"{n} exited early:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no train record at step {step} after {timeout} s"
         time.sleep(0.2)
+
 
 def finish(procs: dict, timeout: float) -> dict[str, tuple[int | None, str, float]]:
     """Each node's (exit code, output, seconds until it exited); a node still running is killed (rc None)."""
@@ -435,11 +468,13 @@ def finish(procs: dict, timeout: float) -> dict[str, tuple[int | None, str, floa
         out[n] = (p.returncode if n in took else None, log.read_text(), took.get(n, float("nan")))
     return out
 
+
 def cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
 
 def node_worker(st, node: str, rid: str, rank: int) -> int:
     for pid in box.ns_pids(box.netns(st, node)):
@@ -450,6 +485,7 @@ def node_worker(st, node: str, rid: str, rank: int) -> int:
         if {f"TORCHELASTIC_RUN_ID={rid}".encode(), f"RANK={rank}".encode()} <= env:
             return pid
     raise AssertionError(f"no worker of rank {rank} on {node}")
+
 
 def assert_stopped_lines(out: dict, node: str, *must: str, launcher_exits: bool = True) -> None:
     rc, text, took = out[node]
@@ -462,6 +498,7 @@ def assert_stopped_lines(out: dict, node: str, *must: str, launcher_exits: bool 
     for m in must:
         assert any(m in x for x in lines), (m, lines)
     print(f"{node}: exit {rc} after {took:.0f} s: {lines[0]}")
+
 
 def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_path):
     """node2's eth0 down mid-run: node1's ranks name ranks 2, 3 (node2) and node1's torchrun exits
@@ -485,6 +522,7 @@ def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_p
     assert_stopped_lines(out, "node2", "the job's store at", launcher_exits=False)
     assert not leftover, f"workers of node2 still running after their launcher exited: {leftover}"
 
+
 def test_a_stopped_worker_on_another_node_ends_the_job_in_bounded_time(cluster, tmp_path):
     """SIGSTOP rank 2 (node2): the other ranks name it; both torchruns exit non-zero within
     timeout + margin (node2's agent SIGKILLs its stopped worker after its shutdown timeout)."""
@@ -500,6 +538,7 @@ def test_a_stopped_worker_on_another_node_ends_the_job_in_bounded_time(cluster, 
             os.kill(pid, signal.SIGKILL)
     assert_stopped_lines(out, "node1", f"rank 2 (node2, pid {pid})")
     assert_stopped_lines(out, "node2", f"rank 2 (node2, pid {pid})")
+
 
 def test_sbatch_with_the_scripts_own_defaults_runs_on_a_cpu_cluster(cluster, tmp_path):
     """No resource options, no PYTHON, no cluster overrides: the header's request fits CPU nodes, the
