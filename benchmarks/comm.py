@@ -30,8 +30,8 @@ import os
 import time
 
 from benchmarks import comm_multinode, harness, report, workloads
-from benchmarks.comm_results import (COLUMNS, DEFAULT_DENSITIES, annotate, conclude, plots, rebuild, render, targets,
-                                     variant_list, worker_spec)
+from benchmarks.comm_results import (COLUMNS, DEFAULT_DENSITIES, annotate, conclude, payload, plots, rebuild, render,
+                                     targets, variant_list, worker_spec)
 from cluster import netem
 
 # (link rate, ranks, model) run by a bare `python -m benchmarks.comm`: ~15 min on 2 cores.
@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
                 print(f"  {model} on {n} ranks, batch {spec['batch_size']}/rank", flush=True)
                 got, failed = harness.launch(link, n, spec, workdir=workdir, timeout=a.launch_timeout,
                                              echo=lambda s: print(s, flush=True))
+                for r in got:
+                    payload(r)
                 rows += got
                 failures.update({f"{model}/{link.label}/N{n}/{k}": v for k, v in failed.items()})
     return conclude(a, argv, t_start, rows, failures, name="comm", annotate=annotate, targets=targets,

@@ -173,6 +173,8 @@ def main(a: argparse.Namespace, argv=None) -> dict:
                       flush=True)
                 got, failed = harness.launch(link, a.procs_per_node, spec, workdir=workdir, threads=threads,
                                              timeout=a.launch_timeout, echo=lambda s: print(s, flush=True))
+                for r in got:
+                    comm_results.payload(r)
                 rows += got
                 failures.update({f"{model}/{link.label}/{k}": v for k, v in failed.items()})
     return comm_results.conclude(a, argv, t_start, rows, failures, name=NAME, annotate=annotate, targets=targets,

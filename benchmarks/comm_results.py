@@ -291,11 +291,55 @@ def merge_previous(path: str, rows: list[dict], failures: dict) -> tuple[list[di
 
 
 # --- driver pieces shared with comm_multinode.py ----------------------------------------------------
+def comm_overrides(v: dict) -> list[str]:
+    """The app's ``comm=`` option (and ``mask=`` kind) that variant ``v`` measures."""
+    kind = v["kind"]
+    if kind in ("floor", "dense"):
+        return ["mask=dense", "comm=dense"]
+    if kind == "fp16":
+        return ["mask=dense", "comm=fp16"]
+    if kind == "powersgd":
+        return ["mask=dense", "comm=powersgd", f"comm.rank={int(v['rank'])}"]
+    if kind == "sparsecomm":  # a random mask: step time and bytes depend on k, not on which entries
+        wire = "null" if v.get("wire", "fp32") == "fp32" else v["wire"]
+        return ["mask=random", f"mask.density={v['density']}", "mask.always=[]", "comm=masked",
+                f"comm.wire_dtype={wire}", f"comm.fused={str(v.get('fused', True)).lower()}"]
+    raise ValueError(f"unknown variant kind {kind!r}")
+
+
 def worker_spec(a: argparse.Namespace, model: str, variants: list[dict], **link_fields) -> dict:
-    """What ``worker.py`` runs for one model: the variants, batch, steps, seed and lr of the command
-    line; ``link_fields`` say which byte counters it reads (``tx_path`` or ``ifaces``)."""
-    return {"model": model, "batch_size": a.batch_size or workloads.get(model).default_batch, "warmup": a.warmup,
-            "steps": a.steps, "seed": 0, "lr": a.lr, "variants": variants, **link_fields}
+    """What :mod:`benchmarks.drive` runs for one model: each variant as the app's overrides (the
+    workload's task, the batch, warm-up + timed steps, lr, the variant's ``comm=`` option);
+    ``link_fields`` say which byte counters the meter reads (``tx_path`` or ``ifaces``)."""
+    wl = workloads.get(model)
+    batch = a.batch_size or wl.default_batch
+    runs = []
+    for v in variants:
+        warmup = a.warmup + (2 if v["kind"] == "powersgd" else 0)  # PowerSGD's first 2 steps are dense
+        total = warmup + a.steps
+        overrides = [*wl.task, "task.num_test=16", f"batch_size={batch}", "eval_batch_size=16", f"steps={total}",
+                     "schedule=fish_fixed", "schedule/lr=constant", f"optim.lr={a.lr}", f"optim.dense_lr={a.lr}",
+                     "optim.weight_decay=0.0", "eval_every=0", f"logging.log_every={total}", "save_model=false",
+                     "save_diff=false", "seed=0", "comm.sync_buffers=false", *comm_overrides(v)]
+        runs.append(dict(v, overrides=overrides, warmup=warmup, steps=a.steps, alone=v["kind"] == "floor",
+                         model=model, batch_size=batch))
+    return {"model": model, "batch_size": batch, "meter": "steps", "variants": runs, **link_fields}
+
+
+def payload(row: dict) -> None:
+    """The payload a rank hands to the network per step (``payload_bytes``): DDP's own all-reduce
+    runs in its C++ reducer, so for ``dense`` it is the sync's count (every gradient byte); the
+    hooks' all-reduce calls are counted as they are made; the floor sends nothing. ``lib_bytes_sent``:
+    the sync's own count, for the hooks to agree with."""
+    kind = row["kind"]
+    if kind == "floor":
+        row["payload_bytes"], row["payload_source"] = 0, "none"
+    elif kind == "dense":
+        row["payload_bytes"], row["payload_source"] = row["sync_bytes_per_step"], "the sync's count"
+    else:
+        row["payload_bytes"], row["payload_source"] = row["all_reduce_payload_bytes"], "all_reduce calls"
+    row["lib_bytes_sent"] = row["sync_bytes_per_step"]
+    row.setdefault("hook_state_bytes", (row.get("comm_stats") or {}).get("comm_state_bytes"))
 
 
 def rebuild(out: str, name: str, annotate, targets, write) -> dict:

@@ -1,4 +1,4 @@
-"""Launch the per-rank worker with torchrun inside an emulated link and collect rank 0's rows.
+"""Launch the app's runs with torchrun inside an emulated link and collect rank 0's rows.
 
     with netem.Link("1gbit") as link:
         rows, failures = launch(link, nproc=2, spec={...}, workdir="benchmarks/results/tmp")
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from benchmarks.apprun import free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = "benchmarks.worker"  # the per-rank modules torchrun starts (-m), from the repository root
+DRIVER = "benchmarks.drive"  # the per-rank module torchrun starts (-m), from the repository root
 _ports = itertools.count(29500)
 
 
@@ -148,37 +148,31 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0, threads: int | None = None,
            echo=print) -> tuple[list[dict], dict[str, str]]:
-    """Run ``spec['variants']`` on ``nproc`` ranks; returns (rows, {variant id: failure text})."""
+    """Run each of ``spec['variants']`` as one app run on ``nproc`` ranks (:mod:`benchmarks.drive`, one
+    torchrun launch per variant); returns (rows, {variant id: failure text})."""
     os.makedirs(workdir, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
-    remaining = list(spec["variants"])
     rows: list[dict] = []
     failures: dict[str, str] = {}
-    for attempt in range(len(spec["variants"])):
-        if not remaining:
-            break
-        tag = f"{spec['model']}-{link.rate}-n{nproc}-{os.getpid()}-{attempt}"
+    for n, variant in enumerate(spec["variants"]):
+        tag = f"{spec.get('model', 'run')}-{link.rate}-n{nproc}-{os.getpid()}-{n}"
         spec_path = os.path.join(workdir, f"spec-{tag}.json")
         out_path = os.path.join(workdir, f"rows-{tag}.json")
-        run_spec = dict(spec, variants=remaining, out=out_path, threads=threads)
+        run_spec = dict(spec, variants=[variant], out=out_path, threads=threads, workdir=os.path.abspath(workdir))
         t0 = time.monotonic()
-        rc, tail, written = run_worker(link, nproc, WORKER, run_spec, spec_path, threads=threads, timeout=timeout,
+        rc, tail, written = run_worker(link, nproc, DRIVER, run_spec, spec_path, threads=threads, timeout=timeout,
                                        echo=echo)
         got = written["rows"] if written else []
-        for r in got:
-            r["link"] = link.label
-            r["link_note"] = link.fallback or ""
-            r["threads"] = threads
-        rows.extend(got)
-        done = {r["variant"] for r in got}
-        remaining = [v for v in remaining if v["id"] not in done]
-        if rc == 0 and not remaining:
-            break
-        if remaining:
-            failed = remaining.pop(0)
-            failures[failed["id"]] = f"exit {rc} after {time.monotonic() - t0:.0f} s:\n{tail}"
-            echo(f"    {failed['id']}: FAILED (exit {rc}); last lines:\n" +
+        if rc != 0 or not got:
+            failures[variant["id"]] = f"exit {rc} after {time.monotonic() - t0:.0f} s:\n{tail}"
+            echo(f"    {variant['id']}: FAILED (exit {rc}); last lines:\n" +
                  "\n".join("      " + line for line in tail.splitlines()[-8:]))
+            continue
+        for r in got:
+            r.update(link=link.label, link_note=link.fallback or "", threads=threads)
+            echo(f"    {r['variant']:>16}: {r['step_s']:.3f} s/step, {r['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step "
+                 f"on the wire ({time.monotonic() - t0:.1f} s)")
+        rows.extend(got)
     return rows, failures
 
 
