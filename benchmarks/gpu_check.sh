@@ -56,8 +56,7 @@ run gpu_tests "$TESTS_TIMEOUT" "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprov
 if [[ ${RESULT[gpu_tests]} == PASS* ]] && ! grep -qE "[0-9]+ passed" "$LOGS/gpu_tests.log"; then
     RESULT[gpu_tests]="FAIL (nothing ran: every gpu test was skipped)"
 fi
-run nccl_bench "$BENCH_TIMEOUT" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" \
-    -m benchmarks.gpu_comm --model mlp --steps 20
+run nccl_bench "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.gpu_comm --ranks "$ngpu" --model mlp --steps 20
 
 status=0
 echo "== gpu_check summary (logs in $LOGS)"

@@ -146,6 +146,15 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def progress(row: dict) -> str:
+    """One line on a finished run: step time and bytes per step, or its last accuracy point."""
+    if "curve" in row:
+        last = row["curve"][-1]
+        return (f"accuracy {last['accuracy']:.3f}, {last['seconds']:.1f} s training, "
+                f"{last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank on the wire")
+    return f"{row['step_s']:.3f} s/step, {row['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step on the wire"
+
+
 def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0, threads: int | None = None,
            echo=print) -> tuple[list[dict], dict[str, str]]:
     """Run each of ``spec['variants']`` as one app run on ``nproc`` ranks (:mod:`benchmarks.drive`, one
@@ -170,8 +179,7 @@ def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0
             continue
         for r in got:
             r.update(link=link.label, link_note=link.fallback or "", threads=threads)
-            echo(f"    {r['variant']:>16}: {r['step_s']:.3f} s/step, {r['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step "
-                 f"on the wire ({time.monotonic() - t0:.1f} s)")
+            echo(f"    {r['variant']:>16}: {progress(r)} ({time.monotonic() - t0:.1f} s)")
         rows.extend(got)
     return rows, failures
 

@@ -11,17 +11,20 @@ its own w outputs; the data is one random batch. Every measurement runs in a FRE
 ``5``; ``resource.getrusage`` where that is unavailable), reads the current RSS, runs the step
 under test and reports ``VmHWM - RSS before``: the peak extra resident memory the step needed on
 top of the model. On a CUDA device the same is read from ``torch.cuda.max_memory_allocated``.
-Rows (``--steps`` steps each for the training rows, one Gloo rank, density 0.5%):
+Rows (``--steps`` steps each for the training rows, one Gloo rank, density 0.5%); the training rows
+are the app's own run (``task=synthetic`` with this MLP; the overrides are in each row of the JSON),
+measured less the model and the examples the task holds:
 
     random_mask            sparsecomm.random_mask (streamed top-k)
     fisher_mask            sparsecomm.fisher_mask, layers engine, 64 examples
     concat (before)        the previous random_mask: every score as float64, concatenated
-    ddp                    DDP(gradient_as_bucket_view=True), forward+backward, no optimizer:
+    ddp                    comm=dense mask=dense optim=sgd (no momentum: no optimizer state):
                            DDP's own share (its gradient buckets)
-    sparsecomm             random mask + DDP(bucket view) + masked hook + MaskedAdamW
-    pipeline               fisher_mask, then the sparsecomm row: what a FISH run needs at its peak
-    dense                  DDP (torch's defaults) + torch.optim.AdamW
-    dense, bucket view     DDP(gradient_as_bucket_view=True) + torch.optim.AdamW
+    sparsecomm             comm=masked mask=random + MaskedAdamW
+    pipeline               comm=masked mask=fisher (64 examples): what a FISH run needs at its peak
+    dense, bucket view     comm=dense mask=dense + torch.optim.AdamW (the app's DDP views its
+                           gradients in the buckets)
+    dense                  DDP with torch's defaults + AdamW: earlier results only
 
 ``--headline`` fits ``peak RSS of a rank = a + b x model bytes`` to the pipeline and to the best
 dense row, predicts the largest model that 2 ranks fit in the machine's memory (MemTotal less
@@ -44,7 +47,7 @@ import time
 from benchmarks import report
 from benchmarks.memory_report import render
 from benchmarks.memory_run import Cage, meminfo_bytes, run_fresh
-from benchmarks.memory_worker import GIB, LABELS, MIB, ROWS, model_bytes, width_for
+from benchmarks.memory_worker import GIB, LABELS, MIB, RECORDED, ROWS, model_bytes, width_for
 
 SPEC_EXTRA: dict = {}  # set from the command line for every worker (e.g. glibc_default)
 
@@ -189,7 +192,7 @@ def main(argv=None) -> dict:
                 previous = json.load(f)
             have = {(r["model_bytes"], r["what"]) for r in rows}
             rows = sorted([r for r in previous["rows"] if (r["model_bytes"], r["what"]) not in have] + rows,
-                          key=lambda r: (r["model_bytes"], ROWS.index(r["what"])))
+                          key=lambda r: (r["model_bytes"], RECORDED.index(r["what"])))
         command = report.command_line(__file__, argv)
         if previous.get("command"):
             command = previous["command"] + "` then `" + command

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from benchmarks import report
-from benchmarks.memory_worker import GIB, LABELS, LAYERS, MIB, ROWS
+from benchmarks.memory_worker import GIB, LABELS, LAYERS, MIB, RECORDED
 
 
 def _mib(x):
@@ -12,7 +12,7 @@ def _mib(x):
 def size_table(rows: list[dict]) -> str:
     sizes = sorted({r["model_bytes"] for r in rows})
     by = {(r["model_bytes"], r["what"]): r for r in rows}
-    cols = [w for w in ROWS if any((s, w) in by for s in sizes)]
+    cols = [w for w in RECORDED if any((s, w) in by for s in sizes)]
     head = "| fp32 model | " + " | ".join(LABELS[w] for w in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for s in sizes:
@@ -162,7 +162,7 @@ def render(result: dict, out: str) -> str:
                          + (", ".join(f"{p / GIB:.2f}" for p in ch["rank_peaks"]) + " GiB" if ch["rank_peaks"] else "-")
                          + " |\n")
     text += "\n\n" + report.verdicts_md(verdicts)
-    if any(r["what"] in ROWS for r in rows):
+    if any(r["what"] in RECORDED for r in rows):
         p = plot(rows, out)
         if p:
             text += "\n\n![peak extra memory](memory.png)"

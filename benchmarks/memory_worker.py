@@ -1,8 +1,11 @@
 """One memory figure, measured in a fresh process: ``python -m benchmarks.memory_worker SPEC.json``.
 
-:func:`worker` builds the 8-layer MLP, resets the kernel's peak-RSS counter, runs the row named by
-``spec['what']`` (a mask, DDP + hook + optimizer steps, ...) and returns the peak extra bytes above the
-model; the process prints it as one ``[memory] {json}`` line for :mod:`benchmarks.memory_run`.
+:func:`worker` resets the kernel's peak-RSS counter, runs the row named by ``spec['what']`` and
+returns the peak extra bytes above the model; the process prints it as one ``[memory] {json}`` line
+for :mod:`benchmarks.memory_run`. The mask rows call the library on the 8-layer MLP it builds
+(``random_mask``, ``fisher_mask``, the earlier concatenating top-k); the training rows are the app's
+own run (:func:`app_row`: ``sparsecomm.app.trainer.run`` with a :class:`benchmarks.meters.MemoryMeter`),
+with the ``comm=`` option, ``mask=`` kind and optimizer of the row.
 """
 from __future__ import annotations
 
@@ -14,15 +17,28 @@ import sys
 import tempfile
 import time
 
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsecomm
+from benchmarks.meters import MemoryMeter
+from sparsecomm.app import trainer
+from sparsecomm.app.compose import compose_config
+from sparsecomm.mask import Mask
+
 MIB = 1 << 20
 GIB = 1 << 30
 LAYERS = 8
-ROWS = ("random_mask", "fisher_mask", "concat", "ddp", "sparsecomm", "pipeline", "dense", "dense_bv")
+ROWS = ("random_mask", "fisher_mask", "concat", "ddp", "sparsecomm", "pipeline", "dense_bv")
+# "dense" (DDP with torch's defaults, no gradient bucket view) is in earlier results only: the app's DDP
+# always views its gradients in the buckets, and every training row is the app's run.
 LABELS = {"random_mask": "random_mask", "fisher_mask": "fisher_mask", "concat": "concat top-k (before)",
-          "ddp": "DDP alone (its buckets)", "sparsecomm": "DDP + hook + MaskedAdamW",
+          "ddp": "DDP + SGD without state (its buckets)", "sparsecomm": "DDP + hook + MaskedAdamW",
           "pipeline": "fisher_mask, then DDP + hook + MaskedAdamW", "dense": "dense DDP + AdamW",
           "dense_bv": "dense DDP (bucket view) + AdamW"}
-TRAINING = ("ddp", "sparsecomm", "pipeline", "dense", "dense_bv")
+TRAINING = ("ddp", "sparsecomm", "pipeline", "dense_bv")  # the app's runs
+RECORDED = (*ROWS, "dense")  # the rows a results file may hold, in table order
 
 
 def width_for(mib: float) -> int:
@@ -75,9 +91,6 @@ class PeakRSS:
 
 
 def _build(w: int, device):
-    import torch
-    from torch import nn
-
     torch.manual_seed(0)
     with torch.device(device):
         model = nn.Sequential(*[nn.Linear(w, w) for _ in range(LAYERS)])
@@ -86,10 +99,6 @@ def _build(w: int, device):
 
 def _concat_random_mask(model, density: float, seed: int = 0):
     """The previous random_mask: n float64 scores, concatenated, compared whole (for the 'before' row)."""
-    import torch
-
-    from sparsecomm.mask import Mask
-
     params = dict(model.named_parameters())
     k = round(density * sum(p.numel() for p in params.values()))
     gen = torch.Generator().manual_seed(seed)
@@ -106,52 +115,63 @@ def _concat_random_mask(model, density: float, seed: int = 0):
     return Mask(bits)
 
 
-def _train(model, what: str, steps: int, density: float, batch, mask=None) -> dict:
-    """DDP (+ hook + MaskedAdamW, or + AdamW) for ``steps`` steps. Returns what it held."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
+def app_overrides(spec: dict) -> list[str]:
+    """Row ``spec['what']`` as the app's run: ``task=synthetic`` with the 8-layer MLP of width w
+    (``models.mlp`` with in = hidden = classes = w and 7 hidden layers: 8 x (w*w + w) entries, as
+    :func:`model_bytes` counts), ``batch`` examples a step, ``steps`` steps; its ``comm=`` option,
+    ``mask=`` kind (no entry kept whole: k = density x n) and optimizer."""
+    w, steps, batch = int(spec["width"]), int(spec["steps"]), int(spec["batch"])
+    run = ["task=synthetic", "task.model=mlp", f"task.in_features={w}", f"task.hidden={w}",
+           f"task.depth={LAYERS - 1}", f"task.num_classes={w}", f"task.num_train={batch * steps}",
+           f"task.num_test={batch}", f"batch_size={batch}", f"eval_batch_size={batch}", f"steps={steps}",
+           "schedule=fish_fixed", "schedule/lr=constant", "eval_every=0", f"logging.log_every={steps}",
+           "save_model=false", "save_diff=false", "seed=0", "comm.sync_buffers=false",
+           f"cluster.num_threads={int(spec.get('threads', 1))}", f"cluster.device={spec.get('device', 'cpu')}"]
+    sparse = [f"mask.density={spec['density']}", "mask.always=[]", "comm=masked", "optim.lr=1e-4"]
+    return run + {
+        "ddp": ["mask=dense", "comm=dense", "optim=sgd", "optim.dense_lr=1e-4", "optim.momentum=0.0"],
+        "sparsecomm": ["mask=random", *sparse],
+        "pipeline": ["mask=fisher", f"mask.num_samples={spec['fisher_samples']}", *sparse],
+        "dense_bv": ["mask=dense", "comm=dense", "optim.dense_lr=1e-4"],
+    }[spec["what"]]
 
-    import sparsecomm
 
-    x, y = batch
-    loss_fn = torch.nn.functional.cross_entropy
-    bucket_view = what != "dense"
-    ddp = DDP(model, gradient_as_bucket_view=bucket_view, broadcast_buffers=False)
-    info = {"gradient_as_bucket_view": bucket_view}
-    if what in ("sparsecomm", "pipeline"):
-        if mask is None:
-            mask = sparsecomm.random_mask(model, density=density, seed=0)
-        state = sparsecomm.register_masked_allreduce(ddp, mask)
-        opt = sparsecomm.MaskedAdamW(model, mask, lr=1e-4)
-        info["k"] = mask.num_selected
-    elif what in ("dense", "dense_bv"):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    else:
-        opt = None
-    for _ in range(steps):
-        loss_fn(ddp(x), y).backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)
-    if what in ("sparsecomm", "pipeline"):
-        info["optimizer_state_bytes"] = opt.state_bytes()
-        info["bytes_sent"] = state.bytes_sent
-    elif opt is not None:
-        info["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for st in opt.state.values()
-                                            for v in st.values() if isinstance(v, torch.Tensor))
-    info["loss_finite"] = bool(torch.isfinite(loss_fn(model(x), y)))
-    return info
+def data_bytes(spec: dict) -> int:
+    """The synthetic task's examples the run holds: (train + test) x (w fp32 inputs + an int64 label)."""
+    w, batch = int(spec["width"]), int(spec["batch"])
+    return (batch * int(spec["steps"]) + batch) * (4 * w + 8)
+
+
+def app_row(spec: dict) -> dict:
+    """A training row: the app's own run (``sparsecomm.app.trainer.run``); its peak less the model
+    and the data it builds is the peak extra memory of training."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    rss = PeakRSS()
+    rss_start = rss.current()
+    if spec.get("warmup", True) and world == 1:  # one-time costs (libraries, Gloo, DDP, Hydra) out of the figure
+        trainer.run(compose_config(app_overrides(dict(spec, width=64, fisher_samples=32))),
+                    tempfile.mkdtemp(prefix="memwarm-"))
+        gc.collect()
+    base = rss.reset()
+    held = model_bytes(int(spec["width"])) + data_bytes(spec)
+    t0 = time.perf_counter()
+    summary = trainer.run(compose_config(app_overrides(spec)), tempfile.mkdtemp(prefix="mem-"),
+                          callbacks=[MemoryMeter(rss.peak)])
+    mem = summary["memory"]
+    phases = {k: v - base - held for k, v in mem["phases"].items()}
+    return {"what": spec["what"], "width": int(spec["width"]), "model_bytes": model_bytes(int(spec["width"])),
+            "rank": rank, "world": world, "steps": int(spec["steps"]), "rss_runtime": rss_start, "rss_before": base,
+            "peak_exact": rss.exact, "k": summary["k"], "seconds": round(time.perf_counter() - t0, 2),
+            "peak_extra": max(phases.values()), "phases": phases, "rss_peak_total": max(mem["phases"].values()),
+            "data_bytes": data_bytes(spec), "optimizer_state_bytes": mem["opt_state_bytes"],
+            "bytes_sent": summary["bytes_sent"], "loss_finite": mem["loss_finite"], "overrides": app_overrides(spec),
+            "gradient_as_bucket_view": True}
 
 
 def worker(spec: dict) -> dict:
     """Run one row (``spec['what']``) on a model of width ``spec['width']``; report peak extra bytes."""
-    import torch
-    import torch.distributed as dist
-
-    import sparsecomm
-
+    if spec["what"] in TRAINING:
+        return app_row(spec)
     torch.set_num_threads(int(spec.get("threads", 1)))
     if not dist.is_initialized():
         if "RANK" in os.environ:
@@ -189,19 +209,11 @@ def worker(spec: dict) -> dict:
         mask = (sparsecomm.random_mask(model, density=density, seed=0) if what == "random_mask"
                 else _concat_random_mask(model, density))
         out["k"] = mask.num_selected
-    if what in ("fisher_mask", "pipeline"):
+    if what == "fisher_mask":
         mask = sparsecomm.fisher_mask(model, fisher_data, torch.nn.functional.cross_entropy, density=density,
                                       num_samples=spec["fisher_samples"], engine="layers")
         out["k"] = mask.num_selected
         phases["fisher_mask"] = rss.peak() - base
-        if what == "pipeline":
-            out["mask_bits_bytes"] = mask.numel  # 1 byte per entry
-            rss.reset()  # the training phase's own peak, from the RSS it starts at (holding the mask)
-            phases["train_start"] = rss.current() - base
-    if what in TRAINING:
-        out.update(_train(model, what, steps, density, batch, mask=mask))
-        out["steps"] = steps
-        phases["train"] = rss.peak() - base
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["peak_extra"] = max([rss.peak() - base, *phases.values()])
     out["phases"] = phases

@@ -13,6 +13,7 @@ subtracted from it.
                                     counter (``stats()``), peak RSS, other processes' CPU share
     AccuracyCurve(link)             every evaluation: step, training seconds, bytes on the link,
                                     test accuracy
+    MemoryMeter(peak)               peak RSS after set-up, after the first step and over the run
 """
 from __future__ import annotations
 
@@ -182,8 +183,34 @@ class AccuracyCurve(Callback):
         sent = self.link.total() - self.tx0
         self.curve.append({"step": step, "seconds": self.seconds, "accuracy": result["test_acc"],
                            "wire_bytes_per_rank": sent / dist.get_world_size(),
-                           "sync_bytes": state.sync.bytes_sent})
+                           "payload_bytes": state.sync.bytes_sent})
         self._t = time.perf_counter()
 
     def on_train_end(self, state, summary) -> dict:
         return {"curve": self.curve}
+
+
+class MemoryMeter(Callback):
+    """Peak resident memory of this process at three points of the run (bytes, Linux VmHWM, whose
+    mark the caller resets before the run): ``setup`` (model, data, DDP, optimizer built),
+    ``first_step`` (through the first step: the mask, for ``mask=fisher`` its scoring), ``train`` (the
+    whole run); and the optimizer state the run ends with."""
+
+    def __init__(self, peak):
+        self.peak = peak  # () -> bytes: the high-water mark since the caller's reset
+        self.phases: dict[str, int] = {}
+        self.finite = True
+
+    def on_train_start(self, state) -> None:
+        self.phases["setup"] = self.peak()
+
+    def on_step_end(self, state, step: int, loss, times) -> None:
+        if "first_step" not in self.phases:
+            self.phases["first_step"] = self.peak()
+        f = float(loss)
+        self.finite = self.finite and f == f and abs(f) != float("inf")
+
+    def on_train_end(self, state, summary) -> dict:
+        self.phases["train"] = self.peak()
+        return {"memory": {"phases": dict(self.phases), "loss_finite": self.finite,
+                           "opt_state_bytes": optimizer_state_bytes(state.optimizer(state.mask is None)[0])}}
