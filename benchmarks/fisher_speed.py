@@ -18,7 +18,8 @@ import time
 import torch
 from torch import nn
 
-from sparsecomm.modelio import forward
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.fisher import fisher_scores
 
 from benchmarks import report, workloads
 
@@ -37,8 +38,6 @@ def batches(wl: workloads.Workload, samples: int, batch: int, seed: int = 0):
 
 
 def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_vmap: bool = True) -> dict:
-    from sparsecomm.fisher import fisher_scores
-
     wl = workloads.get(model_name)
     torch.manual_seed(0)
     model = wl.build()
@@ -78,10 +77,10 @@ def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_v
         row.update(vmap_s=t_vec, vmap_speedup=row["speedup"], vmap_max_rel_diff=row["max_rel_diff"])
     # the batched forward+backward of the same examples: what one pass over the batch costs at least
     model.eval()
+    engine = StepEngine(loss_fn)  # the app's step; no optimizer: forward and backward only
     t = time.perf_counter()
     for x, y in data:
-        model.zero_grad(set_to_none=True)
-        loss_fn(forward(model, x), y).backward()
+        engine.step(model, (x, y), None)
     row["fwd_bwd_s"] = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     model.train()

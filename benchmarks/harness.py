@@ -36,7 +36,7 @@ _ports = itertools.count(29500)
 
 def torchrun_cmd(nproc: int, port: int, module: str, *args: str, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str = "127.0.0.1") -> list[str]:
-    """torchrun running ``python -m module args`` on each rank (``module``: e.g. ``benchmarks.worker``)."""
+    """torchrun running ``python -m module args`` on each rank (``module``: e.g. ``benchmarks.drive``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
             "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), "-m", module,
             *args]

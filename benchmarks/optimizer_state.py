@@ -13,7 +13,9 @@ import argparse
 import torch
 from torch import nn
 
+import sparsecomm
 from benchmarks import report, workloads
+from sparsecomm.app.engine import StepEngine
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -22,23 +24,22 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def measure(model_name: str, densities) -> list[dict]:
-    import sparsecomm
-
     wl = workloads.get(model_name)
     torch.manual_seed(0)
     model = wl.build()
-    x, y = wl.batch(4, torch.Generator().manual_seed(0))
-    nn.CrossEntropyLoss()(workloads.logits_of(model(x)), y).backward()
+    batch = wl.batch(4, torch.Generator().manual_seed(0))
+    ce = nn.CrossEntropyLoss()
+    engine = StepEngine(lambda out, y: ce(workloads.logits_of(out), y))  # the app's step fills the state
     n = sum(p.numel() for p in model.parameters())
     dense = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the weights stay as they are
-    dense.step()
+    engine.step(model, batch, dense)
     dense_bytes = state_bytes(dense)
     del dense
     rows = []
     for d in densities:
         mask = sparsecomm.random_mask(model, density=d, seed=0)
         opt = sparsecomm.MaskedAdamW(model, mask, lr=0.0, weight_decay=0.0)
-        opt.step()
+        engine.step(model, batch, opt)
         mine = opt.state_bytes()
         rows.append({"model": model_name, "params": n, "density": d, "k": mask.num_selected,
                      "adamw_bytes": dense_bytes, "masked_bytes": mine, "independent_bytes": state_bytes(opt),

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import os
 import sys
 import tempfile
@@ -62,17 +63,34 @@ from sparsecomm import diff as sdiff
 from sparsecomm.app import schema
 from sparsecomm.app.data import ShardedData, evaluate
 from sparsecomm.app.engine import StepEngine
+from sparsecomm.app.masks import Setting, build_mask_kind
 from sparsecomm.diff_pruning import DiffPruning
 from sparsecomm.fisher import fisher_mask, fisher_scores
 from sparsecomm.hook import register_masked_allreduce
 from sparsecomm.mask import Mask, count_for_density, matches_any
 from sparsecomm.optim import MaskedAdamW
 
-from benchmarks.tta_worker import build_task, mask_kind
 from benchmarks.probes import PayloadCounter, TxReader, busy_cpu_seconds, measure_runs, optimizer_state_bytes
 
 
 MASKED = ("fish", "fishhead", "fishtensor", "random", "diffprune")  # kinds with a density: "<kind>-<D%>"
+
+
+def build_task(spec: dict, seed: int):
+    torch.manual_seed(seed)
+    mod = importlib.import_module(f"sparsecomm.app.tasks.{spec['task']}")
+    return mod.build(**spec.get("task_kwargs", {}))
+
+
+def mask_kind(name: str, seed: int, task, data, model, **fields):
+    """The app's ``mask=<name>`` kind (its schema's defaults, then ``fields``) on this model."""
+    cfg = OmegaConf.structured(schema.OPTIONS["mask"][name])
+    cfg.name = name
+    if "seed" in cfg:
+        cfg.seed = seed
+    for key, value in fields.items():
+        cfg[key] = value
+    return build_mask_kind(cfg, Setting(task, data, model, seed))
 
 
 def parse(method: str) -> tuple[str, float | None]:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsecomm.modelio import logits_of  # noqa: F401  (the workers take it from here: workloads.logits_of)
+from sparsecomm.modelio import logits_of  # noqa: F401  (the micro-benchmarks take it from here: workloads.logits_of)
 
 
 @dataclass
