@@ -31,6 +31,8 @@ from benchmarks.meters import AccuracyCurve, Link, StepMeter
 from sparsecomm.app import trainer
 from sparsecomm.app.compose import compose_config
 
+SUMMARY_FIELDS = ("numel", "k", "density", "test_acc", "train_s", "bytes_sent", "dense_bytes", "mask_score_bytes",
+                  "task_diff_bytes", "full_model_bytes")  # of the app's summary, copied into the row
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
@@ -48,12 +50,10 @@ def run_variant(spec: dict, variant: dict, launch_rank: int, launch_world: int) 
     cfg = compose_config([*variant["overrides"], f"cluster.num_threads={int(spec.get('threads', 1))}"])
     summary = trainer.run(cfg, run_dir, callbacks=meters(spec, variant))
     row = {k: v for k, v in variant.items() if k not in ("overrides", "alone")}
-    row.update(variant=variant["id"], overrides=variant["overrides"], params=summary["numel"], k=summary["k"],
-               test_acc=summary["test_acc"], train_s=summary["train_s"], bytes_sent=summary["bytes_sent"],
-               comm_stats={k: v for k, v in summary.items() if k.startswith("comm")})
+    row.update({k: summary.get(k) for k in SUMMARY_FIELDS}, variant=variant["id"], overrides=variant["overrides"],
+               params=summary["numel"], comm_stats={k: v for k, v in summary.items() if k.startswith("comm")})
     row.update(summary.get("bench", {}))
-    if "curve" in summary:
-        row["curve"] = summary["curve"]
+    row.update(summary.get("accuracy", {}))
     if variant.get("alone"):  # every process alone: the launch's size, and the compute of a step only
         phases = row.get("phases_s", {})
         row.update(world_size=launch_world, step_s=phases.get("forward", 0.0) + phases.get("backward", 0.0))

@@ -3,15 +3,13 @@
     with netem.Link("1gbit") as link:
         rows, failures = launch(link, nproc=2, spec={...}, workdir="benchmarks/results/tmp")
 
-A run that crashes keeps the rows of the variants finished before the crash; the variant that
-was running is recorded as failed (with the output's tail) and the remaining ones are launched
-again, so one broken variant costs one row, not the run. Every launch is bounded by
-``timeout`` seconds; on expiry its process group (the torchrun we started and its ranks) is
-killed.
+Each variant is one run of the app, in its own torchrun launch of :mod:`benchmarks.drive`: a
+variant that fails is recorded as failed (with the output's tail) and the others still run, so
+one broken variant costs one row. Every launch is bounded by ``timeout`` seconds; on expiry its
+process group (the torchrun we started and its ranks) is killed.
 
-Both sides of the spec and results files live here: :func:`run_worker` writes a worker's spec,
-runs it and reads back what rank 0 wrote; inside the ranks, :func:`join` reads the spec and joins
-the process group, and :func:`record_each` rewrites the results file after each finished item.
+Both sides of the spec and results files live here: :func:`run_worker` writes a spec, runs it and
+reads back what rank 0 wrote (:func:`write_results`, atomically).
 """
 from __future__ import annotations
 
@@ -25,10 +23,8 @@ import threading
 import time
 from collections import deque
 
-import torch
-import torch.distributed as dist
-
 from benchmarks.apprun import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = "benchmarks.drive"  # the per-rank module torchrun starts (-m), from the repository root
 _ports = itertools.count(29500)
@@ -184,37 +180,10 @@ def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0
     return rows, failures
 
 
-# --- inside a rank: the workers' side of the spec and results files ----------------------------------
-def join(spec_path: str) -> dict:
-    """Read this rank's spec, set its CPU threads (``threads``, default 1) and join the Gloo process
-    group that torchrun set up; returns the spec."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo")
-    return spec
-
-
+# --- inside a rank: the driver's side of the results file ------------------------------------------
 def write_results(path: str, results: dict) -> None:
     """Replace ``path`` with ``results`` as JSON in one step, so a crash leaves the previous file whole."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f)
     os.replace(tmp, path)
-
-
-def record_each(out: str, key: str, per_barrier: float, jobs, line) -> None:
-    """Run ``jobs`` (callables, one result each) in turn; on rank 0, after each, print
-    ``[worker] line(result, seconds it took)`` and rewrite ``out`` with ``{key: the results so far,
-    "barrier_bytes": per_barrier}``, so a crash keeps what finished. Leaves the process group."""
-    results = []
-    try:
-        for job in jobs:
-            t = time.perf_counter()
-            results.append(job())
-            if dist.get_rank() == 0:
-                print(f"[worker] {line(results[-1], time.perf_counter() - t)}", flush=True)
-                write_results(out, {key: results, "barrier_bytes": per_barrier})
-    finally:
-        dist.destroy_process_group()
-

@@ -160,8 +160,9 @@ class StepMeter(Callback):
 
 
 class AccuracyCurve(Callback):
-    """``(step, training seconds, bytes per rank on the link, test accuracy)`` at every evaluation,
-    from the first step on; the clock stops while the trainer evaluates."""
+    """``(step, training seconds, bytes per rank on the link, the sync's payload, test accuracy)`` at
+    every evaluation; the clock stops while the trainer evaluates. At the end: the optimizer state
+    and the share of the machine's CPUs other processes used during the run."""
 
     def __init__(self, link: Link):
         self.link = link
@@ -172,6 +173,8 @@ class AccuracyCurve(Callback):
         self.link.measure_barrier()
         dist.barrier()
         self.tx0 = self.link.total()
+        self.barriers = 0
+        self.busy0, self.cpu0, self.wall0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         self._t = time.perf_counter()
 
     def on_step_end(self, state, step: int, loss, times) -> None:
@@ -180,14 +183,20 @@ class AccuracyCurve(Callback):
         self._t = now
 
     def on_eval(self, state, step: int, result) -> None:
-        sent = self.link.total() - self.tx0
+        dist.barrier()
+        self.barriers += 1
+        sent = self.link.total() - self.tx0 - self.barriers * self.link.per_barrier
         self.curve.append({"step": step, "seconds": self.seconds, "accuracy": result["test_acc"],
-                           "wire_bytes_per_rank": sent / dist.get_world_size(),
+                           "wire_bytes_per_rank": max(0.0, sent / dist.get_world_size()),
                            "payload_bytes": state.sync.bytes_sent})
         self._t = time.perf_counter()
 
     def on_train_end(self, state, summary) -> dict:
-        return {"curve": self.curve}
+        ours = [None] * dist.get_world_size()
+        dist.all_gather_object(ours, time.process_time() - self.cpu0)
+        busy1, wall = busy_cpu_seconds(), time.perf_counter() - self.wall0
+        return {"accuracy": {"curve": self.curve, "others_cpu_share": foreign_share(self.busy0, busy1, sum(ours), wall),
+                             "opt_state_bytes": optimizer_state_bytes(state.optimizer(state.mask is None)[0])}}
 
 
 class MemoryMeter(Callback):

@@ -1,7 +1,7 @@
-"""What the per-rank workers measure besides time: the payload every ``all_reduce`` hands to Gloo
+"""What a rank measures besides time: the payload every ``all_reduce`` hands to Gloo
 (bytes), the link's byte counters (a namespace's ``tx_bytes``, or every node's ``/proc/net/dev``),
-peak RSS, optimizer state bytes, the CPU share of other processes, a barrier's own bytes; and the
-loop of an accuracy benchmark's rank (:func:`measure_runs`).
+peak RSS, optimizer state bytes, the CPU share of other processes, a barrier's own bytes. The
+meters (:mod:`benchmarks.meters`) read them inside the app's run.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from benchmarks import harness
 
 
 class PayloadCounter:
@@ -168,16 +167,3 @@ def node_barrier_cost(node_tx: NodeCounters, n: int = 8) -> dict[str, float]:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, d)
     return {i: sum(r[i] for r in everyone) / n for i in node_tx.ifaces}
-
-
-def measure_runs(spec_path: str, jobs_of, progress) -> None:
-    """A rank of an accuracy benchmark (time to accuracy, transfer): join, read the link's
-    counters (the namespace's ``tx_path``, or with ``"ifaces"`` every node's, :class:`ClusterTx`:
-    then the jobs must read ``tx`` on every rank) and a barrier's cost, then run ``jobs_of(spec, counter, tx, per_barrier)`` one by
-    one, recorded under ``"runs"`` in the spec's ``out`` (``harness.record_each``)."""
-    spec = harness.join(spec_path)
-    counter = PayloadCounter()
-    tx = ClusterTx(spec["ifaces"]) if spec.get("ifaces") else TxReader(spec["tx_path"])
-    per_barrier = barrier_cost(tx)
-    harness.record_each(spec["out"], "runs", per_barrier, jobs_of(spec, counter, tx, per_barrier), progress)
-

@@ -7,10 +7,11 @@ the same number of steps and a 3-value learning-rate sweep.
     python -m benchmarks.transfer --part final --methods dense fish-0.5 --tag a   # best lr of the sweep
     python -m benchmarks.transfer --merge results/transfer_part_a.json results/transfer_part_b.json
 
-Methods (:mod:`benchmarks.transfer_worker` says exactly what each runs): dense DDP, fp16 hook, PowerSGD rank
-1 and 4, post-local SGD (period so its payload per step equals FISH 0.5%'s), FISH 0.5% and 2%
-(mask at step 0, no dense warm-up), random 0.5% and 2%, diff pruning 0.5%, and the frozen-encoder
-head-only baseline. Learning-rate grids (AdamW, no weight decay, constant): dense-type methods
+Each run is one run of the app (:mod:`benchmarks.transfer_runs` gives each method's ``comm=``
+option and ``mask=`` kind): dense DDP, fp16 hook, PowerSGD rank 1 and 4, post-local SGD (period so
+its payload per step equals FISH 0.5%'s), FISH 0.5% and 2% (mask at step 0, no dense warm-up),
+random 0.5% and 2%, diff pruning 0.5%, and the head-only baseline (only the head's entries train
+and travel). Learning-rate grids (AdamW, no weight decay, constant): dense-type methods
 {3e-5, 1e-4, 3e-4}; masked methods {3e-4, 1e-3, 3e-3}; head-only {1e-3, 3e-3, 1e-2}. The
 sweep runs one seed for ``--sweep-steps``; ``--part final`` takes each method's best lr from
 ``--sweep`` (else the grid's middle) and runs ``--seeds`` seeds for dense, FISH, random and
@@ -29,67 +30,19 @@ import json
 import os
 import time
 
-from benchmarks import boxlink, harness, report
-from benchmarks.transfer_results import INVESTIGATION, METHODS, publish, settings_note, sweep_table
+from benchmarks import report
+from benchmarks.transfer_results import METHODS, publish, settings_note, sweep_table
+from benchmarks.transfer_runs import RETIRED, parse, run_part
 from cluster import netem
 
-SEEDED = ("dense", "fish-0.5", "fish-2", "random-0.5", "random-2", "powersgd-r4", "fishhead-0.5",
-          "fishtensor-0.5")  # --seeds seeds each
+SEEDED = ("dense", "fish-0.5", "fish-2", "random-0.5", "random-2", "powersgd-r4")  # --seeds seeds each
 GRIDS = {"dense": (3e-5, 1e-4, 3e-4), "masked": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2)}
 
 
 def grid(method: str) -> tuple[float, ...]:
-    if method.startswith(("fish", "random", "diffprune")):  # fish-D and fishhead-D
+    if method.startswith(("fish", "random", "diffprune")):
         return GRIDS["masked"]
     return GRIDS["head"] if method == "head-only" else GRIDS["dense"]
-
-
-def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
-    """Launch ``runs`` ({method, lr, seed}) in one torchrun; when it crashes, the run that was going
-    is recorded as failed and the remaining ones are launched again (a crash costs one run)."""
-    task_kwargs = {"train_size": a.train_size, "test_size": a.test_size, "data_dir": a.data_dir,
-                   "model_dir": a.model_dir}
-    out, failures = [], []
-    workdir = os.path.join(a.out, "tmp")
-    os.makedirs(workdir, exist_ok=True)
-    remaining = list(runs)
-    link_cm = boxlink.BoxLink(a.rate, a.nodes) if a.nodes > 1 else netem.Link(a.rate, isolate=not a.no_namespace)
-    with link_cm as link:
-        if link.fallback:
-            print(f"WARNING: {link.fallback}")
-        threads = max(1, (os.cpu_count() or 1) // (a.ranks * a.nodes))
-        while remaining:
-            path = os.path.join(workdir, f"transfer-{label}-{os.getpid()}-{len(out) + len(failures)}.json")
-            spec = {"task": "wordnet", "task_kwargs": task_kwargs, "runs": remaining, "steps": a.steps,
-                    "batch_size": a.batch_size, "eval_every": a.eval_every, "num_samples": a.num_samples,
-                    "l0_steps": a.l0_steps, "head_steps": a.head_steps, "threads": threads, "out": path,
-                    "tx_path": "/sys/class/net/lo/statistics/tx_bytes"}
-            if a.nodes > 1:  # every node's eth0 (between nodes) and lo (inside one), summed over nodes
-                spec["ifaces"] = ["eth0", "lo"]
-            with open(path + ".spec", "w") as f:
-                json.dump(spec, f)
-            rc, tail = harness.run_torchrun(link, a.ranks, "benchmarks.transfer_worker",
-                                            [path + ".spec"], threads=threads, timeout=a.timeout * len(remaining),
-                                            echo=lambda s: print(s, flush=True))
-            os.unlink(path + ".spec")
-            got = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    got = json.load(f)["runs"]
-                os.unlink(path)
-            for r in got:
-                r.update(link=link.label, link_note=link.fallback or "")
-            out += got
-            remaining = remaining[len(got):]
-            if rc != 0 and remaining:
-                bad = remaining.pop(0)
-                failures.append(f"{bad['method']} lr {bad['lr']:g} seed {bad['seed']}: exit {rc}\n{tail[-3000:]}")
-                print(f"{bad['method']}: FAILED (exit {rc}); last lines:\n{tail[-2000:]}", flush=True)
-            elif rc != 0:
-                failures.append(f"worker exit {rc} after the last run\n{tail[-3000:]}")
-    harness.remove_workdir(workdir)
-    return out, failures
-
 
 
 def main(argv=None) -> dict:
@@ -107,8 +60,6 @@ def main(argv=None) -> dict:
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--num-samples", type=int, default=1024, help="Fisher examples (all ranks)")
     p.add_argument("--l0-steps", type=int, default=None, help="diff pruning's L0 steps (default: steps / 4)")
-    p.add_argument("--head-steps", type=int, default=None,
-                   help="fishhead-D: steps training the head alone before the Fisher mask (default: steps / 5)")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="fix a method's lr")
     p.add_argument("--sweep", help="a transfer_sweep.json whose best lr per method --part final uses")
     p.add_argument("--tag", default="all",
@@ -135,9 +86,13 @@ def main(argv=None) -> dict:
     if a.first_seed < 0 or a.seeds < 1:
         p.error(f"--first-seed {a.first_seed} / --seeds {a.seeds}: use --first-seed >= 0 and --seeds >= 1")
     netem.parse_rate(a.rate)
-    unknown = [m for m in a.methods if m not in METHODS + INVESTIGATION]
+    unknown = [m for m in a.methods if m not in METHODS]
+    retired = [m for m in unknown if parse(m)[0] in RETIRED]
+    if retired:
+        p.error(f"--methods {retired[0]}: {RETIRED[parse(retired[0])[0]]} is not a run of the app (its results in "
+                f"results/transfer_checks.md were measured with the earlier per-rank worker); choose from {METHODS}")
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {METHODS + INVESTIGATION}")
+        p.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     fixed = dict(kv.split("=", 1) for kv in a.lr)
     best = {}
     if a.sweep:
@@ -147,10 +102,8 @@ def main(argv=None) -> dict:
         a.steps = a.sweep_steps
     if a.l0_steps is None:
         a.l0_steps = max(1, a.steps // 4)
-    if a.head_steps is None:
-        a.head_steps = max(1, a.steps // 5)
     settings = {k: getattr(a, k) for k in ("steps", "batch_size", "eval_every", "train_size", "test_size",
-                                           "num_samples", "l0_steps", "head_steps", "rate", "ranks", "nodes", "seeds",
+                                           "num_samples", "l0_steps", "rate", "ranks", "nodes", "seeds",
                                            "first_seed", "part")}
     settings.update(date=report.environment()["date"], cores=os.cpu_count(), grids={m: grid(m) for m in a.methods})
     if a.part == "sweep":

@@ -28,9 +28,9 @@ from itertools import islice
 import torch
 
 import sparsecomm
-from benchmarks.transfer_worker import build_task
 from sparsecomm.app.data import ShardedData
 from sparsecomm.app.engine import StepEngine
+from sparsecomm.app.tasks import wordnet
 from sparsecomm.fisher import fisher_scores
 from sparsecomm.mask import count_for_density, matches_any, topk_mask
 
@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    task = build_task({"task": "wordnet", "task_kwargs": {"train_size": a.train_size, "test_size": 8}}, 0)
+    torch.manual_seed(0)
+    task = wordnet.build(train_size=a.train_size, test_size=8)
     model = task.model
     data = ShardedData(task, 0, 1, batch_size=16, eval_batch_size=16, seed=0, device=torch.device("cpu"))
     params = dict(model.named_parameters())
