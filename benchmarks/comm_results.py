@@ -339,7 +339,7 @@ def payload(row: dict) -> None:
     else:
         row["payload_bytes"], row["payload_source"] = row["all_reduce_payload_bytes"], "all_reduce calls"
     row["lib_bytes_sent"] = row["sync_bytes_per_step"]
-    row.setdefault("hook_state_bytes", (row.get("comm_stats") or {}).get("comm_state_bytes"))
+    row.setdefault("hook_state_bytes", row.get("state_bytes"))  # what the option keeps between steps
 
 
 def rebuild(out: str, name: str, annotate, targets, write) -> dict:

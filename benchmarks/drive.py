@@ -32,7 +32,7 @@ from sparsecomm.app import trainer
 from sparsecomm.app.compose import compose_config
 
 SUMMARY_FIELDS = ("numel", "k", "density", "test_acc", "train_s", "bytes_sent", "dense_bytes", "mask_score_bytes",
-                  "task_diff_bytes", "full_model_bytes")  # of the app's summary, copied into the row
+                  "task_diff_bytes", "full_model_bytes", "comm", "state_bytes")  # of the app's summary, into the row
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
 
@@ -51,7 +51,7 @@ def run_variant(spec: dict, variant: dict, launch_rank: int, launch_world: int) 
     summary = trainer.run(cfg, run_dir, callbacks=meters(spec, variant))
     row = {k: v for k, v in variant.items() if k not in ("overrides", "alone")}
     row.update({k: summary.get(k) for k in SUMMARY_FIELDS}, variant=variant["id"], overrides=variant["overrides"],
-               params=summary["numel"], comm_stats={k: v for k, v in summary.items() if k.startswith("comm")})
+               params=summary["numel"])
     row.update(summary.get("bench", {}))
     row.update(summary.get("accuracy", {}))
     if variant.get("alone"):  # every process alone: the launch's size, and the compute of a step only

@@ -91,6 +91,9 @@ def as_run(row: dict) -> dict:
                model_file_bytes=row.get("full_model_bytes"), optimizer_state_bytes=row.get("opt_state_bytes"))
     if row.get("mask_score_bytes"):
         row["score_exchange"] = {"exchange": "candidates", "bytes_sent": row["mask_score_bytes"]}
+    period = [o.split("=", 1)[1] for o in row["overrides"] if o.startswith("comm.period=")]
+    if period:
+        row["period"] = int(period[0])
     return row
 
 
