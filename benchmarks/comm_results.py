@@ -332,9 +332,10 @@ def payload(row: dict) -> None:
     hooks' all-reduce calls are counted as they are made; the floor sends nothing. ``lib_bytes_sent``:
     the sync's own count, for the hooks to agree with."""
     kind = row["kind"]
-    if kind == "floor":
-        row["payload_bytes"], row["payload_source"] = 0, "none"
-    elif kind == "dense":
+    if kind == "floor":  # every process a world of its own: nothing leaves it; no optimizer in its figure
+        row.update(payload_bytes=0, payload_source="none", lib_bytes_sent=0, opt_state_bytes=0, hook_state_bytes=0)
+        return
+    if kind == "dense":
         row["payload_bytes"], row["payload_source"] = row["sync_bytes_per_step"], "the sync's count"
     else:
         row["payload_bytes"], row["payload_source"] = row["all_reduce_payload_bytes"], "all_reduce calls"
