@@ -25,9 +25,9 @@ import time
 import torch.distributed as dist
 
 from benchmarks.probes import (ClusterTx, NodeCounters, PayloadCounter, TxReader, barrier_cost, busy_cpu_seconds,
-                               delta, foreign_share, node_barrier_cost, optimizer_state_bytes, peak_rss_bytes,
-                               reset_peak_rss)
+                               delta, foreign_share, node_barrier_cost, peak_rss_bytes, reset_peak_rss)
 from sparsecomm.app.callbacks import Callback
+from sparsecomm.app.optimizers import optimizer_state_bytes  # the app's one optimizer-state counter
 
 _PAYLOAD: list[PayloadCounter] = []  # one per process: it wraps dist.all_reduce once
 

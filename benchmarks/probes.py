@@ -1,6 +1,6 @@
 """What a rank measures besides time: the payload every ``all_reduce`` hands to Gloo
 (bytes), the link's byte counters (a namespace's ``tx_bytes``, or every node's ``/proc/net/dev``),
-peak RSS, optimizer state bytes, the CPU share of other processes, a barrier's own bytes. The
+peak RSS, the CPU share of other processes, a barrier's own bytes. The
 meters (:mod:`benchmarks.meters`) read them inside the app's run.
 """
 from __future__ import annotations
@@ -55,24 +55,6 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of all tensors inside nested dicts/lists/tuples."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def optimizer_state_bytes(opt) -> int:
-    """Bytes of the optimizer's state tensors (moments; Adam's step counters are 4 bytes each)."""
-    if opt is None:
-        return 0
-    return sum(tensor_bytes(st) for st in opt.state.values())
 
 
 def busy_cpu_seconds() -> float | None:
