@@ -122,6 +122,16 @@ class WordnetTask(TaskConfig):
     max_length: int = 64  # tokens per example at most; batches are padded to their longest example only
 
 
+
+@dataclass
+class VerbExamplesTask(TaskConfig):
+    data_dir: Optional[str] = None  # folder with data.verb; null: /usr/share/wordnet, then NLTK's corpora/wordnet
+    model_dir: Optional[str] = None  # null: the packaged all-MiniLM-L6-v2; else a save_pretrained() folder
+    train_size: Optional[int] = None  # training sentences (null: all but the test set; 11,510 in WordNet 3.0)
+    test_size: int = 1000  # test sentences (the first test_size of a permutation by seed)
+    seed: int = 0  # the split's permutation (fixed: independent of the run's seed)
+    max_length: int = 48  # tokens per example at most; batches are padded to their longest example only
+
 # --- mask/: which entries train and travel (sparsecomm/app/masks/) ------------------------------
 
 
@@ -153,6 +163,30 @@ class FisherMask(SparseMask):
 class RandomMask(SparseMask):
     seed: int = II("seed")
 
+
+@dataclass
+class FisherScaledMask(FisherMask):
+    normalise: str = "activation"  # activation | columns | rows_and_columns | none (sparsecomm.score_scaling)
+
+
+@dataclass
+class TokenRowsMask(FisherScaledMask):
+    embedding: str = "*word_embeddings.weight"  # glob naming the word embedding whose rows come from token counts
+    power: float = 0.5  # row t's share grows with count_t^power over the training set (0: every token alike)
+    seed: int = II("seed")
+
+
+@dataclass
+class LearnedMask(SparseMask):
+    refresh_every: int = 25  # masked steps between refreshes (sets schedule.refresh_every)
+    max_change: float = 0.1  # at most this fraction of the k entries swapped per refresh, in [0, 1]
+    seed: int = II("seed")  # the first mask is random (mask=random's draw)
+
+
+@dataclass
+class LotteryMask(SparseMask):
+    dense_steps: int = 25  # dense fine-tuning steps whose change picks the mask (after schedule.dense_steps)
+    rewind: bool = True  # after the dense phase, reset the weights to their start (LT-SFT); false keeps them
 
 @dataclass
 class FileMask(MaskConfig):
@@ -304,9 +338,10 @@ class TrainConfig:
 OPTIONS: dict[str, dict[str, type]] = {
     "cluster": {"local_cpu": ClusterConfig, "single_node_gpu": ClusterConfig, "slurm": SlurmClusterConfig},
     "task": {"digits": DigitsTask, "cifar10": Cifar10Task, "glue": GlueTask, "synthetic": SyntheticTask,
-             "wordnet": WordnetTask},
+             "wordnet": WordnetTask, "verb_examples": VerbExamplesTask},
     "mask": {"dense": DenseMask, "fisher": FisherMask, "random": RandomMask, "file": FileMask,
-             "diff_pruning": DiffPruningMask, "width_core": WidthCoreMask},
+             "diff_pruning": DiffPruningMask, "width_core": WidthCoreMask, "fisher_scaled": FisherScaledMask,
+             "token_rows": TokenRowsMask, "learned": LearnedMask, "lottery": LotteryMask},
     "schedule": {name: ScheduleConfig for name in ("core_full", "dense_warmup", "fish_fixed", "refresh")},
     "schedule/lr": {name: LRConfig for name in ("constant", "cosine", "linear")},
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},

@@ -63,17 +63,25 @@ def nltk_dirs() -> list[Path]:
 def find_data_noun(data_dir=None) -> Path:
     """``data_dir/data.noun`` (or ``data_dir/dict/data.noun``); with ``data_dir`` null, Debian's
     folder, then NLTK's. Raises FileNotFoundError naming where it looked and the fix."""
+    return find_data_file(data_dir, "data.noun")
+
+
+def find_data_file(data_dir, filename: str) -> Path:
+    """``data_dir/<filename>`` (or ``data_dir/dict/<filename>``) of WordNet's database; with
+    ``data_dir`` null, Debian's folder, then NLTK's. Raises FileNotFoundError naming where it
+    looked and the fix."""
     if data_dir is not None and str(data_dir).strip() not in ("", "???"):
         root = Path(data_dir).expanduser()
-        candidates = [root / "data.noun", root / "dict" / "data.noun"]
+        candidates = [root / filename, root / "dict" / filename]
     else:
-        candidates = [Path(DEBIAN_DIR) / "data.noun"] + [d / "data.noun" for d in nltk_dirs()]
+        candidates = [Path(DEBIAN_DIR) / filename] + [d / filename for d in nltk_dirs()]
     for c in candidates:
         if c.is_file():
             return c
     where = ", ".join(str(c) for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
     setting = f"task.data_dir={str(data_dir)!r}" if data_dir is not None else "task.data_dir=null"
-    raise FileNotFoundError(f"{setting}: WordNet's data.noun not found (looked in {where}): {FIX}")
+    raise FileNotFoundError(f"{setting}: WordNet's {filename} not found (looked in {where}): "
+                            f"{FIX.replace('data.noun', filename)}")
 
 
 def clean_gloss(gloss: str) -> str:
@@ -117,30 +125,43 @@ def read_data_noun(path) -> tuple[list[str], list[int]]:
     Checks every line's offset against its byte position and that the file ends with a newline:
     a truncated, altered or wrong file raises ValueError naming the file, the line and the fix.
     """
+    texts, labels = [], []
+    for offset, label, lemma, gloss in read_synsets(path, parse_line, "data.noun"):
+        texts.append(f"{lemma}: {gloss}")
+        labels.append(label)
+    return texts, labels
+
+
+def read_synsets(path, parse, filename: str) -> list[tuple]:
+    """``parse(line)`` of every synset line of a WordNet data file (the license header skipped),
+    in file order; ``parse`` returns a tuple whose first item is the line's offset.
+
+    Checks every offset against its line's byte position and that the file ends with a newline:
+    a truncated, altered or wrong file raises ValueError naming the file, the line and the fix.
+    """
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read()
-    bad = f"not WordNet 3.0's data.noun, or damaged: re{FIX}"
+    bad = f"not WordNet 3.0's {filename}, or damaged: re{FIX.replace('data.noun', filename)}"
     if not raw.endswith(b"\n"):
         raise ValueError(f"{path}: the file ends mid-line (truncated?); {bad}")
-    texts, labels = [], []
+    out = []
     pos = 0
     for n, line in enumerate(raw.split(b"\n")[:-1], 1):
         start, pos = pos, pos + len(line) + 1
         if line.startswith(b"  "):  # the license header
             continue
         try:
-            offset, label, lemma, gloss = parse_line(line.decode("utf-8").rstrip())
+            parsed = parse(line.decode("utf-8").rstrip())
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}:{n}: {e}; {bad}") from None
-        if offset != start:
-            raise ValueError(f"{path}:{n}: synset offset {offset:08d} is not the line's byte position {start:08d} "
+        if parsed[0] != start:
+            raise ValueError(f"{path}:{n}: synset offset {parsed[0]:08d} is not the line's byte position {start:08d} "
                              f"(file altered or cut); {bad}")
-        texts.append(f"{lemma}: {gloss}")
-        labels.append(label)
-    if not labels:
+        out.append(parsed)
+    if not out:
         raise ValueError(f"{path} holds no synsets; {bad}")
-    return texts, labels
+    return out
 
 
 def split(n: int, train_size: int | None, test_size: int, seed: int) -> tuple[list[int], list[int]]:
