@@ -83,15 +83,40 @@ class LocalGradientSquares:
             s.zero_()
         self.passes = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"passes": self.passes, "scores": {n: s.detach().cpu().clone() for n, s in self.scores.items()}}
+    def state_dict(self, process_group=None) -> dict[str, Any]:
+        """Collective: every rank's sums, gathered on rank 0 (the one that writes checkpoints).
 
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        missing = set(self.scores) ^ set(sd["scores"])
-        if missing:
-            raise ValueError(f"gradient sums cover other parameters (first difference: {sorted(missing)[0]!r})")
-        for n, s in self.scores.items():
-            s.copy_(sd["scores"][n].to(device=s.device, dtype=s.dtype))
+        ``{"passes": int, "ranks": [flat float32 CPU tensor per rank]}`` on rank 0 (``W x n x 4``
+        bytes there; over the network each other rank sends its ``n x 4`` bytes once), ``"ranks":
+        None`` elsewhere. One process: its own sums.
+        """
+        flat = torch.cat([s.reshape(-1) for s in self.scores.values()]) if self.scores else torch.zeros(0)
+        world = sdist.world_size(process_group)
+        if world == 1:
+            return {"passes": self.passes, "ranks": [flat.cpu().clone()]}
+        main = sdist.rank(process_group) == 0
+        parts = [torch.empty_like(flat) for _ in range(world)] if main else None
+        dist.gather(flat, parts, dst=0, group=process_group)
+        return {"passes": self.passes, "ranks": [p.cpu() for p in parts] if main else None}
+
+    def load_state_dict(self, sd: Mapping[str, Any], process_group=None) -> None:
+        """This rank's sums from :meth:`state_dict`'s output. Saved by another number of ranks,
+        rank 0 takes the sum of all the saved ranks' sums and the others start at zero: the
+        cross-rank sum a refresh ranks is the same (up to float32 rounding)."""
+        ranks = sd["ranks"]
+        world, rank = sdist.world_size(process_group), sdist.rank(process_group)
+        if len(ranks) == world:
+            flat = ranks[rank]
+        else:
+            flat = torch.stack(list(ranks)).sum(0) if rank == 0 else torch.zeros_like(ranks[0])
+        numel = sum(s.numel() for s in self.scores.values())
+        if flat.numel() != numel:
+            raise ValueError(f"the saved gradient sums hold {flat.numel()} entries, the model {numel}: "
+                             f"they were saved for another model")
+        lo = 0
+        for s in self.scores.values():
+            s.copy_(flat[lo:lo + s.numel()].reshape(s.shape).to(device=s.device, dtype=s.dtype))
+            lo += s.numel()
         self.passes = int(sd["passes"])
 
 

@@ -5,7 +5,8 @@ gradient squared times the INPUT activation squared. A few channels of a transfo
 stream carry activations tens of times larger than the rest, so a plain top-k of the scores
 crowds onto their columns (``benchmarks/results/transfer_mask_placement.md``: 27.8% of FISH's
 stream entries on 8 of 384 channels). Three ways to take the scale out, each applied to the
-scores of every ``nn.Linear`` weight (other parameters keep their scores):
+scores of every ``nn.Linear`` weight and every Hugging Face GPT-2 style ``Conv1D`` weight (a
+Linear stored transposed, ``(in, out)``); other parameters keep their scores:
 
 * ``"activation"``: divide column ``j`` by the mean squared input activation of channel ``j``
   (measured on the scoring data by :func:`input_activation_scales`). What remains is the
@@ -43,10 +44,25 @@ NORMALISATIONS = ("none", "activation", "columns", "rows_and_columns")
 FLOOR = 1e-6
 
 
-def linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
-    """``{weight's parameter name: module}`` of every ``nn.Linear`` of ``model`` (unwrapped)."""
+def linear_weights(model: nn.Module) -> dict[str, nn.Module]:
+    """``{weight's parameter name: module}`` of every ``nn.Linear`` and ``Conv1D`` of ``model`` (unwrapped)."""
     model = _unwrap(model)
-    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {f"{name}.weight" if name else "weight": m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) or _is_conv1d(m)}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def input_axis(module: nn.Module) -> int:
+    """The weight's axis that indexes input channels: 1 for ``nn.Linear`` ``(out, in)``, 0 for ``Conv1D``."""
+    return 0 if _is_conv1d(module) else 1
+
+
+def in_features(module: nn.Module) -> int:
+    return int(module.weight.shape[input_axis(module)])
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor], process_group=None) -> None:
@@ -73,12 +89,12 @@ def input_activation_scales(model: nn.Module, data: Iterable, *, num_samples: in
     """
     model = _unwrap(model)
     layers = linear_weights(model)
-    sums = {n: torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
+    sums = {n: torch.zeros(in_features(m), dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
     counts = {n: torch.zeros(1, dtype=torch.float64, device=m.weight.device) for n, m in layers.items()}
 
     def recorder(name):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).to(torch.float64)
+            x = args[0].detach().reshape(-1, in_features(module)).to(torch.float64)
             sums[name] += x.pow(2).sum(0)
             counts[name] += x.shape[0]
         return hook
@@ -109,18 +125,23 @@ def _floored(divisor: torch.Tensor) -> torch.Tensor:
     return divisor.clamp_min(floor if floor > 0 else torch.finfo(torch.float64).tiny)
 
 
-def divide_by_activation(scores: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]) -> None:
-    """In place: each weight's score ``s[:, j] /= scales[name][j]`` (``scales`` from
-    :func:`input_activation_scales`; names not in ``scores`` are skipped)."""
+def divide_by_activation(scores: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
+                         axes: Mapping[str, int] | None = None) -> None:
+    """In place: each weight's score along its input channel ``j`` divided by ``scales[name][j]``
+    (``scales`` from :func:`input_activation_scales`; ``axes[name]``: the input axis, 1 unless
+    given; names not in ``scores`` are skipped)."""
     for name, a2 in scales.items():
         if name in scores:
             s = scores[name]
-            s.div_(_floored(a2).to(device=s.device, dtype=torch.float64).reshape(1, -1).to(s.dtype))
+            shape = (1, -1) if (axes or {}).get(name, 1) == 1 else (-1, 1)
+            s.div_(_floored(a2).to(device=s.device, dtype=torch.float64).reshape(shape).to(s.dtype))
 
 
 def normalise_marginals(scores: Mapping[str, torch.Tensor], names: Iterable[str], *, rows: bool,
-                        process_group=None) -> None:
-    """In place, per 2-D score ``names``: flatten the column totals (and the row totals if ``rows``).
+                        process_group=None, axes: Mapping[str, int] | None = None) -> None:
+    """In place, per 2-D score ``names``: flatten the input-channel totals (the columns of an
+    ``(out, in)`` weight; ``axes[name] = 0`` for an ``(in, out)`` one) and, if ``rows``, the
+    output-channel totals too.
 
     Column means ``c_j``, row means ``r_i`` and the matrix mean ``m`` are taken of the scores
     SUMMED over ranks (one float64 all-reduce of ``out + in`` numbers per matrix), so every rank
@@ -129,11 +150,12 @@ def normalise_marginals(scores: Mapping[str, torch.Tensor], names: Iterable[str]
     names = [n for n in names if n in scores and scores[n].dim() == 2]
     if not names:
         return
-    row_sums = [scores[n].to(torch.float64).sum(1) for n in names]
-    col_sums = [scores[n].to(torch.float64).sum(0) for n in names]
+    views = {n: scores[n] if (axes or {}).get(n, 1) == 1 else scores[n].t() for n in names}  # (out, in) views
+    row_sums = [views[n].to(torch.float64).sum(1) for n in names]
+    col_sums = [views[n].to(torch.float64).sum(0) for n in names]
     _all_reduce_sum(row_sums + col_sums, process_group)
     for n, r, c in zip(names, row_sums, col_sums):
-        s = scores[n]
+        s = views[n]
         out_f, in_f = s.shape
         m = float(r.sum()) / (out_f * in_f)
         if m <= 0:
@@ -156,9 +178,10 @@ def normalise_scores(scores: Mapping[str, torch.Tensor], model: nn.Module, how: 
     """In place: take the activation scale out of the Linear weights' ``scores`` by ``how``
     (:data:`NORMALISATIONS`; the module doc). ``"activation"`` needs ``activation_scales``."""
     check_normalisation(how)
+    if how == "activation" and activation_scales is None:
+        raise ValueError("normalise='activation' needs the input activation scales (input_activation_scales)")
+    axes = {n: input_axis(m) for n, m in linear_weights(model).items()}
     if how == "activation":
-        if activation_scales is None:
-            raise ValueError("normalise='activation' needs the input activation scales (input_activation_scales)")
-        divide_by_activation(scores, activation_scales)
+        divide_by_activation(scores, activation_scales, axes)
     elif how in ("columns", "rows_and_columns"):
-        normalise_marginals(scores, linear_weights(model), rows=how == "rows_and_columns", process_group=process_group)
+        normalise_marginals(scores, axes, rows=how == "rows_and_columns", process_group=process_group, axes=axes)

@@ -289,3 +289,24 @@ def test_change_mask_is_the_topk_of_the_absolute_change_and_rewind_restores():
     assert all(torch.equal(mask[k], want[k]) for k in want)
     rewind(m, theta0)
     assert all(torch.equal(p.detach(), theta0[k]) for k, p in m.named_parameters())
+
+
+def test_a_transposed_conv1d_weight_is_normalised_along_its_input_axis():
+    """GPT-2's Conv1D stores (in, out): its scores scale along rows, as a Linear's along columns."""
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(6, 4))
+    conv = nn.Sequential(conv1d(4, 6))
+    with torch.no_grad():
+        conv[0].weight.copy_(lin[0].weight.t())
+        conv[0].bias.copy_(lin[0].bias)
+    x = [(torch.randn(5, 6) * torch.tensor([9.0, 1, 1, 1, 2, 1]), torch.zeros(5))]
+    a_lin = input_activation_scales(lin, x, num_samples=5)
+    a_conv = input_activation_scales(conv, x, num_samples=5)
+    torch.testing.assert_close(a_lin["0.weight"], a_conv["0.weight"])
+    base = torch.rand(4, 6)
+    for how in ("activation", "rows_and_columns"):
+        s_lin, s_conv = {"0.weight": base.clone()}, {"0.weight": base.t().clone()}
+        normalise_scores(s_lin, lin, how, activation_scales=a_lin)
+        normalise_scores(s_conv, conv, how, activation_scales=a_conv)
+        torch.testing.assert_close(s_conv["0.weight"], s_lin["0.weight"].t())

@@ -48,7 +48,7 @@ class FisherScaledKind(FisherKind):
                 model, self.setting.data.fisher_batches(self.rounds, int(self.cfg.batch_size)), num_samples=share)
             numel = sum(s.numel() + 1 for s in scales.values())
         else:
-            numel = sum(m.in_features + m.out_features for m in linear_weights(model).values())
+            numel = sum(sum(m.weight.shape) for m in linear_weights(model).values())
         self.score_bytes += _ring_allreduce_bytes(numel, self.setting.data.world)
 
         def rescale(scores: dict[str, torch.Tensor]) -> None:
