@@ -218,7 +218,7 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             raise ValueError(f"unknown method {method!r}")
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     net = model
-    engine = StepEngine(ddp, task.loss_fn)
+    engine = StepEngine(task.loss_fn)
     clock = time.perf_counter() - t_setup
     counter.active = False
 
@@ -249,16 +249,16 @@ def run_one(run: dict, spec: dict, counter: PayloadCounter, tx: TxReader, per_ba
             del ddp
             wrapper = None
             ddp, state, opt = masked(net, mask)
-            engine = StepEngine(ddp, task.loss_fn)
+            engine = StepEngine(task.loss_fn)
         if kind == "fishhead" and step == spec["head_steps"] + 1:  # the head is trained: score, then mask
             t_mask = time.perf_counter()
             del ddp
             mask = fish(net)
             ddp, state, opt = masked(net, mask)
-            engine = StepEngine(ddp, task.loss_fn)
+            engine = StepEngine(task.loss_fn)
             info.update(k=mask.num_selected, mask_s=time.perf_counter() - t_mask)
         l0 = wrapper
-        engine.step(data.next_batch(), opt,
+        engine.step(ddp, data.next_batch(), opt,
                     extra_loss=(lambda: float(cfg.l0_penalty) * l0.expected_l0()) if l0 is not None else None,
                     after_update=(lambda: averager.average_parameters(net.parameters())) if averager else None)
         if kind in ("dense", "head-only"):

@@ -84,7 +84,7 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
         sync = GradientSync(ddp, masked=True, comm=OmegaConf.create({"wire_dtype": None, "fused": True}))
         state = sync.state
     opt = torch.optim.AdamW(model.parameters(), lr=spec["dense_lr"], weight_decay=0.0)
-    engine = StepEngine(ddp, task.loss_fn, sync=sync)
+    engine = StepEngine(task.loss_fn)
 
     curve, info = [], {}
     clock = 0.0
@@ -118,7 +118,7 @@ def run_method(method: str, seed: int, spec: dict, counter: PayloadCounter, tx: 
             sync.set_dense(False)
             opt = MaskedAdamW(model, mask, lr=spec["lr"], weight_decay=0.0)
             info.update(k=mask.num_selected, density_actual=mask.density, mask_s=time.perf_counter() - t)
-        engine.step(data.next_batch(), opt)
+        engine.step(ddp, data.next_batch(), opt, sync=sync)
         if method == "dense":
             counter.bytes += dense_payload  # DDP's C++ reducer: not seen by the all_reduce counter
         clock += time.perf_counter() - t

@@ -261,11 +261,11 @@ def run_variant(v: dict, spec: dict, counter: PayloadCounter, tx: TxReader, barr
 
     phases: dict[str, list[float]] = {}
     losses = []
-    engine = StepEngine(net, lambda out, target: loss_fn(workloads.logits_of(out), target), times=phases)
+    engine = StepEngine(lambda out, target: loss_fn(workloads.logits_of(out), target), times=phases)
 
     def step(record: bool):
         t0 = time.perf_counter()
-        loss = engine.step((x, y), opt)  # the app's step: forward, backward (DDP's hook), optimizer
+        loss = engine.step(net, (x, y), opt)  # the app's step: forward, backward (DDP's hook), optimizer
         if not record:
             for k in phases:
                 phases[k].pop()

@@ -109,12 +109,13 @@ def decode(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
 
 
-class CheckpointManager:
+class CheckpointFolder:
     """``step-NNNNNNNN.ckpt`` files in one directory: save atomically, keep the last ``keep``.
 
-    Keep-K only ever deletes this run's own checkpoints: the ones this manager wrote and the
-    ones it :meth:`adopt`-ed (the files of the run it resumes). A file that another run left in
-    the folder, or that appears there meanwhile, is never deleted.
+    Keep-K only ever deletes this run's own checkpoints: the ones this folder object wrote and
+    the ones it :meth:`adopt`-ed (the files of the run it resumes). A file that another run left
+    in the folder, or that appears there meanwhile, is never deleted. What goes into a file, and
+    when, is the caller's.
     """
 
     def __init__(self, directory: str, keep: int = 3):
@@ -135,6 +136,21 @@ class CheckpointManager:
             if m:
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def files(self) -> list[str]:
+        """Paths of the checkpoint files present, oldest first."""
+        return [self.path(step) for step in self.steps()]
+
+    def remove_temporaries(self) -> None:
+        """Delete the temporary files of writes a SIGKILL interrupted (call it when nothing writes here)."""
+        if not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(".tmp-") and name.endswith(".ckpt"):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except OSError:
+                    pass
 
     def adopt(self) -> None:
         """Count the files present as this run's (it resumes them): keep-K may delete them."""
@@ -175,6 +191,9 @@ class CheckpointManager:
                 print(msg, file=sys.stderr, flush=True)
                 warnings.warn(msg, stacklevel=2)
         return None
+
+
+CheckpointManager = CheckpointFolder  # the name docs/library.md and callers of the library use
 
 
 def rng_state() -> dict[str, Any]:

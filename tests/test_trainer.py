@@ -22,7 +22,7 @@ def _fit(rank, world, cfg, run_dir):
     device = torch.device("cpu")
     t = trainer.Trainer(cfg, run_dir, device)
     summary = t.fit()
-    opt = t.sparse_opt
+    opt = t.state.sparse_opt
     return {"summary": summary, "digest": t.mask.digest() if t.mask is not None else None,
             "opt_follows_mask": opt is None or opt.mask is t.mask, "rounds": t.kind.rounds}
 

@@ -114,6 +114,23 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, loss_fn, device: torch.
     return {"test_acc": correct / max(count, 1), "test_loss": loss / max(count, 1), "test_examples": int(count)}
 
 
+def build_data(task, cfg: Mapping, device: torch.device) -> ShardedData:
+    """This rank's :class:`ShardedData` of ``task`` per the run's config (batch sizes, seed, workers)."""
+    return ShardedData(task, sdist.rank(), sdist.world_size(), batch_size=cfg.batch_size,
+                       eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=device, num_workers=cfg.num_workers)
+
+
+def evaluate_run(model: torch.nn.Module, data: ShardedData, loss_fn, device: torch.device, *,
+                 rank0_buffers: bool) -> dict[str, float]:
+    """:func:`evaluate` over every rank's test slice; ``rank0_buffers``: every rank first takes rank 0's
+    module buffers (BatchNorm statistics, one broadcast of their bytes), those of the saved model:
+    DDP broadcasts them before each training forward, not after the last one."""
+    if rank0_buffers:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    return evaluate(model, data.test_loader, loss_fn, device)
+
+
 def build_task(task_cfg: DictConfig):
     """``hydra.utils.instantiate(cfg.task)``, unwrapping Hydra's error to the task's own."""
     try:

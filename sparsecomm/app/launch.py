@@ -36,7 +36,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from .config import ClusterError, check_cluster, visible_gpus
-from .fault import Interrupted
+from .signals import Interrupted
 from .fields import whole_number
 from .netif import configure as configure_socket_ifname
 from .peers import PEER_LOST_RECORD, PeerLost
@@ -303,8 +303,8 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     here as :class:`WorkerUserError`, so the parent prints one line. Any other failure raises
     :class:`WorkerFailed` with torch elastic's report; a worker's lost peer, as :class:`.peers.PeerLost`.
     SIGINT/SIGTERM/SIGHUP/SIGQUIT to this process: torch's agent passes the signal on to the
-    workers, which stop at a step boundary (writing a checkpoint if checkpoints are on, :class:`sparsecomm.app.fault.StopOnSignal`) within the agent's
-    shutdown timeout; their line comes back as :class:`sparsecomm.app.fault.Interrupted`.
+    workers, which stop at a step boundary (writing a checkpoint if checkpoints are on, :class:`sparsecomm.app.signals.StopOnSignal`) within the agent's
+    shutdown timeout; their line comes back as :class:`sparsecomm.app.signals.Interrupted`.
     """
     config = launch_config(cluster, plan_, run_id)
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.

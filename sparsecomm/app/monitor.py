@@ -1,7 +1,7 @@
 """The train log: the loss window, the log line every ``logging.log_every`` steps, and stop requests.
 
 Each log line costs one all-reduce of 3 float64 (the loss sum, the steps in the window, and the
-number of ranks that got a stop signal, :class:`sparsecomm.app.fault.StopOnSignal`): the ranks
+number of ranks that got a stop signal, :class:`sparsecomm.app.signals.StopOnSignal`): the ranks
 agree there, so they all stop at the same step. Nothing else crosses the network.
 """
 from __future__ import annotations
@@ -20,14 +20,15 @@ from .metrics import human_bytes
 class TrainMonitor:
     """Sums this rank's loss between log lines and writes them (rank 0) with the bytes sent.
 
-    ``sync()`` returns the current gradient sync (it changes when diff pruning swaps the model);
-    ``dense_at(step)`` whether ``step`` sent dense gradients; ``lr_factor(step)`` the lr schedule.
+    ``state``: the run's :class:`~sparsecomm.app.train_state.TrainState` (its sync, read at each
+    line: diff pruning swaps it; its non-finite guard's skipped steps); ``dense_at(step)`` whether
+    ``step`` sent dense gradients; ``lr_factor(step)`` the lr schedule.
     """
 
-    def __init__(self, log, stop, device: torch.device, *, every: int, sync: Callable, dense_at: Callable[[int], bool],
-                 lr_factor: Callable[[int], float], skipped: Callable[[], int]):
+    def __init__(self, log, stop, device: torch.device, *, every: int, state, dense_at: Callable[[int], bool],
+                 lr_factor: Callable[[int], float]):
         self.log, self.stop, self.every = log, stop, max(int(every), 1)
-        self.sync, self.dense_at, self.lr_factor, self.skipped = sync, dense_at, lr_factor, skipped
+        self.state, self.dense_at, self.lr_factor = state, dense_at, lr_factor
         self.window = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, steps since the last log
         self.mark: tuple[int, int] = (0, 0)  # (step, bytes sent) at the last train log
         self._clock = time.perf_counter()
@@ -49,13 +50,35 @@ class TrainMonitor:
         if sdist.is_initialized():
             dist.all_reduce(reduced)
         loss = (reduced[0] / reduced[1].clamp(min=1)).item()
-        now, sync = time.perf_counter(), self.sync()
+        now, sync = time.perf_counter(), self.state.sync
         steps = max(done - self.mark[0], 1)
         per_step = (sync.bytes_sent - self.mark[1]) / steps
         self.log.log("train", done, loss=loss, steps_per_s=steps / max(now - self._clock, 1e-9),
                      bytes_per_step=per_step, bytes_sent=sync.bytes_sent, dense_bytes=sync.dense_bytes,
-                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1), skipped_steps=self.skipped())
+                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1), skipped_steps=self.state.nonfinite.skipped)
         self.log.progress(done, loss=f"{loss:.4f}", sent=f"{human_bytes(per_step)}/step")
         self._clock, self.mark = now, (done, sync.bytes_sent)
         self.window.zero_()
         return bool(reduced[2] > 0)
+
+
+def log_start(log, task, kind: str, schedule: str, model: torch.nn.Module, world: int, backend: str,
+              device: torch.device, run_dir: str) -> None:
+    """The run's first log line: what trains, on how many ranks, where it writes."""
+    log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind}, "
+             f"schedule={schedule}, {world} ranks ({backend}, {device.type}), run dir {run_dir}")
+
+
+def log_skipped(log, guard, step: int) -> None:
+    """A step the non-finite guard skipped (every rank alike)."""
+    log.log("nonfinite", step + 1, skipped=guard.skipped, in_a_row=guard.in_a_row)
+    log.info(f"step {step}: the all-reduced gradient holds NaN/Inf; step skipped on every rank "
+             f"({guard.in_a_row} in a row, {guard.skipped} in all)")
+
+
+def log_mask(log, kind: str, mask, digest: str, step: int, seconds: float) -> None:
+    """A new mask: its record in ``metrics.jsonl`` and its log line."""
+    log.log("mask", step, kind=kind, k=mask.num_selected, numel=mask.numel, density=mask.density, digest=digest,
+            seconds=round(seconds, 3))
+    log.info(f"step {step}: {kind} mask, k={mask.num_selected:,} of {mask.numel:,} "
+             f"(density {mask.density:.4g}), digest {digest[:12]}, {seconds:.1f} s")

@@ -1,8 +1,8 @@
-"""What a checkpoint holds: a registry of components, each with ``state_dict``/``load_state_dict``.
+"""What a trainer's checkpoint holds: its components, each with ``state_dict``/``load_state_dict``.
 
-As in torchtitan, the trainer registers its stateful parts by name (:class:`RunState`); a
-checkpoint is a small header plus ``{name: component.state_dict()}``, and resuming loads them in
-the order they were registered. The trainer's components, in that order::
+As in torchtitan, the trainer hands its stateful parts by name to the
+:class:`~sparsecomm.app.checkpointing.CheckpointManager` (:func:`components`); a checkpoint is a
+small header plus ``{name: component.state_dict()}``, and resuming loads them in this order::
 
     model       the model's full state dict (weights and buffers: rank 0's)
     buffers     the module buffers (BatchNorm statistics) of every other rank where they differ
@@ -19,10 +19,11 @@ the order they were registered. The trainer's components, in that order::
     nonfinite   skipped-step counters
     task_diff   the task diff's base weights and the union of the masks so far (masked runs)
 
-The header: format, step, world size, the training config and its hash, the model's tensor
-names and shapes. Rank 0 writes the file (:mod:`sparsecomm.app.fault`); nothing else crosses the
-network but the all-gathers of the per-rank buffers and RNG states. A checkpoint written before
-``buffers`` existed loads: every rank then starts from rank 0's buffers (:func:`resume_notes` says so).
+The header (:class:`~sparsecomm.app.checkpointing.TrainingHeader`): format, step, world size, the
+training config and its hash, the model's tensor names and shapes. Rank 0 writes the file; nothing
+else crosses the network but the all-gathers of the per-rank buffers and RNG states (world x their
+bytes, once per checkpoint). A checkpoint without ``buffers`` loads: every rank then starts from
+rank 0's buffers (:func:`resume_notes` says so).
 
 Exactness: on the same world size a resumed run continues the uninterrupted one bit for bit on
 2 ranks (masks, weights, buffers). On 3 or more ranks the first step after the resume reduces in
@@ -34,7 +35,7 @@ position in the reduced tensor, so the weights may differ in their last bits fro
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,14 +43,7 @@ import torch.distributed as dist
 from sparsecomm import distributed as sdist
 from sparsecomm.checkpoint import rng_state, set_rng_state
 from sparsecomm.mask import Mask
-
-FORMAT = 2  # 1: the trainer's hand-written dict (before the component registry)
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None: ...
+from .checkpointing import Stateful
 
 
 class Attr:
@@ -176,37 +170,45 @@ class MaskState:
         self.adopt(mask)
 
 
-def resume_notes(sd: Mapping[str, Any], progress: Progress, buffers: RankBuffers) -> list[str]:
-    """What a loaded checkpoint ``sd`` does not carry over exactly, one log line each (none: bit for bit)."""
+class WithoutDigest:
+    """A masked optimizer's state without its mask digest (the checkpoint's ``mask`` holds it once)."""
+
+    def __init__(self, part: Stateful):
+        self.part = part
+
+    def state_dict(self) -> dict[str, Any] | None:
+        sd = self.part.state_dict()
+        return None if sd is None else {k: v for k, v in sd.items() if k != "mask_digest"}
+
+    def load_state_dict(self, sd: Mapping[str, Any] | None) -> None:
+        self.part.load_state_dict(sd)
+
+
+def components(owner: Any, *, buffers: RankBuffers, mask: MaskState, kind: Stateful, progress: Progress,
+               nonfinite: Stateful, task_diff: Stateful | None) -> dict[str, Stateful]:
+    """The trainer's checkpoint components in load order (the module doc). ``owner`` holds the parts
+    that get swapped during a run (``model``, ``dense_opt``, ``sparse_opt``, ``sync``)."""
+    parts: dict[str, Stateful] = {
+        "model": Attr(owner, "model", cpu=True), "buffers": buffers, "dense_opt": Attr(owner, "dense_opt"),
+        "mask": mask, "sparse_opt": WithoutDigest(Attr(owner, "sparse_opt")), "sync": Attr(owner, "sync"),
+        "mask_kind": kind, "progress": progress, "nonfinite": nonfinite}
+    if task_diff is not None:
+        parts["task_diff"] = task_diff
+    return parts
+
+
+def resume_notes(header: Mapping[str, Any], progress: Progress, buffers: RankBuffers) -> list[str]:
+    """What a loaded checkpoint does not carry over exactly, one log line each (none: bit for bit).
+
+    ``header``: the checkpoint's, as :meth:`~sparsecomm.app.checkpointing.CheckpointManager.resume`
+    returns it (``components``: the names it holds)."""
     moved = progress.resharded
     if moved is not None:
         return [f"resuming a {moved['saved_world']}-rank checkpoint on {sdist.world_size()} ranks: the mask and the "
                 f"optimizer state are global and carry over; the data is re-sharded (epoch {moved['epoch']}, "
                 f"~{moved['examples']} examples in), the RNG reseeded and every rank starts from rank 0's module "
                 f"buffers (BatchNorm statistics), so this run is not bit-identical to an uninterrupted one"]
-    if "buffers" not in sd["state"] and sdist.world_size() > 1 and buffers.current():
+    if "buffers" not in header["components"] and sdist.world_size() > 1 and buffers.current():
         return ["the checkpoint holds rank 0's module buffers (BatchNorm statistics) only, so every rank starts "
                 "from them: a mask chosen before the next training step may differ from the uninterrupted run's"]
     return []
-
-
-class RunState:
-    """Named components, saved and loaded in registration order, under a header."""
-
-    def __init__(self) -> None:
-        self.components: dict[str, Stateful] = {}
-
-    def register(self, name: str, component: Stateful) -> None:
-        if name in self.components:
-            raise ValueError(f"checkpoint component {name!r} registered twice")
-        self.components[name] = component
-
-    def state_dict(self, header: Mapping[str, Any]) -> dict[str, Any]:
-        return {"format": FORMAT, **header, "state": {n: c.state_dict() for n, c in self.components.items()}}
-
-    def load_state_dict(self, sd: Mapping[str, Any], before: Callable[[str], None] = lambda name: None) -> None:
-        """Load every component whose state is present; ``before(name)`` runs first for each."""
-        for name, component in self.components.items():
-            if name in sd["state"]:
-                before(name)
-                component.load_state_dict(sd["state"][name])

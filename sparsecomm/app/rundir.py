@@ -41,6 +41,7 @@ from datetime import datetime
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparsecomm.checkpoint import CheckpointFolder
 from . import runlock
 
 # Files a run writes into its folder (rank 0) once its checks passed; any of them means the folder holds a run.
@@ -99,9 +100,8 @@ def timestamp() -> str:
 
 
 def checkpoint_files(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(n for n in os.listdir(directory) if n.startswith("step-") and n.endswith(".ckpt"))
+    """Names of the checkpoint files (``step-NNNNNNNN.ckpt``) in ``directory``, oldest first."""
+    return [os.path.basename(path) for path in CheckpointFolder(directory).files()]
 
 
 def verdict(path: str, checkpoint_dir: str, resume: str, restarts: int) -> str:
@@ -133,7 +133,7 @@ def verdict(path: str, checkpoint_dir: str, resume: str, restarts: int) -> str:
 
 
 def checkpoint_dir(run_dir: str, checkpoint_cfg: Mapping | None) -> str:
-    """``checkpoint.dir``, or ``<run dir>/checkpoints``."""
+    """``checkpoint.dir``, or ``<run dir>/checkpoints``: where a run's checkpoints live."""
     directory = (checkpoint_cfg or {}).get("dir")
     return os.path.abspath(str(directory) if directory else os.path.join(run_dir, "checkpoints"))
 

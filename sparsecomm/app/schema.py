@@ -297,7 +297,7 @@ class CommConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Fault tolerance (sparsecomm/app/fault.py)."""
+    """Checkpoints and resuming (sparsecomm/app/checkpointing.py)."""
 
     every: int = 0  # rank 0 writes one after every N-th step and after the last (0: no checkpoints)
     keep: int = 3  # the last K are kept

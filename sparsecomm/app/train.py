@@ -38,7 +38,8 @@ from sparsecomm.distributed import RankDisagreement
 from . import hints, launch, rundir, runlock, sweep, trainer, writes
 from .compose import CONFIG_MODULE, CONFIG_NAME, _parse_overrides, compose_config, config_groups, preflight  # noqa: F401
 from .config import check_config, training_config
-from .fault import Interrupted, config_differences
+from .checkpointing import config_differences
+from .signals import Interrupted
 from .launch import WorkerFailed, WorkerUserError, env_rank, record_worker_error
 from .peers import PEER_LOST_RECORD, PeerLost
 

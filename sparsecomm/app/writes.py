@@ -2,7 +2,7 @@
 
 Every file rank 0 writes into the run folder (``metrics.jsonl``, ``log.txt``, ``config.yaml``,
 ``mask.safetensors``, ``task_diff.safetensors``, ``base.safetensors``, ``model.safetensors``,
-``summary.json``; checkpoints in :mod:`sparsecomm.app.fault`) is written inside ``writing(path,
+``summary.json``; checkpoints in :mod:`sparsecomm.app.checkpointing`) is written inside ``writing(path,
 needed)``: an ``OSError`` (a full disk, a read-only file system, a folder where the file should
 be) or safetensors' ``SafetensorError`` (which is not an OSError) becomes :class:`WriteError`::
 

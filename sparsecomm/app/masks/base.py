@@ -1,25 +1,31 @@
 """The interface every mask kind implements (``mask/`` in the config, one kind per file here).
 
-A kind builds the run's shared mask (identical on every rank) and may take part in the step
-through a few hooks, all no-ops by default::
+A kind builds the run's shared mask (identical on every rank) and takes part in the run through
+a few points, all no-ops by default. A kind never receives the trainer: at each point it reads a
+:class:`View` (the model, the step, the bytes sent so far, the task, data and device) and
+RETURNS what changes, a :class:`Change`, which the trainer applies::
 
     MaskKind(cfg.mask, setting)       checks its fields against the model now (errors name them)
     .plan(schedule)                   the step plan it needs (diff pruning: its L0 phase)
-    .before_step(run, step, dense)    e.g. enter diff pruning's L0 phase; width core: nesting on
+    .before_step(view)     -> Change  e.g. diff pruning swaps in its L0 wrapper; width core: nesting on
     .extra_loss()                     a term added to the loss (diff pruning's L0 penalty) or None
-    .after_step()                     e.g. the width core re-zeroes its cut weights
-    .new_mask(run, step)              the mask at a mask step (default: next_mask(run.model); collective)
-    .outputs(run) / report_lines(s)   summary fields at the end (collective) and their report lines
-    .state_dict() / load_state_dict() its part of a checkpoint; before_load(run, step) first
+    .local_gradient(name, grad)       each parameter's LOCAL gradient, before DDP all-reduces it
+                                      (only when ``wants_local_gradients``): statistics, nothing sent
+    .after_backward(view)             after backward and the all-reduce, before the optimizer
+    .after_step(view)      -> Change  e.g. the width core re-zeroes its cut weights
+    .new_mask(view)        -> Change  the mask at a mask step (default: next_mask(view.model); collective)
+    .outputs(view)         -> Change  summary fields at the end (collective), lines, a comparison to train
+    .report_lines(summary)            the report's lines about those fields
+    .before_load(view)     -> Change  before a checkpoint loads (diff pruning: a checkpoint inside L0)
+    .state_dict() / load_state_dict() its part of a checkpoint
 
-``run`` is the trainer, used through a narrow surface: ``run.model``, ``run.sync.bytes_sent``,
-``run.swap_model(module, optimizer, dense_bytes_per_step=...)``, ``run.log``, and for
-``outputs`` its task, data, config and device.
+Nothing here crosses the network except what a kind's own ``build`` sends (the Fisher score
+exchange, counted in ``score_bytes``).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -32,12 +38,67 @@ from ..schedule import Schedule
 
 @dataclass
 class Setting:
-    """What a kind may read at construction: the task (head, loss), this rank's data, the model."""
+    """What a kind may read at construction: the task (head, loss), this rank's data, the model,
+    the seed and ``optim/`` (a kind that builds its own optimizer: diff pruning's L0 phase)."""
 
     task: Any
     data: Any
     model: torch.nn.Module
     seed: int
+    optim: Any = None
+
+
+@dataclass(frozen=True)
+class View:
+    """What a kind reads at a point of the run (the trainer builds it; a kind never sees the trainer)."""
+
+    model: torch.nn.Module    # the model trained now (not its DDP wrapper)
+    step: int                 # the step about to run (at the end: the steps done)
+    dense: bool               # whether this step sends dense gradients
+    bytes_sent: int           # gradient bytes this rank has handed to all-reduce so far
+    grad_bytes: int           # bytes of one dense all-reduce of ``model``'s gradients
+    task: Any
+    data: Any
+    device: torch.device
+
+
+@dataclass
+class Comparison:
+    """A model the trainer trains ALONE after the run, through its own loop: plain DDP, the dense
+    optimizer (at ``lr``, default ``optim/``'s), the run's lr schedule and number of steps, a fresh
+    stream of the same per-rank batches; then evaluates it. The summary gains ``<prefix>_acc``,
+    ``<prefix>_loss``, ``<prefix>_bytes`` (what its all-reduces sent, ``numel x 4`` a step) and
+    ``<prefix>_lr``; the log a line starting with ``label``."""
+
+    model: torch.nn.Module
+    prefix: str
+    label: str
+    lr: float | None = None
+
+
+@dataclass
+class Change:
+    """What a kind asks the trainer to apply; every field optional.
+
+    ``mask``: the new mask (the hook, the masked optimizer, the task diff's union; rank 0 saves it).
+    ``dense``: this step's mode instead of the schedule's. ``model``: train this module from now
+    on (a new DDP and hook; the byte counters go on), with ``optimizer`` = (dense optimizer, lr)
+    (default ``optim/``'s dense one) and ``dense_bytes_per_step`` (what dense DDP of the plain
+    model sends a step, when ``model`` all-reduces another amount). ``base``: the task diff's base
+    (the first one given wins). ``records``: ``(name, fields)`` for ``metrics.jsonl`` at this step;
+    ``lines``: log lines; ``fields``: summary fields; ``compare``: see :class:`Comparison`.
+    """
+
+    mask: Mask | None = None
+    dense: bool | None = None
+    model: torch.nn.Module | None = None
+    optimizer: tuple[torch.optim.Optimizer, float] | None = None
+    dense_bytes_per_step: int | None = None
+    base: torch.nn.Module | None = None
+    records: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+    compare: Comparison | None = None
 
 
 class MaskKind:
@@ -45,6 +106,7 @@ class MaskKind:
 
     name: ClassVar[str]
     dense: ClassVar[bool] = False  # plain DDP: no mask, no hook
+    wants_local_gradients: ClassVar[bool] = False  # the trainer then calls local_gradient every backward
 
     def __init__(self, cfg: Mapping, setting: Setting):
         self.cfg, self.setting = cfg, setting
@@ -61,35 +123,44 @@ class MaskKind:
     def build(self, model: torch.nn.Module) -> Mask:
         raise NotImplementedError
 
-    def new_mask(self, run, step: int) -> Mask:
-        """The mask for ``step`` (collective: every rank calls it at the same step)."""
-        return self.next_mask(run.model)
+    def new_mask(self, view: View) -> Change:
+        """The mask for ``view.step`` (collective: every rank calls it at the same step)."""
+        return Change(mask=self.next_mask(view.model))
 
     def next_mask(self, model: torch.nn.Module) -> Mask:
         """The next mask of ``model`` (collective), counted in ``rounds`` (a Fisher mask's data order
-        depends on it): what a loop without the trainer calls (the benchmark workers)."""
+        depends on it)."""
         mask = self.build(model)
         self.rounds += 1
         return mask
 
-    def before_step(self, run, step: int, dense: bool) -> None:
-        pass
+    def before_step(self, view: View) -> Change | None:
+        return None
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
-    def after_step(self) -> None:
-        pass
+    def local_gradient(self, name: str, grad: torch.Tensor) -> None:
+        """This rank's own gradient of parameter ``name``, as backward accumulates it and BEFORE DDP's
+        hook all-reduces its bucket (a post-accumulate-grad hook, :func:`watch_local_gradients`).
+        Read it (e.g. sum its squares), never change it: ``grad`` is a view of DDP's bucket."""
 
-    def outputs(self, run) -> dict[str, Any]:
-        return {}
+    def after_backward(self, view: View) -> None:
+        """After backward, before the optimizer: ``p.grad`` holds what the hook left (on a masked
+        step the k averaged entries, zeros elsewhere). Read, change nothing."""
+
+    def after_step(self, view: View) -> Change | None:
+        return None
+
+    def outputs(self, view: View) -> Change:
+        return Change()
 
     @staticmethod
     def report_lines(summary: Mapping[str, Any]) -> list[str]:
         return []
 
-    def before_load(self, run, step: int) -> None:
-        pass
+    def before_load(self, view: View) -> Change | None:
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "score_bytes": self.score_bytes}
@@ -112,3 +183,14 @@ class DensityKind(MaskKind):
                 f"mask.density={cfg.density} keeps k={self.k} of {numel} entries, fewer than the {whole} entries "
                 f"of the parameters always kept ({list(self.always)}); raise mask.density to at least "
                 f"{whole / numel:.3g} or set mask.always=[]")
+
+
+def watch_local_gradients(kind: MaskKind, model: torch.nn.Module) -> list[Any]:
+    """Hand every trainable parameter's local gradient of ``model`` to ``kind.local_gradient`` on
+    each backward (when the kind wants them). Returns the hook handles (``.remove()`` them when the
+    model is swapped out). Torch runs a post-accumulate-grad hook before DDP marks the parameter
+    ready, so the gradient is this rank's own; nothing crosses the network."""
+    if not kind.wants_local_gradients:
+        return []
+    return [p.register_post_accumulate_grad_hook(lambda p, n=n: kind.local_gradient(n, p.grad))
+            for n, p in model.named_parameters() if p.requires_grad]

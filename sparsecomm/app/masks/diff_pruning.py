@@ -21,12 +21,11 @@ from typing import Any
 import torch
 
 from sparsecomm.diff_pruning import DiffPruning
-from sparsecomm.mask import Mask
 
 from ..metrics import human_bytes
 from ..optimizers import dense_optimizer
 from ..schedule import Schedule
-from .base import DensityKind, Setting
+from .base import Change, DensityKind, Setting, View
 
 
 class DiffPruningKind(DensityKind):
@@ -51,32 +50,34 @@ class DiffPruningKind(DensityKind):
         self.start = schedule.dense_steps
         return dataclasses.replace(schedule, dense_steps=schedule.dense_steps + self.l0_steps)
 
-    def before_step(self, run, step: int, dense: bool) -> None:
-        if step == self.start and not self.active:
-            self.enter(run, step)
+    def before_step(self, view: View) -> Change | None:
+        if view.step == self.start and not self.active:
+            return self.enter(view)
+        return None
 
-    def before_load(self, run, step: int) -> None:
+    def before_load(self, view: View) -> Change | None:
         """A checkpoint taken inside the L0 phase holds the wrapper as the model: enter it first. The
         phase trains steps ``start .. start + l0_steps - 1``, so it holds the wrapper after step
         ``start`` (a checkpoint of step ``start`` was taken before the phase) up to and including
         ``start + l0_steps`` (the mask is projected right after that checkpoint)."""
-        if self.start < step <= self.start + self.l0_steps and not self.active:
-            self.enter(run, self.start)
+        if self.start < view.step <= self.start + self.l0_steps and not self.active:
+            return self.enter(dataclasses.replace(view, step=self.start))
+        return None
 
-    def enter(self, run, step: int) -> None:
-        """Freeze the model as the base and train its wrapper (a new DDP and hook; counters go on)."""
+    def enter(self, view: View) -> Change:
+        """Freeze the model as the base (also the task diff's) and train its wrapper from now on:
+        a new DDP and hook (the counters go on), dense bytes counted as the plain model's."""
         cfg = self.cfg
-        run.task_diff.set_base(run.model, step)  # the frozen base, before the L0 phase moves its buffers
-        plain_bytes = run.sync.grad_bytes       # what dense DDP of the plain model sends per step
-        self._sent0 = run.sync.bytes_sent
-        w = DiffPruning(run.model, structured=bool(cfg.structured), stretch=tuple(cfg.stretch),
+        self._sent0 = view.bytes_sent
+        w = DiffPruning(view.model, structured=bool(cfg.structured), stretch=tuple(cfg.stretch),
                         log_alpha_init=float(cfg.log_alpha_init), temperature=float(cfg.temperature),
                         ungated=self.setting.task.head if cfg.ungated_head else ())
-        w.train(run.model.training)
+        w.train(view.model.training)
         self.wrapper = w
-        run.swap_model(w, *self._optimizer(run.cfg.optim), dense_bytes_per_step=plain_bytes)
-        run.log.info(f"step {step}: diff pruning L0 phase for {self.l0_steps} steps: base frozen, "
-                     f"{w.comm_numel:,} gradient entries (w + log_alpha) all-reduced per step")
+        return Change(base=view.model, model=w, optimizer=self._optimizer(self.setting.optim),
+                      dense_bytes_per_step=view.grad_bytes,
+                      lines=[f"step {view.step}: diff pruning L0 phase for {self.l0_steps} steps: base frozen, "
+                             f"{w.comm_numel:,} gradient entries (w + log_alpha) all-reduced per step"])
 
     def _optimizer(self, optim: Mapping) -> tuple[torch.optim.Optimizer, float]:
         """torch's AdamW/SGD with two groups: ``w`` at ``optim.dense_lr`` (``optim.weight_decay``),
@@ -94,27 +95,29 @@ class DiffPruningKind(DensityKind):
         return float(self.cfg.l0_penalty) * self.wrapper.expected_l0() if self.active else None
 
     @torch.no_grad()
-    def new_mask(self, run, step: int) -> Mask:
+    def new_mask(self, view: View) -> Change:
         """Project the learned diff to the mask and hand ``base + mask x diff`` to the fixed-mask
-        phase. Identical on every rank (same ``w`` and ``log_alpha`` after averaged updates; ties
-        broken by position); the trainer checks the digests agree."""
+        phase (with ``optim/``'s dense optimizer). Identical on every rank (same ``w`` and
+        ``log_alpha`` after averaged updates; ties broken by position); the trainer checks the
+        digests agree."""
         w = self.wrapper
         mask = w.project(float(self.cfg.density), always=list(self.always), field="mask.density")
         model = w.materialize(mask)
         model.train(w.training)
-        self.bytes_sent = run.sync.bytes_sent - self._sent0
+        self.bytes_sent = view.bytes_sent - self._sent0
         self.stats = {"l0_expected_l0": float(w.expected_l0()), "l0_gates_open": w.nonzero_fraction(),
                       "l0_comm_numel": w.comm_numel}
         self.wrapper = None
-        run.swap_model(model)
         self.rounds += 1
-        s = self.outputs(run)
-        run.log.log("l0", step, **s)
-        run.log.info(f"step {step}: L0 phase done ({human_bytes(s['l0_bytes_sent'])} sent), E[L0] "
-                     f"{s['l0_expected_l0']:.4g}, gates open {s['l0_gates_open']:.4f}; projected to the mask below")
-        return mask
+        s = self._fields()
+        return Change(mask=mask, model=model, records=[("l0", s)], lines=[
+            f"step {view.step}: L0 phase done ({human_bytes(s['l0_bytes_sent'])} sent), E[L0] "
+            f"{s['l0_expected_l0']:.4g}, gates open {s['l0_gates_open']:.4f}; projected to the mask below"])
 
-    def outputs(self, run) -> dict[str, Any]:
+    def outputs(self, view: View) -> Change:
+        return Change(fields=self._fields())
+
+    def _fields(self) -> dict[str, Any]:
         return {"l0_steps": self.l0_steps, "l0_bytes_sent": self.bytes_sent, **self.stats}
 
     @staticmethod
