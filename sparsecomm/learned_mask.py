@@ -65,14 +65,24 @@ class LocalGradientSquares:
         self._handles = []
 
     def _adder(self, name: str):
-        def add(grad: torch.Tensor) -> None:
-            if self.enabled:
-                g = grad.to_dense() if grad.is_sparse else grad
-                self.scores[name].add_(g.detach().float().pow(2))
-                if not self._counted:
-                    self.passes += 1
-                    self._counted = True
-        return add
+        def hook(grad: torch.Tensor) -> None:
+            self.add(name, grad)
+        return hook
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        """Add ``grad**2`` (this rank's local gradient of parameter ``name``) while :attr:`enabled`;
+        the first call after :meth:`begin_pass` counts a pass. For callers that see the local
+        gradients themselves (a post-accumulate-grad hook) instead of :meth:`attach`."""
+        if not self.enabled:
+            return
+        g = grad.to_dense() if grad.is_sparse else grad
+        s = self.scores[name]
+        if s.device != g.device:  # the model moved to its device after the sums were made
+            s = self.scores[name] = s.to(g.device)
+        s.add_(g.detach().float().pow(2))
+        if not self._counted:
+            self.passes += 1
+            self._counted = True
 
     def begin_pass(self) -> None:
         """Call before each backward: the next hook call counts one pass."""

@@ -33,10 +33,10 @@ def _fit(rank, world, cfg, run_dir):
     masks = []
     choose = t.kind.new_mask
 
-    def recording(run, step):
-        mask = choose(run, step)
-        masks.append(mask)
-        return mask
+    def recording(view):
+        change = choose(view)
+        masks.append(change.mask)
+        return change
     t.kind.new_mask = recording
     try:
         summary = t.fit()

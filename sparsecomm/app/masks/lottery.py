@@ -21,7 +21,7 @@ from sparsecomm.mask import Mask
 from ..config import ConfigError
 from ..fields import whole_number
 from ..schedule import Schedule
-from .base import DensityKind, Setting
+from .base import Change, DensityKind, Setting, View
 
 
 class LotteryKind(DensityKind):
@@ -48,9 +48,14 @@ class LotteryKind(DensityKind):
                               "supported)")
         return change_mask(model, self.initial, density=self.cfg.density, always=self.always)
 
-    def new_mask(self, run, step: int) -> Mask:
-        mask = self.next_mask(run.model)
+    def new_mask(self, view: View) -> Change:
+        """The mask; with ``mask.rewind`` the weights go back to their start in place (every rank
+        alike, so DDP's replicas stay equal), which the task diff then takes as its base."""
+        mask = self.next_mask(view.model)
+        lines = []
         if bool(self.cfg.rewind):
-            rewind(run.model, self.initial)
+            rewind(view.model, self.initial)
+            lines.append(f"step {view.step}: lottery mask chosen by the change of {self.dense_steps} dense steps; "
+                         f"weights rewound to their start")
         self.initial = None  # 4 bytes per entry freed
-        return mask
+        return Change(mask=mask, base=view.model, lines=lines)
