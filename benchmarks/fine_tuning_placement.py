@@ -93,10 +93,9 @@ def main(argv=None) -> dict:
             f"head kept whole; the {a.train_size:,} training synsets hold {res['train_tokens']:,} distinct tokens; "
             f"a uniform spread puts 2.1% of the stream entries on any 8 channels.\n\n" + "\n".join(lines) + "\n")
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "fine_tuning_placement.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(a.out, "fine_tuning_placement.md"), "w") as f:
-        f.write(text)
+    for ext, body in (("json", json.dumps(res, indent=1)), ("md", text)):
+        with open(os.path.join(a.out, f"fine_tuning_placement.{ext}"), "w") as f:
+            f.write(body)
     print(text)
     return res
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from apptest import compose_app
 from multirank import run_ranks
+from trainrun import assert_same_params, train
 
 from sparsecomm.app import trainer
 from sparsecomm.app.config import ConfigError
@@ -112,29 +113,19 @@ def test_learned_mask_refreshes_within_its_limit_and_trains_only_its_masks(tmp_p
     assert swapped > 0 and r0["summary"]["entries_swapped"] == swapped
 
 
-def _train(rank, world, cfg, run_dir):
-    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
-    try:
-        summary = t.fit()
-    finally:
-        t.close()
-    return {"digest": summary["mask_digest"], "resumed_from": summary["resumed_from"],
-            "state": {k: v.clone() for k, v in t.model.state_dict().items()}}
-
-
 @pytest.mark.slow
 def test_learned_mask_resumed_between_refreshes_is_the_uninterrupted_run(tmp_path):
     overrides = [*MLP, *LEARNED, "checkpoint.every=1", "checkpoint.keep=100"]
-    full = run_ranks(_train, 2, compose_app(*overrides), str(tmp_path / "full"), timeout=300)
+    full = run_ranks(train, 2, compose_app(*overrides), str(tmp_path / "full"), timeout=300)
     ckpts = tmp_path / "full" / "checkpoints"
     for at in (4, 6):  # mid-way through the sums; right at the refresh
         path = str(ckpts / f"step-{at:08d}.ckpt")
-        resumed = run_ranks(_train, 2, compose_app(*overrides, f"checkpoint.resume={path}"),
+        resumed = run_ranks(train, 2, compose_app(*overrides, f"checkpoint.resume={path}"),
                             str(tmp_path / f"from{at}"), timeout=300)
-        assert resumed[0]["resumed_from"].endswith(f"step-{at:08d}.ckpt")
+        assert resumed[0]["summary"]["resumed_from"].endswith(f"step-{at:08d}.ckpt")
         for a, b in zip(full, resumed):
             assert a["digest"] == b["digest"]
-            assert all(torch.equal(a["state"][n], b["state"][n]) for n in a["state"])
+            assert_same_params(a["params"], b["params"])
     # the sums are what carries the refresh: a checkpoint without them refreshes to another mask
     with open(ckpts / "step-00000005.ckpt", "rb") as f:
         sd = decode(f.read())
@@ -142,7 +133,7 @@ def test_learned_mask_resumed_between_refreshes_is_the_uninterrupted_run(tmp_pat
     forgetful = str(tmp_path / "forgetful.ckpt")
     with open(forgetful, "wb") as f:
         f.write(encode(sd))
-    other = run_ranks(_train, 2, compose_app(*overrides, f"checkpoint.resume={forgetful}"),
+    other = run_ranks(train, 2, compose_app(*overrides, f"checkpoint.resume={forgetful}"),
                       str(tmp_path / "forgetful"), timeout=300)
     assert other[0]["digest"] != full[0]["digest"]
 

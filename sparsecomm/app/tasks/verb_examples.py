@@ -20,8 +20,8 @@ for training; the mean-pooled encoder (default: the packaged all-MiniLM-L6-v2) w
 """
 from __future__ import annotations
 
-from .common import Task, cross_entropy
-from .wordnet import _QUOTED, MeanPoolClassifier, Tokenized, find_data_file, load_encoder, make_collate, read_synsets, split
+from .common import Task
+from .wordnet import _QUOTED, check_max_length, find_data_file, read_synsets, split_synset, text_task
 
 SUPERSENSES = ("body", "change", "cognition", "communication", "competition", "consumption", "contact", "creation",
                "emotion", "motion", "perception", "possession", "social", "stative", "weather")
@@ -31,20 +31,10 @@ FIRST_LEXFILE = 29  # verb.body; verb.weather is 43
 def parse_verb_line(line: str) -> tuple[int, int, list[str]]:
     """One synset line of ``data.verb`` -> (offset, label 0..14, its quoted example sentences).
     Raises ValueError saying what is wrong (the caller adds the file and line)."""
-    head, bar, gloss = line.partition(" | ")
-    if not bar:
-        raise ValueError("no ' | ' before the gloss")
-    f = head.split()
-    if len(f) < 6:
-        raise ValueError("fewer fields than 'offset lex_filenum ss_type w_cnt word lex_id'")
-    if not (len(f[0]) == 8 and f[0].isdigit()):
-        raise ValueError(f"offset {f[0]!r} is not 8 digits")
-    if not (len(f[1]) == 2 and f[1].isdigit()) or not FIRST_LEXFILE <= int(f[1]) < FIRST_LEXFILE + len(SUPERSENSES):
-        raise ValueError(f"lexicographer file {f[1]!r} is not a verb supersense (29..43)")
-    if f[2] != "v":
-        raise ValueError(f"synset type {f[2]!r} is not 'v' (is this data.verb?)")
+    offset, label, _, gloss = split_synset(line, "v", FIRST_LEXFILE, len(SUPERSENSES), "verb supersense (29..43)",
+                                           "data.verb")
     examples = [" ".join(q[1:-1].split()) for q in _QUOTED.findall(gloss)]
-    return int(f[0]), int(f[1]) - FIRST_LEXFILE, [e for e in examples if e]
+    return offset, label, [e for e in examples if e]
 
 
 def read_examples(path) -> tuple[list[str], list[int]]:
@@ -65,18 +55,7 @@ def build(data_dir=None, model_dir=None, train_size: int | None = None, test_siz
           max_length: int = 48) -> Task:
     """WordNet verb usage sentences (15 supersenses) with the mean-pooled encoder from
     ``model_dir`` (null: the packaged all-MiniLM-L6-v2) and a fresh ``classifier`` head."""
-    if not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length=48")
+    check_max_length(max_length, 48)
     texts, labels = read_examples(find_data_file(data_dir, "data.verb"))
-    train_idx, test_idx = split(len(labels), train_size, test_size, seed)
-    tokenizer, encoder = load_encoder(model_dir)
-
-    def encode(idx):
-        ids = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length)["input_ids"]
-        return Tokenized(ids, [labels[i] for i in idx])
-
-    train_set = encode(train_idx)
-    return Task(name="verb_examples", model=MeanPoolClassifier(encoder, len(SUPERSENSES)), train_set=train_set,
-                test_set=encode(test_idx), loss_fn=cross_entropy, head=["classifier.*"],
-                num_classes=len(SUPERSENSES), collate_fn=make_collate(tokenizer.pad_token_id or 0),
-                lengths=train_set.lengths)
+    return text_task("verb_examples", texts, labels, len(SUPERSENSES), model_dir=model_dir, train_size=train_size,
+                     test_size=test_size, seed=seed, max_length=max_length)

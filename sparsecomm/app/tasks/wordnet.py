@@ -95,18 +95,8 @@ def clean_gloss(gloss: str) -> str:
 def parse_line(line: str) -> tuple[int, int, str, str]:
     """One synset line (str, no newline) -> (offset, label 0..25, first lemma, cleaned gloss).
     Raises ValueError saying what is wrong (the caller adds the file and line)."""
-    head, bar, gloss = line.partition(" | ")
-    if not bar:
-        raise ValueError("no ' | ' before the gloss")
-    f = head.split()
-    if len(f) < 6:
-        raise ValueError("fewer fields than 'offset lex_filenum ss_type w_cnt word lex_id'")
-    if not (len(f[0]) == 8 and f[0].isdigit()):
-        raise ValueError(f"offset {f[0]!r} is not 8 digits")
-    if not (len(f[1]) == 2 and f[1].isdigit()) or not FIRST_LEXFILE <= int(f[1]) < FIRST_LEXFILE + len(SUPERSENSES):
-        raise ValueError(f"lexicographer file {f[1]!r} is not a noun supersense (03..28)")
-    if f[2] != "n":
-        raise ValueError(f"synset type {f[2]!r} is not 'n' (is this data.noun?)")
+    offset, label, f, gloss = split_synset(line, "n", FIRST_LEXFILE, len(SUPERSENSES), "noun supersense (03..28)",
+                                           "data.noun")
     try:
         words = int(f[3], 16)
     except ValueError:
@@ -116,7 +106,28 @@ def parse_line(line: str) -> tuple[int, int, str, str]:
     gloss = clean_gloss(gloss)
     if not gloss:
         raise ValueError("empty gloss")
-    return int(f[0]), int(f[1]) - FIRST_LEXFILE, f[4].replace("_", " "), gloss
+    return offset, label, f[4].replace("_", " "), gloss
+
+
+def split_synset(line: str, ss_type: str, first_lexfile: int, classes: int, what: str,
+                 filename: str) -> tuple[int, int, list[str], str]:
+    """A synset line of a WordNet data file -> (offset, label = lexicographer file - ``first_lexfile``,
+    the fields before the gloss, the raw gloss), checking what every data file shares: the gloss
+    separator, the leading fields, the 8-digit offset, a lexicographer file in
+    ``first_lexfile .. + classes - 1`` (else ``what`` is named) and the synset type."""
+    head, bar, gloss = line.partition(" | ")
+    if not bar:
+        raise ValueError("no ' | ' before the gloss")
+    f = head.split()
+    if len(f) < 6:
+        raise ValueError("fewer fields than 'offset lex_filenum ss_type w_cnt word lex_id'")
+    if not (len(f[0]) == 8 and f[0].isdigit()):
+        raise ValueError(f"offset {f[0]!r} is not 8 digits")
+    if not (len(f[1]) == 2 and f[1].isdigit()) or not first_lexfile <= int(f[1]) < first_lexfile + classes:
+        raise ValueError(f"lexicographer file {f[1]!r} is not a {what}")
+    if f[2] != ss_type:
+        raise ValueError(f"synset type {f[2]!r} is not {ss_type!r} (is this {filename}?)")
+    return int(f[0]), int(f[1]) - first_lexfile, f, gloss
 
 
 def read_data_noun(path) -> tuple[list[str], list[int]]:
@@ -246,9 +257,21 @@ def build(data_dir=None, model_dir=None, train_size: int | None = 20000, test_si
           max_length: int = 64) -> Task:
     """WordNet noun supersenses (26 classes) with the mean-pooled encoder from ``model_dir``
     (null: the packaged all-MiniLM-L6-v2) and a fresh ``classifier`` head."""
-    if not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length=64")
+    check_max_length(max_length, 64)
     texts, labels = read_data_noun(find_data_noun(data_dir))
+    return text_task("wordnet", texts, labels, len(SUPERSENSES), model_dir=model_dir, train_size=train_size,
+                     test_size=test_size, seed=seed, max_length=max_length)
+
+
+def check_max_length(max_length, example: int) -> None:
+    if not isinstance(max_length, int) or max_length < 8:
+        raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length={example}")
+
+
+def text_task(name: str, texts: list[str], labels: list[int], num_classes: int, *, model_dir, train_size: int | None,
+              test_size: int, seed: int, max_length: int) -> Task:
+    """A labelled text classification task: the split by ``seed``, the texts tokenized (at most
+    ``max_length`` tokens), the mean-pooled encoder from ``model_dir`` with a fresh ``classifier``."""
     train_idx, test_idx = split(len(labels), train_size, test_size, seed)
     tokenizer, encoder = load_encoder(model_dir)
 
@@ -257,7 +280,7 @@ def build(data_dir=None, model_dir=None, train_size: int | None = 20000, test_si
         return Tokenized(ids, [labels[i] for i in idx])
 
     train_set = encode(train_idx)
-    return Task(name="wordnet", model=MeanPoolClassifier(encoder, len(SUPERSENSES)), train_set=train_set,
+    return Task(name=name, model=MeanPoolClassifier(encoder, num_classes), train_set=train_set,
                 test_set=encode(test_idx), loss_fn=cross_entropy, head=["classifier.*"],
-                num_classes=len(SUPERSENSES), collate_fn=make_collate(tokenizer.pad_token_id or 0),
+                num_classes=num_classes, collate_fn=make_collate(tokenizer.pad_token_id or 0),
                 lengths=train_set.lengths)
