@@ -10,10 +10,11 @@ training set: only tokens that occur get entries, frequent tokens more of them.
 * :func:`count_tokens`: occurrences of each token id over batches of ids.
 * :func:`embedding_budget`: the entries the embedding gets at the model's density, counting
   only the rows of tokens that occur (``density x occurring rows x dim``).
-* :func:`token_row_positions`: which entries: every entry of row ``t`` draws ``u`` uniform in
-  (0, 1] from a generator seeded by ``seed`` and scores ``count_t^power x u``; the top ``budget``
-  are kept (ties by position). Rows of tokens that never occur score 0 and are never kept while
-  an occurring row has room. With ``power=0`` the occurring rows are equally likely.
+* :func:`token_row_positions`: which entries: the budget is shared among the occurring rows in
+  proportion to ``w_t = count_t^power`` by the D'Hondt rule (row ``t``'s ``r``-th entry scores
+  ``w_t / (r + 1)``, the top ``budget`` scores win, ties by position): with ``power`` below 1 the
+  budget reaches most occurring rows (a frequent token gets more entries, not all of them);
+  within a row the entries come in a random order drawn from ``seed``. Rows of tokens that never occur get none. ``power=0``: every occurring row alike.
 
 Nothing crosses the network: counts are of the training set every rank holds whole (the app's
 tasks) and the draws depend on the seed alone, so every rank computes the same positions.
@@ -54,21 +55,31 @@ def embedding_budget(counts: torch.Tensor, dim: int, density: float) -> int:
 def token_row_positions(counts: torch.Tensor, dim: int, budget: int, *, seed: int, power: float = 0.5,
                         chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> torch.Tensor:
     """Flat positions (int64, ascending) of ``budget`` entries of a ``(len(counts), dim)``
-    embedding: the top ``budget`` of ``count_row^power x u`` (module doc). Streams the scores in
-    chunks of ``chunk_numel`` float64 entries; O(budget) beyond that."""
+    embedding (module doc: D'Hondt shares of ``count^power`` over the occurring rows).
+
+    The random order: ``torch.rand(occurring rows, dim)`` (float32, a CPU generator seeded with
+    ``seed``, rows in id order) argsorted per row; the entry at column ``c`` of row ``t`` is
+    that row's ``r``-th, ``r`` = the rank of its draw. Memory: the ranks (4 bytes per entry of an
+    occurring row, 12 transiently), one float64 chunk of ``chunk_numel`` entries and O(budget).
+    """
     if power < 0:
         raise ValueError(f"power={power} must be >= 0 (0: every occurring token alike)")
-    occurring = int((counts > 0).sum())
-    if budget > occurring * dim:
-        raise ValueError(f"budget={budget} exceeds the {occurring * dim} entries of the {occurring} occurring rows")
-    weight = torch.where(counts > 0, counts.to(torch.float64).pow(power), torch.zeros((), dtype=torch.float64))
+    occurring = (counts > 0).nonzero().reshape(-1)
+    if budget > occurring.numel() * dim:
+        raise ValueError(f"budget={budget} exceeds the {occurring.numel() * dim} entries of the "
+                         f"{occurring.numel()} occurring rows")
     gen = torch.Generator().manual_seed(int(seed))
-    vocab = counts.numel()
+    ranks = torch.rand(occurring.numel(), dim, generator=gen).argsort(1).argsort(1).to(torch.int32)
+    row_of = torch.full((counts.numel(),), -1, dtype=torch.int64)
+    row_of[occurring] = torch.arange(occurring.numel())
+    weight = counts.to(torch.float64).pow(power)
 
     def write(out: torch.Tensor, lo: int) -> None:
-        out.uniform_(0.0, 1.0, generator=gen)
-        out.sub_(1.0).neg_()  # (0, 1]: a drawn 0 would tie with never-occurring rows
-        rows = torch.arange(lo, lo + out.numel()) // dim
-        out.mul_(weight[rows])
+        pos = torch.arange(lo, lo + out.numel())
+        rows, cols = pos // dim, pos % dim
+        r = row_of[rows]
+        has = r >= 0
+        out.zero_()
+        out[has] = weight[rows[has]] / (ranks[r[has], cols[has]].to(torch.float64) + 1.0)
 
-    return stream_topk([(vocab * dim, write)], budget, chunk_numel=chunk_numel)
+    return stream_topk([(counts.numel() * dim, write)], budget, chunk_numel=chunk_numel)

@@ -149,21 +149,26 @@ def test_count_tokens_matches_a_counter_and_ignores_padding():
 
 
 @pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
-def test_token_row_positions_are_the_top_of_count_weighted_draws(power):
+def test_token_row_positions_share_the_budget_by_dhondt_over_the_rows_the_data_holds(power):
     counts = torch.tensor([0, 5, 0, 1, 40, 2, 0, 9])
     dim, seed = 6, 3
     budget = embedding_budget(counts, dim, 0.5)
     assert budget == round(0.5 * 5 * dim)
     got = token_row_positions(counts, dim, budget, seed=seed, power=power, chunk_numel=7)
-    u = 1.0 - torch.rand(counts.numel() * dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    w = torch.where(counts > 0, counts.double() ** power, torch.zeros((), dtype=torch.float64))
-    score = w.repeat_interleave(dim) * u
-    order = sorted(range(score.numel()), key=lambda i: (-float(score[i]), i))
-    assert got.tolist() == sorted(order[:budget])
+    # the reference: hand out the budget one entry at a time to the row with the largest w / (n + 1)
+    w = {t: float(c) ** power for t, c in enumerate(counts.tolist()) if c > 0}
+    n = dict.fromkeys(w, 0)
+    for _ in range(budget):
+        t = max((t for t in w if n[t] < dim), key=lambda t: (w[t] / (n[t] + 1), -t))
+        n[t] += 1
+    occurring = [t for t in w]
+    order = torch.rand(len(occurring), dim, generator=torch.Generator().manual_seed(seed)).argsort(1)
+    want = sorted(t * dim + int(c) for i, t in enumerate(occurring) for c in order[i, :n[t]])
+    assert got.tolist() == want
     rows = set((got // dim).tolist())
-    assert rows <= {1, 3, 4, 5, 7}, "only rows of tokens the data holds"
-
-
+    assert rows <= set(w), "only rows of tokens the data holds"
+    if power < 1:  # a row's share shrinks with its count's power; here each of 5 rows gets one at least
+        assert rows == set(w)
 # ---------------------------------------------------------------- the learned mask
 
 def _local_squares(rank, world):

@@ -1,8 +1,9 @@
 """``mask=token_rows``: the word embedding's entries on the rows of the tokens training reads.
 
 The embedding (``mask.embedding``, a glob naming one parameter) gets ``density x occurring rows x
-dim`` entries: only rows of tokens the task's training set holds, frequent tokens more of them
-(``count^mask.power``), drawn from ``mask.seed`` (:mod:`sparsecomm.token_rows`). Every rank
+dim`` entries, only on rows of tokens the task's training set holds, shared among them in
+proportion to ``count^mask.power`` (D'Hondt), each row's in a random order from ``mask.seed``
+(:mod:`sparsecomm.token_rows`). Every rank
 counts the whole training set, so this part sends nothing. The rest of the budget goes to the
 other parameters by activation-scaled Fisher (``mask=fisher_scaled``, whose fields apply; the
 embedding's own Fisher scores are set to 0 so it takes none of that part).
