@@ -32,10 +32,11 @@ class TokenRowsKind(FisherScaledKind):
         params = dict(setting.model.named_parameters())
         names = [n for n, p in params.items() if p.dim() == 2 and matches_any(n, [pattern])]
         if len(names) != 1:
-            listing = ", ".join(n for n in params if "embed" in n) or "none named *embed*"
+            embeddings = [n for n in params if "embed" in n or n.endswith("wte.weight")]
+            hint = (f"this model's embeddings: {', '.join(embeddings)}" if embeddings else
+                    "this model has no parameter named like an embedding: mask=token_rows is for text models")
             raise ConfigError(f"mask.embedding={pattern!r} matches {len(names)} 2-D parameters "
-                              f"({', '.join(names) or 'none'}); it must name the word embedding exactly once "
-                              f"(this model's embeddings: {listing})")
+                              f"({', '.join(names) or 'none'}); it must name the word embedding exactly once ({hint})")
         if float(cfg.power) < 0:
             raise ConfigError(f"mask.power={cfg.power} must be >= 0 (0: every token the data holds alike)")
         self.embedding = names[0]
