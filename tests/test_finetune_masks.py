@@ -173,3 +173,17 @@ def test_the_finetune_preset_picks_the_head_to_heads_winner_and_yields_to_the_co
     assert (cfg.schedule.name, cfg.schedule.dense_steps, cfg.schedule.lr.name) == ("fish_fixed", 0, "constant")
     mine = compose_app("task=wordnet", "+preset=finetune", "mask.density=0.02", "optim.lr=1e-3")
     assert (mine.mask.density, mine.optim.lr) == (0.02, 1e-3)
+
+
+@pytest.mark.slow
+def test_lottery_resumed_inside_and_after_its_dense_phase_is_the_uninterrupted_run(tmp_path):
+    """Resumed inside the dense phase, the kind's start weights are the rebuilt initial model's."""
+    overrides = [*MLP, "mask=lottery", "mask.dense_steps=2", "steps=5", "checkpoint.every=1", "checkpoint.keep=100"]
+    full = run_ranks(train, 2, compose_app(*overrides), str(tmp_path / "full"), timeout=300)
+    for at in (1, 3):
+        path = str(tmp_path / "full" / "checkpoints" / f"step-{at:08d}.ckpt")
+        resumed = run_ranks(train, 2, compose_app(*overrides, f"checkpoint.resume={path}"),
+                            str(tmp_path / f"from{at}"), timeout=300)
+        for a, b in zip(full, resumed):
+            assert a["digest"] == b["digest"]
+            assert_same_params(a["params"], b["params"])
