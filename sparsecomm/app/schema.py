@@ -166,7 +166,7 @@ class RandomMask(SparseMask):
 
 @dataclass
 class FisherScaledMask(FisherMask):
-    normalise: str = "rows_and_columns"  # rows_and_columns | columns | activation | none (sparsecomm.score_scaling)
+    normalise: str = "activation"  # activation | rows_and_columns | columns | none (sparsecomm.score_scaling)
 
 
 @dataclass

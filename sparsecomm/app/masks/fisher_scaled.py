@@ -2,12 +2,14 @@
 
 Each rank scores its shard as ``mask=fisher`` does; before the exchange every Linear weight's
 score is rescaled by :func:`sparsecomm.score_scaling.normalise_scores` (``mask.normalise``:
-``rows_and_columns``, the default, flattens the score's input- and output-channel totals;
-``columns`` the input side only; ``activation`` divides column j by channel j's mean squared
-input activation, measured on the same examples by one forward pass). Measured on MiniLM at
-0.5% (``benchmarks/results/fine_tuning_placement.md``): FISH puts 27.8% of its residual-stream
-entries on 8 of 384 channels, ``activation`` 12.3%, ``columns`` 4.7%, ``rows_and_columns`` 2.7%
-(a uniform spread: 2.1%). On the wire: the score exchange of ``mask=fisher`` plus one float64 all-reduce of
+``activation``, the default, divides column j by channel j's mean squared input activation,
+measured on the same examples by one forward pass; ``rows_and_columns`` flattens the score's
+input- and output-channel totals, ``columns`` the input side only). Measured on MiniLM at 0.5%
+(``benchmarks/results/fine_tuning_placement.md``, ``fine_tuning.md``): FISH puts 27.8% of its
+residual-stream entries on 8 of 384 channels, ``activation`` 12.3%, ``columns`` 4.7%,
+``rows_and_columns`` 2.7% (a uniform spread: 2.1%); yet on WordNet (seed 0, lr 3e-3)
+``activation`` reached 0.770 and ``rows_and_columns`` 0.732: an even spread is not what makes
+a mask train well. On the wire: the score exchange of ``mask=fisher`` plus one float64 all-reduce of
 the activation sums (``8 x (in + 1)`` bytes per Linear) or of the channel totals (``8 x (in + out)``; under 0.4 MB for MiniLM),
 all counted in ``score_bytes``.
 """
