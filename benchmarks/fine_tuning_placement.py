@@ -6,8 +6,8 @@ One process, the WordNet task as ``transfer_placement.py`` builds it (seed 0, 4,
 synsets), the Fisher scores of the first ``--num-samples`` training examples once, then the
 masks at 0.5% with the head kept whole: plain FISH; FISH with each normalisation of
 :mod:`sparsecomm.score_scaling` (``mask=fisher_scaled``); ``mask=token_rows`` (its embedding
-rows from the training set's token counts, the rest Fisher with rows and columns flattened,
-its defaults); and random.
+rows from the training set's token counts, the rest Fisher with rows and columns flattened);
+and random.
 Writes ``fine_tuning_placement.{md,json}``: per mask, the share of k on the word embeddings, the
 embedding rows it touches and how many of them are tokens training reads, and the share of its
 residual-stream entries on its top 8 of 384 channels (2.1% is a uniform spread).
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     masks = {"FISH": topk_mask(scores, k, task.head)}
     for how in ("activation", "columns", "rows_and_columns"):
         masks[f"fisher_scaled {how}"] = topk_mask(normalised(how), k, task.head)
-    rest = normalised("rows_and_columns")  # mask=token_rows's default
+    rest = normalised("rows_and_columns")  # mask=token_rows mask.normalise=rows_and_columns
     rest[we].zero_()
     rest_mask = topk_mask(rest, k - budget, task.head)
     (rows,) = positions_to_bits(token_row_positions(counts, dim, budget, seed=0, power=0.5), [params[we].shape])
