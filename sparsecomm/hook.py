@@ -9,7 +9,7 @@ Usage::
 
     ddp = DistributedDataParallel(model)
     state = sparsecomm.register_masked_allreduce(ddp, mask, wire_dtype=torch.bfloat16)
-    ...  # train as usual; state.bytes_sent / state.dense_bytes say what was saved
+    ...  # train as usual; state.stats() says what was sent and what dense DDP would have sent
 
 Two ways to send (``fused``):
 
@@ -36,13 +36,13 @@ are DDP's, not the hook's.
 # No `from __future__ import annotations`: DDP checks the hook's `bucket` annotation at runtime.
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .mask import Mask
+from .mask import Mask, MaskMismatch
 from .packing import PackPlan, build_plan, pack, unpack_
 
 _WIRE_DTYPES = {
@@ -73,9 +73,26 @@ class _PendingBucket:
     future: torch.futures.Future
 
 
+class HookStats(NamedTuple):
+    """What the hook has done, led by torch's ``PowerSGDState.compression_stats()`` triple
+    ``(rate, before, after)`` in bytes: ``dense_bytes / bytes_sent``, then both counts."""
+
+    compress_rate: float  # dense_bytes / bytes_sent; 0 while nothing was sent
+    dense_bytes: int  # what dense DDP (the buckets in the gradient's dtype) would have handed to all-reduce
+    bytes_sent: int  # payload this rank handed to all-reduce
+    steps: int  # synchronised backward passes
+    plans: int  # packing plans held: one per DDP bucket seen (after DDP's rebuild, the number of buckets)
+    plan_bytes: int  # memory the plans keep between steps: one int64 per selected entry
+
+
 @dataclass
 class MaskedAllReduceState:
     """Everything the hook needs and counts; the hook itself keeps no state of its own.
+
+    It holds no module: what it needs of the model is captured when it is bound (each
+    parameter's name by the identity of its tensor, each name's shape), and what it needs of
+    DDP's buckets as one :class:`~sparsecomm.packing.PackPlan` per bucket. Nothing here refers
+    back to the DDP wrapper that holds this state.
 
     Fields:
         mask: the shared mask (names of the unwrapped module's parameters).
@@ -96,31 +113,46 @@ class MaskedAllReduceState:
     bytes_sent: int = 0
     dense_bytes: int = 0
     steps: int = 0
-    _param_positions: dict = field(default_factory=dict, repr=False)  # param tensor -> its selected flat positions
+    _names: dict = field(default_factory=dict, repr=False)  # id(parameter tensor) -> its name
+    _shapes: dict = field(default_factory=dict, repr=False)  # parameter name -> its shape
     _plans: dict = field(default_factory=dict, repr=False)  # bucket index -> PackPlan
     _pending: list = field(default_factory=list, repr=False)
     _nonfinite: torch.Tensor | None = field(default=None, repr=False)
     _step_open: bool = field(default=False, repr=False)
-    _module: Any = field(default=None, repr=False)
 
     # --- set-up -------------------------------------------------------------------------------
     def bind(self, module: torch.nn.Module) -> None:
-        """Map the module's parameter tensors to their selected flat positions (the mask's
-        :meth:`~sparsecomm.Mask.flat_indices`, shared with the masked optimizers); call once, and on set_mask."""
+        """Check the mask fits ``module`` and capture what the plans need of it (each parameter's
+        name by its tensor's identity, each name's shape); the module itself is not kept."""
         self.mask.validate(module)
-        self._module = module
-        self._param_positions = {p: self.mask.flat_indices(n) for n, p in module.named_parameters()}
+        named = list(module.named_parameters())
+        self._names = {id(p): n for n, p in named}
+        self._shapes = {n: tuple(p.shape) for n, p in named}
         self._plans.clear()
 
     def set_mask(self, mask: Mask) -> None:
         """Swap the shared mask (mask refresh) between steps.
 
         Collective: every rank must call it; raises, listing each rank's digest, unless all
-        ranks hold ``mask``. Packing plans are rebuilt on the next step.
+        ranks hold ``mask``, or naming the first parameter the mask does not fit. Packing
+        plans are rebuilt on the next step.
         """
+        self._check_fits(mask)
         mask.assert_same_on_all_ranks(self.process_group)
         self.mask = mask
-        self.bind(self._module)
+        self._plans.clear()
+
+    def _check_fits(self, mask: Mask) -> None:
+        fix = "the mask was made for another model: recompute it for this model or load the matching file"
+        for name, shape in self._shapes.items():
+            if name not in mask:
+                raise MaskMismatch(f"mask has no entry for parameter {name!r} of the model; {fix}")
+            if tuple(mask[name].shape) != shape:
+                raise MaskMismatch(f"parameter {name!r} has shape {shape} in the model but "
+                                   f"{tuple(mask[name].shape)} in the mask; {fix}")
+        extra = sorted(set(mask) - set(self._shapes))
+        if extra:
+            raise MaskMismatch(f"mask entry {extra[0]!r} is not a parameter of the model; {fix}")
 
     @property
     def world_size(self) -> int:
@@ -128,8 +160,7 @@ class MaskedAllReduceState:
 
     @property
     def num_plans(self) -> int:
-        """Packing plans held: one per DDP bucket the hook has seen (after DDP rebuilds its
-        buckets, the number of buckets). Tells whether a model really spans several buckets."""
+        """``stats().plans``: tells whether a model really spans several buckets."""
         return len(self._plans)
 
     def plan_for(self, bucket: dist.GradBucket) -> PackPlan:
@@ -137,7 +168,8 @@ class MaskedAllReduceState:
         params = bucket.parameters()
         plan = self._plans.get(bucket.index())
         if plan is None or not plan.matches(params):
-            plan = build_plan(params, self._param_positions, bucket.buffer().device)
+            positions = {p: self.mask.flat_indices(self._names[id(p)]) for p in params}
+            plan = build_plan(params, positions, bucket.buffer().device)
             self._plans[bucket.index()] = plan
         return plan
 
@@ -166,6 +198,14 @@ class MaskedAllReduceState:
         return bool(self._nonfinite) if self._nonfinite is not None else False
 
     # --- reporting and checkpoints ------------------------------------------------------------
+    def stats(self) -> HookStats:
+        """Bytes sent against dense DDP's, steps, and the plans' memory (see :class:`HookStats`)."""
+        plans = list(self._plans.values())
+        return HookStats(
+            compress_rate=self.dense_bytes / self.bytes_sent if self.bytes_sent else 0.0,
+            dense_bytes=self.dense_bytes, bytes_sent=self.bytes_sent, steps=self.steps, plans=len(plans),
+            plan_bytes=sum(p.index.numel() * p.index.element_size() for p in plans))
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "steps": self.steps, "bytes_sent": self.bytes_sent, "dense_bytes": self.dense_bytes,

@@ -5,6 +5,7 @@ eval records, the mask file's k); local gradients against plain autograd on the 
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from apptest import compose_app, read_events
 from multirank import run_ranks
@@ -12,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparsecomm import Mask, register_masked_allreduce
 from sparsecomm.app import trainer
-from sparsecomm.app.callbacks import Callback
+from sparsecomm.app.callbacks import Callback, Callbacks
+from sparsecomm.app.engine import StepEngine
 from sparsecomm.app.masks.base import MaskKind, watch_local_gradients
 
 TINY = ["task=synthetic", "task.in_features=32", "task.hidden=32", "task.depth=2", "task.num_train=256",
@@ -120,3 +122,35 @@ def test_a_kind_that_wants_no_local_gradients_gets_no_hooks():
         wants_local_gradients = False
 
     assert watch_local_gradients(Plain(), torch.nn.Linear(2, 2)) == []
+
+
+def test_several_callbacks_act_as_one():
+    class Quiet(Callback):
+        def on_train_end(self, state, summary):
+            return {"a": 1, "b": 1}
+
+    class Timed(Callback):
+        wants_step_times = True
+
+        def on_train_end(self, state, summary):
+            return {"b": 2}
+
+    assert not Callbacks([Quiet()]).wants_step_times and Callbacks([Quiet(), Timed()]).wants_step_times
+    assert Callbacks([Quiet(), Timed()]).on_train_end(None, {}) == {"a": 1, "b": 2}  # later callbacks win
+    assert Callbacks().on_train_end(None, {}) == {}
+
+
+def test_the_engine_times_a_step_only_when_asked():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    batch = (torch.randn(3, 4), torch.tensor([0, 1, 0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain = StepEngine(torch.nn.functional.cross_entropy)
+    plain.step(model, batch, opt)
+    assert plain.last_times is None
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).item()  # before the timed update
+    timed = StepEngine(torch.nn.functional.cross_entropy, timed=True)
+    loss = timed.step(model, batch, opt, 0.1)
+    assert sorted(timed.last_times) == ["backward", "forward", "optimizer"] and min(timed.last_times.values()) >= 0
+    assert loss.item() == pytest.approx(expected)

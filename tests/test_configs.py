@@ -13,7 +13,7 @@ import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
 from sparsecomm.app.config import check_config
 
 CONF = importlib.resources.files("sparsecomm.conf")
-GROUPS = ["cluster", "task", "mask", "schedule", "optim", "logging", "schedule/lr"]
+GROUPS = ["cluster", "task", "mask", "schedule", "optim", "logging", "schedule/lr", "comm"]
 
 
 def options(group: str) -> list[str]:

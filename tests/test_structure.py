@@ -106,12 +106,12 @@ def test_package_modules_import_modules_not_the_package_namespace():
     assert not bad, bad
 
 
-def test_no_module_over_400_lines_and_the_trainer_under_250():
+def test_no_module_over_400_lines_and_the_trainer_at_most_150():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
     tree = ast.parse(MODULES["sparsecomm.app.trainer"].read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
-    assert cls.end_lineno - cls.lineno + 1 < 250
+    assert cls.end_lineno - cls.lineno + 1 <= 150
 
 
 def test_every_mask_kind_has_its_yaml_and_every_yaml_its_kind():

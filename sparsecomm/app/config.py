@@ -28,10 +28,10 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from sparsecomm.diff_pruning import _check_gate_args
 from sparsecomm.fisher import METHODS
-from sparsecomm.hook import resolve_wire_dtype
 from sparsecomm.mask import check_density
 from sparsecomm.width_core import check_fraction
 from . import schema
+from .comm import uses_mask
 from .fields import whole_number
 from .schedule import LRSchedule, Schedule
 
@@ -297,9 +297,10 @@ def check_mask(mask: DictConfig) -> None:
 def check_schedule(cfg: DictConfig) -> None:
     """The step plan (``schedule``, ``schedule/lr``) and diff pruning's L0 phase inside it."""
     mask = cfg.mask
-    schedule = Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=mask.name != "dense")
+    masked = mask.name != "dense" and uses_mask(cfg.comm)  # comm=dense, fp16, ... leave the mask unused
+    schedule = Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=masked)
     LRSchedule.from_config(cfg.schedule.lr, schedule.steps)
-    if mask.name != "diff_pruning":
+    if mask.name != "diff_pruning" or not masked:
         return
     dense, l0 = schedule.dense_steps, mask.l0_steps
     if dense + l0 >= schedule.steps:
@@ -364,9 +365,9 @@ def check_config(cfg: DictConfig) -> None:
     check_schedule(cfg)
     check_optim(cfg.optim)
     try:
-        resolve_wire_dtype(cfg.comm.wire_dtype)
+        OmegaConf.to_object(cfg.comm).check()  # the comm option's own fields (schema.py)
     except ValueError as e:
-        raise ConfigError(f"comm.{e}") from None
+        raise ConfigError(str(e)) from None
     check_wandb(cfg.logging)
     check_checkpoint(cfg.checkpoint)
 

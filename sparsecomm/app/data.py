@@ -120,7 +120,7 @@ def build_data(task, cfg: Mapping, device: torch.device) -> ShardedData:
                        eval_batch_size=cfg.eval_batch_size, seed=cfg.seed, device=device, num_workers=cfg.num_workers)
 
 
-def evaluate_run(model: torch.nn.Module, data: ShardedData, loss_fn, device: torch.device, *,
+def evaluate_run(model: torch.nn.Module, data: ShardedData, loss_fn, device: torch.device,
                  rank0_buffers: bool) -> dict[str, float]:
     """:func:`evaluate` over every rank's test slice; ``rank0_buffers``: every rank first takes rank 0's
     module buffers (BatchNorm statistics, one broadcast of their bytes), those of the saved model:

@@ -55,18 +55,22 @@ class TrainMonitor:
         per_step = (sync.bytes_sent - self.mark[1]) / steps
         self.log.log("train", done, loss=loss, steps_per_s=steps / max(now - self._clock, 1e-9),
                      bytes_per_step=per_step, bytes_sent=sync.bytes_sent, dense_bytes=sync.dense_bytes,
-                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1), skipped_steps=self.state.nonfinite.skipped)
+                     lr_factor=self.lr_factor(done - 1), dense=self.dense_at(done - 1),
+                     skipped_steps=self.state.nonfinite.skipped)
         self.log.progress(done, loss=f"{loss:.4f}", sent=f"{human_bytes(per_step)}/step")
         self._clock, self.mark = now, (done, sync.bytes_sent)
         self.window.zero_()
         return bool(reduced[2] > 0)
 
 
-def log_start(log, task, kind: str, schedule: str, model: torch.nn.Module, world: int, backend: str,
-              device: torch.device, run_dir: str) -> None:
-    """The run's first log line: what trains, on how many ranks, where it writes."""
-    log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind}, "
-             f"schedule={schedule}, {world} ranks ({backend}, {device.type}), run dir {run_dir}")
+def log_start(log, task: str, kind, schedule: str, model: torch.nn.Module, backend: str, run_dir: str) -> None:
+    """The run's first log line: what trains (on the device of ``model``), on how many ranks, where it
+    writes; then the mask kind's notes."""
+    device = next(model.parameters()).device
+    log.info(f"sparsecomm: task={task} ({sum(p.numel() for p in model.parameters()):,} parameters), mask={kind.name}, "
+             f"schedule={schedule}, {sdist.world_size()} ranks ({backend}, {device.type}), run dir {run_dir}")
+    for line in kind.notes():
+        log.info(line)
 
 
 def log_skipped(log, guard, step: int) -> None:
@@ -82,3 +86,27 @@ def log_mask(log, kind: str, mask, digest: str, step: int, seconds: float) -> No
             seconds=round(seconds, 3))
     log.info(f"step {step}: {kind} mask, k={mask.num_selected:,} of {mask.numel:,} "
              f"(density {mask.density:.4g}), digest {digest[:12]}, {seconds:.1f} s")
+
+
+def log_resume(log, step: int, path: str, header, notes: list[str]) -> None:
+    """A resume: what it does not carry over exactly (``notes``), the crashed run's records past
+    ``step`` dropped from the log (they are re-done), its record and line."""
+    for line in notes:
+        log.info(line)
+    dropped = log.rewind(step)
+    saved_world = int(header["world_size"])
+    log.log("resume", step, path=path, world_size=sdist.world_size(), saved_world_size=saved_world,
+            resharded=saved_world != sdist.world_size(), dropped_records=dropped)
+    log.info(f"resumed from {path} at step {step} (written by {saved_world} ranks)")
+
+
+def log_eval(log, done: int, result) -> None:
+    """An evaluation after ``done`` steps: its record and line."""
+    log.log("eval", done, **result)
+    log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")
+
+
+def log_checkpoint(log, step: int, path: str | None, seconds: float) -> None:
+    """A checkpoint rank 0 wrote (``path`` None on the other ranks: nothing to record)."""
+    if path is not None:
+        log.log("checkpoint", step, path=path, seconds=round(seconds, 3))

@@ -13,6 +13,8 @@ import torch
 from sparsecomm.mask import Mask
 from sparsecomm.optim import MaskedAdamW, MaskedSGD
 
+from .units import tensor_bytes
+
 
 def optimizer_kwargs(cfg: Mapping) -> dict[str, Any]:
     """``optim/``'s hyperparameters, as torch's AdamW/SGD (and the masked ones) take them."""
@@ -36,3 +38,11 @@ def build_optimizer(cfg: Mapping, model: torch.nn.Module, mask: Mask | None = No
     lr = float(cfg.lr)
     masked = MaskedAdamW if cfg.name == "adamw" else MaskedSGD
     return masked(model, mask, lr=lr, **optimizer_kwargs(cfg)), lr
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's state tensors: AdamW's two moments of n entries and a step counter
+    per parameter, a masked optimizer's two moments of k entries (its packed values aside)."""
+    if optimizer is None:
+        return 0
+    return sum(tensor_bytes(st) for st in optimizer.state.values())

@@ -31,8 +31,13 @@ def publish(summary: Mapping[str, Any], model: torch.nn.Module | None, run_dir: 
 
 def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:
     """The end-of-run report a user reads."""
-    mask = "dense (plain DDP)" if s["mask"] == "dense" else (
-        f"{s['mask']} mask, k={s['k']:,} of {s['numel']:,} (density {s['density']:.4g})")
+    comm = s.get("comm", "masked")
+    if s["mask"] == "unused":  # comm sends every entry (dense, fp16, powersgd, ...)
+        mask = f"comm={comm}, every entry trains (mask unused)"
+    elif s["mask"] == "dense":
+        mask = "dense (plain DDP)"
+    else:
+        mask = f"{s['mask']} mask, k={s['k']:,} of {s['numel']:,} (density {s['density']:.4g})"
     lines = [
         f"== sparsecomm summary: {s['task']} | {mask} | {s['world_size']} ranks ({s['backend']}) | "
         f"{s['steps']} steps ({s['dense_steps']} dense) ==",

@@ -27,6 +27,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from .comm_schema import CastComm, CommConfig, DenseComm, MaskedComm, PostLocalComm, PowerSGDComm
+
 # --- cluster/: sparsecomm/app/launch.py --------------------------------------------------------
 
 
@@ -285,14 +287,6 @@ class LoggingConfig:
 # --- the top level: conf/train.yaml ----------------------------------------------------------------
 
 
-@dataclass
-class CommConfig:
-    """The DDP gradient sync (sparsecomm/hook.py)."""
-
-    wire_dtype: Optional[str] = None  # null: the gradient's dtype; fp16 | bf16 halve the bytes
-    fused: bool = True  # one all-reduce per step for all buckets
-    bucket_cap_mb: int = 25
-    sync_buffers: bool = True  # DDP broadcasts rank 0's buffers (BatchNorm statistics) every step; counted apart
 
 
 @dataclass
@@ -326,7 +320,7 @@ class TrainConfig:
     seed: int = 0
     save_model: bool = True  # rank 0 writes model.safetensors at the end
     save_diff: bool = True  # masked runs: rank 0 writes task_diff.safetensors
-    comm: CommConfig = field(default_factory=CommConfig)
+    comm: CommConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig)
     out_dir: str = "outputs"  # run directories go under here
@@ -346,6 +340,8 @@ OPTIONS: dict[str, dict[str, type]] = {
     "schedule/lr": {name: LRConfig for name in ("constant", "cosine", "linear")},
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
     "logging": {"default": LoggingConfig, "wandb": LoggingConfig},
+    "comm": {"dense": DenseComm, "fp16": CastComm, "bf16": CastComm, "powersgd": PowerSGDComm,
+             "post_local": PostLocalComm, "masked": MaskedComm},
 }
 
 

@@ -65,12 +65,16 @@ class TaskDiffRecorder:
             self.skip_reason = (f"step {step} was a core/full 'full' step (dense update of the whole model), "
                                 f"so the run's change is not sparse")
 
-    def write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
+    def write(self, model: torch.nn.Module, run_dir: str, log=None) -> dict[str, Any]:
         """Rank 0: write ``task_diff.safetensors`` (and ``base.safetensors`` when the base is not the
-        initial model); every rank returns the same report (rank 0's, broadcast: a few bytes)."""
+        initial model); every rank returns the same report (rank 0's, broadcast: a few bytes).
+        ``log``: where a diff that is not written says why."""
         written: list[dict[str, Any]] = []
         sdist.rank0_decides(lambda: written.append(self._write(model, run_dir)), writes.WriteError)
-        return sdist.broadcast_from_rank0(written[0] if written else None)
+        report = sdist.broadcast_from_rank0(written[0] if written else None)
+        if log is not None and report.get("task_diff_skipped"):
+            log.info(f"task diff not written: {report['task_diff_skipped']}")
+        return report
 
     def _write(self, model: torch.nn.Module, run_dir: str) -> dict[str, Any]:
         if self.skip_reason is not None or self.base is None or self.union is None:

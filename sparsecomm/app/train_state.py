@@ -1,11 +1,13 @@
 """The run's mutable state, in one place: what the trainer trains and with what.
 
 :class:`TrainState` is the ONE owner of the model, the gradient sync (which holds the DDP
-wrapper and its communication hook), the two optimizers, the mask and the step count. Objects
-here are replaced (diff pruning swaps its model, a refresh swaps the mask) only by the trainer
-applying a mask kind's :class:`~sparsecomm.app.masks.base.Change`; everything else reads them
+wrapper and its communication hook), the two optimizers, the mask, the step count and the
+non-finite guard. Objects here are replaced (diff pruning swaps its model, a refresh swaps the
+mask) only where a mask kind's :class:`~sparsecomm.app.masks.base.Change` is applied
+(:mod:`sparsecomm.app.changes`) and where a checkpoint's mask loads; everything else reads them
 from the state when it needs them, so nothing holds a stale reference. Nothing here crosses the
-network.
+network but what building a sync (DDP broadcasts rank 0's weights) and setting a mask (ranks
+compare its digest) send.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from sparsecomm.mask import Mask
 
-from .gradient_sync import GradientSync, wrap_ddp
+from .comm import build_comm
 from .optimizers import build_optimizer
 
 
@@ -25,7 +27,8 @@ from .optimizers import build_optimizer
 class TrainState:
     """The model being trained, its sync (``sync.ddp`` the DDP wrapper), the dense optimizer (dense
     steps, mask=dense, comm options other than masked) and the masked one (built at the first
-    mask, following it after), the mask and the steps done."""
+    mask, following it after), the mask, the steps done and the non-finite guard (None: a
+    comparison run, whose steps are not checked)."""
 
     model: torch.nn.Module
     sync: Any
@@ -44,24 +47,17 @@ class TrainState:
 
     def optimizer(self, dense: bool) -> tuple[torch.optim.Optimizer, float]:
         """The optimizer of a dense or a masked step and its base lr."""
-        return (self.dense_opt, self.dense_lr) if dense or self.sparse_opt is None else (self.sparse_opt, self.sparse_lr)
-
-
-def build_sync(comm: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool,
-               previous: Any = None, dense_bytes_per_step: int | None = None) -> GradientSync:
-    """The gradient sync of ``model`` per ``comm/`` (its ``ddp`` the DDP wrapper); ``previous``: the
-    sync of the model it replaces (its byte counters go on)."""
-    ddp = wrap_ddp(model, comm, device)
-    sync = GradientSync(ddp, masked=masked, comm=comm, previous=previous, dense_bytes_per_step=dense_bytes_per_step)
-    sync.ddp = ddp
-    return sync
+        if dense or self.sparse_opt is None:
+            return self.dense_opt, self.dense_lr
+        return self.sparse_opt, self.sparse_lr
 
 
 def new_state(cfg: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool, nonfinite: Any = None,
               dense_lr: float | None = None) -> TrainState:
-    """``model`` (on ``device``) under DDP with the run's sync, ``optim/``'s dense optimizer (at
-    ``dense_lr`` when given: the step sets it), no mask yet."""
-    sync = build_sync(cfg.comm, model, device, masked=masked)
+    """``model`` (on ``device``) under DDP with the ``comm/`` option's sync (``masked`` False: a kind
+    without a mask, ``comm=masked`` is plain DDP), ``optim/``'s dense optimizer (at ``dense_lr`` when
+    given: the step sets it), no mask yet."""
+    sync = build_comm(cfg.comm, model, device, masked=masked)
     optimizer, lr = build_optimizer(cfg.optim, model)
     return TrainState(model, sync, optimizer, lr if dense_lr is None else float(dense_lr), nonfinite=nonfinite)
 
@@ -71,8 +67,7 @@ def swap_model(state: TrainState, model: torch.nn.Module, cfg: Mapping, device: 
                dense_bytes_per_step: int | None = None) -> None:
     """Train ``model`` from now on: a new DDP and hook (the byte counters go on), ``optimizer`` =
     (dense optimizer, lr) for its dense steps (default: ``optim/``'s dense one)."""
-    state.sync = build_sync(cfg.comm, model, device, masked=True, previous=state.sync,
-                            dense_bytes_per_step=dense_bytes_per_step)
+    state.sync = build_comm(cfg.comm, model, device, previous=state.sync, dense_bytes_per_step=dense_bytes_per_step)
     state.model = model
     state.dense_opt, state.dense_lr = optimizer if optimizer is not None else build_optimizer(cfg.optim, model)
 

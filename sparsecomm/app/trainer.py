@@ -1,10 +1,14 @@
 """The trainer: one config builds the components; the trainer wires them and runs the steps.
 
     data.ShardedData           this rank's shard, its Fisher batches, its slice of the test set
-    masks.MaskKind             mask/: builds the shared mask and takes part in steps (masks/*.py)
-    gradient_sync.GradientSync DDP with the masked all-reduce hook (or plain DDP); bytes sent
-    optimizers                 optim/: torch's dense AdamW/SGD, the library's masked ones
+    masks.MaskKind             mask/: builds the shared mask; at each point of a step it reads a
+                               View and returns a Change (masks/*.py)
+    train_state.TrainState     the run's one mutable state: model, sync (comm/: DDP and its hook,
+                               comm.build_comm), optimizers (optim/), mask, step
+    changes.KindSteps          the schedule and the kind around each step; ChangeApplier applies
+                               what the kind returns
     engine.StepEngine          the one step: forward, backward (the hook syncs), update
+    callbacks.Callback         measurement hooks (step times, bytes, evaluations, summary fields)
     checkpointing.CheckpointManager  the run's checkpoints: components by name (run_state.components)
 
 What crosses the network per step is the hook's (:mod:`sparsecomm.hook`); the trainer adds one
@@ -26,174 +30,116 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sparsecomm import distributed as sdist
-from sparsecomm.mask import Mask
 
 from . import launch, peers, signals, writes
 from .callbacks import Callback, Callbacks
-from .changes import ChangeApplier
+from .changes import KindSteps, assert_same_config
 from .checkpointing import CheckpointManager, TrainingHeader
+from .comm import uses_mask
 from .config import config_hash
 from .data import build_data, build_task, evaluate_run
 from .engine import StepEngine
 from .masks import Setting, build_mask_kind
-from .masks.base import Comparison, MaskKind, View
-from .masks.dense import DenseKind
+from .masks.base import Comparison
 from .metrics import make_logger
-from .monitor import TrainMonitor, log_mask, log_skipped, log_start
+from .monitor import TrainMonitor, log_checkpoint, log_eval, log_resume, log_skipped, log_start
 from .nonfinite import NonFiniteGuard
 from .report import publish
-from .run_state import MaskState, Progress, RankBuffers, components, resume_notes
+from .run_state import Progress, RankBuffers, components, resume_notes
 from .schedule import LRSchedule, Schedule
 from .summary import run_summary
-from .task_diff import TaskDiffRecorder
-from .train_state import TrainState, buffer_bytes, new_state, use_mask
+from .train_state import TrainState, buffer_bytes, new_state
+
 
 class Trainer:
     """Builds a run from ``cfg`` on an initialised process group and trains it (:meth:`fit`)."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, device: torch.device, t0: float | None = None,
                  stop: signals.StopOnSignal | None = None, callbacks: Iterable[Callback] = ()):
-        self.t0 = time.time() if t0 is None else t0
-        self.stop = stop if stop is not None else signals.StopOnSignal(install=False)
-        self.cfg, self.device = cfg, device
-        self.rank, self.world = sdist.rank(), sdist.world_size()
+        self.t0, self.stop = time.time() if t0 is None else t0, stop or signals.StopOnSignal(install=False)
+        self.cfg, self.device, self.world = cfg, device, sdist.world_size()
         self.run_dir = sdist.gather_strings(os.path.abspath(run_dir))[0]  # rank 0's is the run's
         self.config_hash = config_hash(cfg)  # of the training config: ranks, checkpoints and resumes compare it
-        _assert_same_config(self.config_hash)
+        assert_same_config(self.config_hash)
         torch.manual_seed(cfg.seed)  # same initial model on every rank (DDP broadcasts rank 0's anyway)
         self.task = build_task(cfg.task)
         self.data = build_data(self.task, cfg, device)
         model = self.task.model.to(device)
-        self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim))
+        self.kind = build_mask_kind(cfg.mask, Setting(self.task, self.data, model, cfg.seed, cfg.optim),
+                                    comm=None if uses_mask(cfg.comm) else cfg.comm.name)
         self.schedule = self.kind.plan(Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=not self.kind.dense))
         self.lr_schedule = LRSchedule.from_config(cfg.schedule.lr, cfg.steps)
-        self.nonfinite = NonFiniteGuard(cfg.nonfinite.max_in_a_row)
-        self.state = new_state(cfg, model, device, masked=not self.kind.dense, nonfinite=self.nonfinite)
+        self.state = new_state(cfg, model, device, masked=not self.kind.dense,
+                               nonfinite=NonFiniteGuard(cfg.nonfinite.max_in_a_row))
         self.buffer_bytes_per_step = buffer_bytes(model, cfg.comm, self.world)
-        self.task_diff = None if self.kind.dense else TaskDiffRecorder(template=model)
-        torch.manual_seed(cfg.seed + 1 + self.rank)  # dropout etc. differ per rank from here on
+        torch.manual_seed(cfg.seed + 1 + sdist.rank())  # dropout etc. differ per rank from here on
         header = TrainingHeader(cfg, self.config_hash, lambda: self.state.model)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, header=header, validate=header.validate,
-                                             prepare=self.before_load)  # its states: below
+                                             prepare=lambda h: self.kind_steps.before_load(self.state, h))
         self.checkpoints.check_writable()  # now, not at the first checkpoint
         self.callbacks = Callbacks(callbacks)
         self.engine = StepEngine(self.task.loss_fn, timed=self.callbacks.wants_step_times)
         self.resumed_from: str | None = None
         self.log = make_logger(cfg.logging, self.run_dir, cfg.steps, config=OmegaConf.to_container(cfg, resolve=True))
-        self.apply = ChangeApplier(cfg, device, self.kind, self.log, self.task_diff, model)
+        self.kind_steps = KindSteps.build(cfg, self.kind, self.schedule, model, (self.task, self.data, device),
+                                          self.log, run_dir=self.run_dir, config_hash=self.config_hash)
         self.monitor = TrainMonitor(self.log, self.stop, device, every=cfg.logging.log_every, state=self.state,
-                                    dense_at=lambda s: self.kind.dense or self.schedule.sends_dense(s),
-                                    lr_factor=self.lr_schedule.factor)
+                                    dense_at=self.kind_steps.sends_dense, lr_factor=self.lr_schedule.factor)
         self.progress = Progress(self.data, int(cfg.batch_size), self.monitor, int(cfg.seed), lambda: self.state.step,
                                  lambda: self.state.sync.bytes_sent)
         self.rank_buffers = RankBuffers(lambda: self.state.model)
-        mask = MaskState(lambda: self.state.mask, lambda m: use_mask(self.state, m, cfg.optim, validate=True))
         self.checkpoints.states.update(components(
-            self.state, buffers=self.rank_buffers, mask=mask, kind=self.kind, progress=self.progress,
-            nonfinite=self.nonfinite, task_diff=self.task_diff))
-        log_start(self.log, self.task.name, self.kind.name, self.schedule.name, model, self.world, cfg.cluster.backend,
-                  device, self.run_dir)
+            self.state, buffers=self.rank_buffers, mask=self.kind_steps.mask_state(self.state), kind=self.kind,
+            progress=self.progress, nonfinite=self.state.nonfinite, task_diff=self.kind_steps.task_diff))
+        log_start(self.log, self.task.name, self.kind, self.schedule.name, model, cfg.cluster.backend, self.run_dir)
 
     model = property(lambda self: self.state.model, doc="The model trained now (the state's).")
     mask = property(lambda self: self.state.mask, doc="The mask trained with now, or None (the state's).")
     step = property(lambda self: self.state.step, doc="Steps done (the state's).")
 
-    # -- steps -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> torch.Tensor:
-        """The run's step ``step`` (:meth:`step_of` its state). Returns the local loss."""
-        return self.step_of(self.state, self.data, self.kind, step)
+        """The run's step ``step``; returns the local loss."""
+        return self.step_of(self.state, self.data, self.kind_steps, step)
 
-    def step_of(self, state: TrainState, data, kind: MaskKind, step: int) -> torch.Tensor:
-        """One step of ``state`` on ``data``: the kind's changes before it, the engine's step (the
-        hook syncs), the kind's after it. Returns the local loss."""
-        dense = self.before_step(state, kind, step)
+    def step_of(self, state: TrainState, data, steps: KindSteps, step: int) -> torch.Tensor:
+        """One step of ``state`` on ``data``: the kind's part, the engine's step (the hook syncs), the kind's part."""
+        dense = steps.before(state, step)
         optimizer, base_lr = state.optimizer(dense)
         loss = self.engine.step(state.ddp, data.next_batch(), optimizer, base_lr * self.lr_schedule.factor(step),
-                                sync=state.sync, nonfinite=state.nonfinite, step=step, extra_loss=kind.extra_loss,
-                                after_backward=lambda: kind.after_backward(self.view(state, step, dense)))
+                                sync=state.sync, nonfinite=state.nonfinite, step=step, extra_loss=steps.kind.extra_loss,
+                                after_backward=lambda: steps.after_backward(state, step, dense),
+                                after_update=state.sync.after_update)
         if self.engine.last_skipped:
             log_skipped(self.log, state.nonfinite, step)
-        self.apply(state, kind.after_step(self.view(state, step, dense)), step)
+        steps.after(state, step, dense)
         state.step = step + 1
         return loss
-
-    def before_step(self, state: TrainState, kind: MaskKind, step: int) -> bool:
-        """The schedule and the kind before ``step``: a new mask when due, dense or masked. True: dense."""
-        if kind.dense:
-            return True
-        if self.schedule.mask_due(step):
-            self.new_mask(state, step)
-        dense = self.schedule.sends_dense(step)
-        if self.task_diff is not None and self.schedule.is_full_step(step):
-            self.task_diff.full_step(step)
-        change = kind.before_step(self.view(state, step, dense))  # diff pruning may swap the model here
-        self.apply(state, change, step)
-        dense = dense if change is None or change.dense is None else change.dense
-        state.sync.set_dense(dense)
-        return dense
-
-    def new_mask(self, state: TrainState, step: int) -> None:
-        """The kind's mask for ``step`` (collective), applied; rank 0 saves it and logs it."""
-        t = time.perf_counter()
-        self.apply(state, self.kind.new_mask(self.view(state, step, dense=False)), step)
-        mask = state.mask
-        _assert_same_config(self.config_hash)
-        digest = save_mask(mask, self.run_dir) if sdist.is_main_process() else mask.digest()
-        log_mask(self.log, self.kind.name, mask, digest, step, time.perf_counter() - t)
-
-    def view(self, state: TrainState, step: int, dense: bool) -> View:
-        """What a kind reads at ``step`` of ``state``."""
-        return View(state.model, step, dense, state.sync.bytes_sent, state.sync.grad_bytes, self.task, self.data,
-                    self.device)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def before_load(self, header: dict[str, Any]) -> None:
-        """Before a checkpoint's components load: its step; the kind's model for that step (diff pruning's L0 phase)."""
-        step = int(header["step"])
-        self.apply(self.state, self.kind.before_load(self.view(self.state, step, dense=False)), step)
-        self.state.step = step
 
     def save_checkpoint(self) -> str | None:
         """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
         t = time.perf_counter()
         path = self.checkpoints.save(self.step)
-        if path is not None:
-            self.log.log("checkpoint", self.step, path=path, seconds=round(time.perf_counter() - t, 3))
+        log_checkpoint(self.log, self.step, path, time.perf_counter() - t)
         return path
 
     def resume(self) -> bool:
-        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest valid one), if any.
-        Collective: ranks check they agree on the config and the mask afterwards."""
+        """Load the checkpoint ``checkpoint.resume`` names (auto: the newest valid one), if any (collective)."""
         found = self.checkpoints.resume()
         if found is None:
             return False
-        step, path, header = found
-        for line in resume_notes(header, self.progress, self.rank_buffers):
-            self.log.info(line)
-        _assert_same_config(self.config_hash)
-        sdist.assert_same_on_all_ranks(self.mask.digest() if self.mask is not None else "none", "mask digest",
-                                       fix="Every rank must load the same checkpoint.")
-        self.resumed_from = path
-        if self.mask is not None and sdist.is_main_process():
-            save_mask(self.mask, self.run_dir)  # the run dir may be a new one
-        dropped = self.log.rewind(step)  # the crashed run's records past this checkpoint: re-done now
-        saved_world = int(header["world_size"])
-        self.log.log("resume", step, path=path, world_size=self.world, saved_world_size=saved_world,
-                     resharded=saved_world != self.world, dropped_records=dropped)
-        self.log.info(f"resumed from {path} at step {step} (written by {saved_world} ranks)")
+        step, self.resumed_from, header = found
+        self.kind_steps.after_load(self.state)
+        log_resume(self.log, step, self.resumed_from, header, resume_notes(header, self.progress, self.rank_buffers))
         return True
 
     def _interrupted(self, done: int, total: int) -> signals.Interrupted:
-        """Every rank stops after step ``done`` on a signal: a checkpoint if they are on (unless one was
-        written at this step), a log record, and the :class:`~sparsecomm.app.signals.Interrupted` to raise."""
-        on = self.checkpoints.every > 0
-        if on and not self.checkpoints.written_at(done):
+        """Every rank stops after step ``done`` on a signal: a checkpoint if none is, a record, the error to raise."""
+        if self.checkpoints.every > 0 and not self.checkpoints.written_at(done):
             self.save_checkpoint()
-        stopped = signals.interrupted(self.stop.signum, done, total, self.checkpoints.last_path, on)
+        stopped = signals.interrupted(self.stop.signum, done, total, self.checkpoints.last_path, self.checkpoints.every > 0)
         self.log.log("interrupted", done, signal=signals.signal_name(stopped.signum), checkpoint=self.checkpoints.last_path)
         return stopped
 
-    # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Resume if a checkpoint says so, train to the last step, evaluate, report. Returns the summary."""
         cfg, steps = self.cfg, self.schedule.steps
@@ -220,24 +166,16 @@ class Trainer:
 
     def evaluate(self, done: int) -> dict[str, float]:
         """Test accuracy and loss over every rank's slice (one all-reduce of 3 float64), logged."""
-        result = evaluate_run(self.model, self.data, self.task.loss_fn, self.device,
-                              rank0_buffers=self.buffer_bytes_per_step > 0)
-        self.log.log("eval", done, **result)
-        self.log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")
+        result = evaluate_run(self.model, self.data, self.task.loss_fn, self.device, self.buffer_bytes_per_step > 0)
+        log_eval(self.log, done, result)
         self.callbacks.on_eval(self.state, done, result)
         return result
 
     def finish(self, final: dict[str, float], train_s: float) -> dict[str, Any]:
         """The summary (collective: the task diff, the kind's outputs); rank 0 writes and prints it."""
-        summary = run_summary(self.cfg, self.state, self.kind, self.schedule, task=self.task.name, world=self.world,
-                              final=final, t0=self.t0, train_s=train_s, buffer_bytes_per_step=self.buffer_bytes_per_step,
-                              run_dir=self.run_dir, resumed_from=self.resumed_from)
-        if self.task_diff is not None and self.cfg.save_diff:
-            summary.update(self.task_diff.write(self.model, self.run_dir))  # rank 0 writes it
-            if summary.get("task_diff_skipped"):
-                self.log.info(f"task diff not written: {summary['task_diff_skipped']}")
-        outputs = self.kind.outputs(self.view(self.state, self.schedule.steps, dense=False))  # collective
-        self.apply(self.state, outputs, self.schedule.steps)
+        summary = run_summary(self.cfg, self.state, self.kind, self.schedule, final, train_s, self.task.name, self.t0,
+                              self.buffer_bytes_per_step, run_dir=self.run_dir, resumed_from=self.resumed_from)
+        outputs = self.kind_steps.outputs(self.state, save_diff=self.cfg.save_diff)  # collective
         summary.update(outputs.fields)
         if outputs.compare is not None:
             summary.update(self.compare(outputs.compare))
@@ -249,31 +187,20 @@ class Trainer:
         return summary
 
     def compare(self, c: Comparison) -> dict[str, Any]:
-        """Train ``c.model`` alone through :meth:`step_of` (plain DDP, the dense optimizer, the run's
-        lr schedule and steps, a fresh stream of the same batches), evaluate it (collective)."""
-        model = copy.deepcopy(c.model).to(self.device).train()
-        state = new_state(self.cfg, model, self.device, masked=False, dense_lr=c.lr)
-        data, plain = build_data(self.task, self.cfg, self.device), DenseKind({"always": []}, self.kind.setting)
+        """Train ``c.model`` alone through :meth:`step_of` on a fresh stream of the same batches; evaluate it."""
+        model, data = copy.deepcopy(c.model).to(self.device).train(), build_data(self.task, self.cfg, self.device)
+        state, plain = new_state(self.cfg, model, self.device, masked=False, dense_lr=c.lr), self.kind_steps.plain(data)
         for step in range(self.schedule.steps):
             self.step_of(state, data, plain, step)
-        res = evaluate_run(model, data, self.task.loss_fn, self.device, rank0_buffers=False)
-        self.log.info(f"{c.label} ({self.schedule.steps} steps, lr {state.dense_lr:g}): "
-                      f"test accuracy {res['test_acc']:.4f}")
-        return {f"{c.prefix}_acc": res["test_acc"], f"{c.prefix}_loss": res["test_loss"],
-                f"{c.prefix}_bytes": state.sync.bytes_sent, f"{c.prefix}_lr": state.dense_lr}
+        result = evaluate_run(state.model, data, self.task.loss_fn, self.device, False)
+        self.log.info(c.line(result, self.schedule.steps, state.dense_lr))
+        return c.fields(result, state.sync.bytes_sent, state.dense_lr)
 
     def close(self) -> None:
         """Close the logger and drop the DDP wrapper, its hook and the optimizers (see ``leave_process_group``)."""
         self.log.close()
-        self.apply.close()
+        self.kind_steps.apply.close()
         self.state.sync = self.state.dense_opt = self.state.sparse_opt = None
-
-
-def save_mask(mask: Mask, run_dir: str) -> str:
-    """Rank 0: ``mask.safetensors`` (one byte per entry); returns the mask's digest."""
-    path = os.path.join(run_dir, "mask.safetensors")
-    with writes.writing(path, needed=mask.numel):
-        return mask.save(path)
 
 
 def write_config(cfg: DictConfig, run_dir: str) -> None:
@@ -283,11 +210,6 @@ def write_config(cfg: DictConfig, run_dir: str) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True).encode()
     with writes.writing(path, needed=len(text)), open(path, "wb") as f:
         f.write(text)
-
-
-def _assert_same_config(digest: str) -> None:
-    """Collective: stop, listing every rank's hash, unless all ranks run the same config."""
-    sdist.assert_same_on_all_ranks(digest, "config hash", fix="Start every rank with the same config and overrides.")
 
 
 def run(cfg: DictConfig, run_dir: str, t0: float | None = None, callbacks: Iterable[Callback] = ()) -> dict[str, Any]:

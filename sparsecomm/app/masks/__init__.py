@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 
 from .base import MaskKind, Setting
+from .dense import DenseKind
 
 
 def _discover() -> dict[str, type[MaskKind]]:
@@ -28,13 +29,28 @@ def _discover() -> dict[str, type[MaskKind]]:
 MASK_KINDS: dict[str, type[MaskKind]] = _discover()
 
 
-def build_mask_kind(cfg, setting: Setting) -> MaskKind:
-    """The ``mask/`` option ``cfg.name`` (an unknown name lists the known ones)."""
+def build_mask_kind(cfg, setting: Setting, *, comm: str | None = None) -> MaskKind:
+    """The ``mask/`` option ``cfg.name`` (an unknown name lists the known ones). ``comm``: the name
+    of a ``comm/`` option that sends every entry; the kind is built (its fields checked against the
+    model) but unused: the run trains densely (an :class:`UnusedKind`)."""
     try:
-        kind = MASK_KINDS[cfg.name]
+        kind = MASK_KINDS[cfg.name](cfg, setting)
     except KeyError:
         raise ValueError(f"mask={cfg.name!r} is not a mask kind; choose one of {', '.join(MASK_KINDS)}") from None
-    return kind(cfg, setting)
+    return kind if comm is None or kind.dense else UnusedKind(kind.name, comm, setting)
 
 
-__all__ = ["MASK_KINDS", "MaskKind", "Setting", "build_mask_kind"]
+class UnusedKind(DenseKind):
+    """The dense kind standing in for a mask kind that a ``comm/`` option leaves unused (it sends
+    every entry): every step trains every entry with the dense optimizer; the summary says
+    ``mask: unused`` and the log names the configured kind."""
+
+    def __init__(self, configured: str, comm: str, setting: Setting):
+        super().__init__({"always": []}, setting)
+        self.name, self.configured, self.comm = "unused", configured, comm
+
+    def notes(self) -> list[str]:
+        return [f"comm={self.comm}: every entry trains (dense optimizer); mask={self.configured} is unused"]
+
+
+__all__ = ["MASK_KINDS", "MaskKind", "Setting", "UnusedKind", "build_mask_kind"]

@@ -16,6 +16,7 @@ RETURNS what changes, a :class:`Change`, which the trainer applies::
     .new_mask(view)        -> Change  the mask at a mask step (default: next_mask(view.model); collective)
     .outputs(view)         -> Change  summary fields at the end (collective), lines, a comparison to train
     .report_lines(summary)            the report's lines about those fields
+    .notes()                          lines for the log at start
     .before_load(view)     -> Change  before a checkpoint loads (diff pruning: a checkpoint inside L0)
     .state_dict() / load_state_dict() its part of a checkpoint
 
@@ -74,6 +75,16 @@ class Comparison:
     prefix: str
     label: str
     lr: float | None = None
+
+    def fields(self, result: Mapping[str, float], bytes_sent: int, lr: float) -> dict[str, Any]:
+        """The summary fields of the trained comparison (``result``: its evaluation)."""
+        p = self.prefix
+        return {f"{p}_acc": result["test_acc"], f"{p}_loss": result["test_loss"], f"{p}_bytes": bytes_sent,
+                f"{p}_lr": lr}
+
+    def line(self, result: Mapping[str, float], steps: int, lr: float) -> str:
+        """Its log line."""
+        return f"{self.label} ({steps} steps, lr {lr:g}): test accuracy {result['test_acc']:.4f}"
 
 
 @dataclass
@@ -161,6 +172,10 @@ class MaskKind:
 
     def before_load(self, view: View) -> Change | None:
         return None
+
+    def notes(self) -> list[str]:
+        """Lines the run's log shows at start, after the run's own line."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "score_bytes": self.score_bytes}
