@@ -96,8 +96,9 @@ def test_lottery_rewinds_and_trains_only_what_the_dense_phase_moved_most(tmp_pat
     assert s["bytes_sent"] >= 2 * sum(v.numel() * 4 for v in r0["start"].values()), "the dense phase is counted"
 
 
-def test_learned_mask_refreshes_within_its_limit_and_trains_only_its_masks(tmp_path):
-    r0, r1 = run(tmp_path, *LEARNED)
+@pytest.mark.parametrize("normalise", ["none", "rows_and_columns"])
+def test_learned_mask_refreshes_within_its_limit_and_trains_only_its_masks(tmp_path, normalise):
+    r0, r1 = run(tmp_path, *LEARNED, f"mask.normalise={normalise}")
     assert_same_on_both_ranks(r0, r1)
     assert_outside_untouched(r0, r0["start"])
     masks = r0["masks"]
@@ -157,6 +158,7 @@ def test_token_rows_sit_on_the_tokens_of_the_training_set(tmp_path):
     (["mask=learned", "mask.refresh_every=0"], "mask.refresh_every=0 must be >= 1"),
     (["mask=learned", "schedule=refresh", "schedule.dense_steps=0", "schedule.refresh_every=7"], "set one of them"),
     (["mask=lottery", "mask.dense_steps=9", "steps=5"], "leaves no sparse step"),
+    (["mask=learned", "mask.normalise=activation"], "needs a data pass"),
     (["mask=fisher_scaled", "mask.normalise=both"], "mask.normalise='both' is not a score normalisation"),
     (["mask=token_rows", "mask.embedding=*nothing*"], "mask.embedding='*nothing*' matches 0"),
 ])
@@ -187,3 +189,10 @@ def test_lottery_resumed_inside_and_after_its_dense_phase_is_the_uninterrupted_r
         for a, b in zip(full, resumed):
             assert a["digest"] == b["digest"]
             assert_same_params(a["params"], b["params"])
+
+
+def test_learned_mask_normalised_sums_choose_other_entries(tmp_path):
+    plain = run(tmp_path / "a", *LEARNED)
+    flat = run(tmp_path / "b", *LEARNED, "mask.normalise=rows_and_columns")
+    assert plain[0]["digests"][0] == flat[0]["digests"][0], "the same random start"
+    assert plain[0]["digests"][1:] != flat[0]["digests"][1:]

@@ -182,6 +182,7 @@ class TokenRowsMask(FisherScaledMask):
 class LearnedMask(SparseMask):
     refresh_every: int = 25  # masked steps between refreshes (sets schedule.refresh_every)
     max_change: float = 0.1  # at most this fraction of the k entries swapped per refresh, in [0, 1]
+    normalise: str = "none"  # none | columns | rows_and_columns: flatten the sums' channel totals before ranking
     seed: int = II("seed")  # the first mask is random (mask=random's draw)
 
 

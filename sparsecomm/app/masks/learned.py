@@ -7,7 +7,10 @@ backward computes every entry's gradient anyway; nothing extra crosses the netwo
 still sends only the k masked ones. Every ``mask.refresh_every`` steps (it sets
 ``schedule.refresh_every``) :func:`sparsecomm.learned_mask.refresh_mask` re-chooses the global
 top-k of the summed squares through the exact candidate exchange and swaps at most
-``mask.max_change x k`` entries; the sums then start again. The trainer moves the hook and the
+``mask.max_change x k`` entries; the sums then start again. A squared gradient carries its
+input's activation scale as a Fisher score does: ``mask.normalise`` (``columns`` or
+``rows_and_columns``, :mod:`sparsecomm.score_scaling`; one all-reduce of the channel totals)
+flattens it before ranking. The trainer moves the hook and the
 masked optimizer's state to the new mask (``reset_mask``: entries that stay keep their state);
 checkpoints hold every rank's sums and the current mask's positions, so a resumed run refreshes
 exactly as an uninterrupted one.
@@ -27,6 +30,7 @@ import torch
 
 from sparsecomm.learned_mask import LocalGradientSquares, refresh_mask
 from sparsecomm.mask import Mask, random_mask
+from sparsecomm.score_scaling import normalise_scores
 
 from ..config import ConfigError
 from ..fields import whole_number
@@ -48,6 +52,10 @@ class LearnedKind(DensityKind):
         except (TypeError, ValueError):
             raise ConfigError(f"mask.max_change={cfg.max_change!r} must be a fraction in [0, 1], the share of the "
                               f"k entries one refresh may swap, e.g. mask.max_change=0.1") from None
+        self.normalise = str(cfg.normalise)
+        if self.normalise not in ("none", "columns", "rows_and_columns"):
+            raise ConfigError(f"mask.normalise={self.normalise!r} is not a normalisation of the learned mask's sums; "
+                              f"use none, columns or rows_and_columns (activation needs a data pass: mask=fisher_scaled)")
         self.squares = LocalGradientSquares(setting.model)
         self.mask: Mask | None = None   # the mask in use (the last one this kind returned)
         self.swapped = 0                # entries grown (= dropped) over all refreshes
@@ -69,6 +77,8 @@ class LearnedKind(DensityKind):
         squares = self.squares
         for s in squares.scores.values():  # a skipped non-finite step must not poison the ranking
             s.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        if self.normalise != "none":  # the sums of squared gradients carry the activation scale as FISH's do
+            normalise_scores(squares.scores, view.model, self.normalise)
         stats: dict = {}
         self.mask = refresh_mask(self.mask, squares.scores, max_change=self.max_change, always=self.always, stats=stats)
         self.score_bytes += int(stats["bytes_sent"])
