@@ -101,6 +101,7 @@ def test_the_registry_and_the_yamls_name_the_same_options():
     names = {p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "comm").glob("*.yaml")}
     assert names == set(COMM_OPTIONS) == set(schema.OPTIONS["comm"])
     assert [n for n, cls in COMM_OPTIONS.items() if cls.uses_mask] == ["masked"]
+    assert all(schema.OPTIONS["comm"][n].uses_mask == cls.uses_mask for n, cls in COMM_OPTIONS.items())
 
 
 def test_dense_is_the_mean_and_sends_every_entry():
@@ -301,4 +302,38 @@ def test_a_mask_on_an_option_without_one_is_refused():
 @pytest.mark.parametrize("fields,field", [({"rank": 0}, "comm.rank"), ({"start_iter": 1}, "comm.start_iter")])
 def test_bad_powersgd_fields_name_themselves(fields, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        OmegaConf.to_object(comm_cfg("powersgd", **fields)).check()
+        OmegaConf.to_object(comm_cfg("powersgd", **fields)).check(None)
+
+
+def test_each_option_builds_its_optimizer():
+    from sparsecomm.optim import MaskedAdamW
+
+    def run(rank, world):
+        optim = OmegaConf.structured(schema.AdamWConfig(name="adamw"))
+        model = make_model()
+        mask = random_mask(model, density=0.1, seed=2)
+        masked = build_comm(comm_cfg("masked"), model, CPU)
+        sparse, sparse_lr = masked.optimizer(optim, mask)
+        dense, dense_lr = build_comm(comm_cfg("powersgd"), make_model(), CPU).optimizer(optim, mask)
+        return type(sparse) is MaskedAdamW, sparse_lr, type(dense) is torch.optim.AdamW, dense_lr
+
+    assert run_ranks(run, 2) == [(True, 0.03, True, 0.003)] * 2
+
+
+def test_optimizer_state_bytes_counts_moments_and_step_counters():
+    from sparsecomm.app.optimizers import optimizer_state_bytes
+    from sparsecomm.optim import MaskedAdamW
+
+    model = make_model()
+    mask = random_mask(model, density=0.1, seed=2)
+    dense, masked = torch.optim.AdamW(model.parameters()), MaskedAdamW(model, mask)
+    assert optimizer_state_bytes(dense) == 0 == optimizer_state_bytes(None)
+    x, y = batch(0, 0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    dense.step()
+    masked.step()
+    params = list(model.parameters())
+    # AdamW: exp_avg and exp_avg_sq of every entry (fp32) and a 4-byte step counter per parameter
+    assert optimizer_state_bytes(dense) == 2 * n_entries() * 4 + len(params) * 4
+    # MaskedAdamW: the two moments of the k selected entries, one packed tensor, one step counter
+    assert optimizer_state_bytes(masked) == 2 * mask.num_selected * 4 + 4 == masked.state_bytes()

@@ -207,3 +207,40 @@ def test_bad_wire_dtype_is_refused():
     from sparsecomm.hook import resolve_wire_dtype
     with pytest.raises(ValueError, match="wire_dtype='int8'"):
         resolve_wire_dtype("int8")
+
+
+def state_without_module(rank, world):
+    """After a few steps the hook's state is kept and everything else dropped: the module must go
+    (the state refers to no module); its stats() still report what was sent; a refreshed mask
+    made for another model is refused by the parameter it does not fit."""
+    import gc
+    import weakref
+
+    model = make_model()
+    mask = sparsecomm.random_mask(model, density=0.2, seed=3)
+    ddp = DDP(model, bucket_cap_mb=0.02)
+    state = sparsecomm.register_masked_allreduce(ddp, mask)
+    for step in range(2):
+        x, y = batch(rank, step)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    other = nn.Linear(16, 3)
+    try:
+        state.set_mask(sparsecomm.random_mask(other, density=0.5))
+        refused = None
+    except sparsecomm.mask.MaskMismatch as e:
+        refused = str(e)
+    stats = state.stats()
+    alive = weakref.ref(model)
+    del ddp, model
+    gc.collect()
+    return alive() is None, tuple(stats), refused, mask.num_selected
+
+
+def test_the_state_holds_no_module_and_reports_through_stats():
+    n = sum(p.numel() for p in make_model().parameters())
+    for freed, stats, refused, k in run_ranks(state_without_module, 2):
+        assert freed, "the hook's state kept the module alive"
+        rate, dense, sent, steps, plans, plan_bytes = stats
+        assert (dense, sent, steps) == (2 * n * 4, 2 * k * 4, 2) and rate == pytest.approx(n / k)
+        assert plans > 1 and plan_bytes == 8 * k, "one int64 index per selected entry, over several buckets"
+        assert refused is not None and "parameter 'body.0.weight'" in refused, refused

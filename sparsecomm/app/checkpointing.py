@@ -64,7 +64,7 @@ class CheckpointManager:
     loading becomes a :class:`CheckpointError` naming the file.
     """
 
-    def __init__(self, cfg: DictConfig | Mapping, run_dir: str, *, states: Mapping[str, Stateful] = (),
+    def __init__(self, cfg: DictConfig | Mapping, run_dir: str, *, states: Mapping[str, Stateful] | None = None,
                  header: Callable[[], Mapping[str, Any]] = dict,
                  validate: Callable[[Mapping[str, Any], str], None] = lambda header, source: None,
                  prepare: Callable[[Mapping[str, Any]], None] = lambda header: None):
@@ -73,7 +73,7 @@ class CheckpointManager:
         self.policy = str(cfg["resume"])
         self.directory = checkpoint_dir(run_dir, cfg)
         self.folder = CheckpointFolder(self.directory, keep=self.keep)
-        self.states = dict(states)
+        self.states = dict(states or {})
         self.header, self.validate, self.prepare = header, validate, prepare
         self.saved_step: int | None = None  # the step of the last checkpoint this run wrote (every rank)
         self.last_path: str | None = None   # its path (rank 0; None on the others)

@@ -9,6 +9,7 @@
 (n: trainable entries; k: the entries the mask selects.) Usage, on every rank::
 
     sync = build_comm(cfg.comm, model, device)
+    optimizer, lr = sync.optimizer(cfg.optim, mask)   # masked: over the mask's k entries; else dense
     loss_fn(sync.ddp(x), y).backward()     # the hook all-reduces
     sync.after_backward(); optimizer.step(); sync.after_update()
     sync.stats()   # {"comm", "bytes_sent", "dense_bytes", "ratio", "steps", "wire_dtype", "state_bytes", ...}

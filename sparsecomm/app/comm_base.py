@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .optimizers import build_optimizer
+
 
 def wrap_ddp(module: torch.nn.Module, comm: Mapping, device: torch.device) -> DistributedDataParallel:
     """DDP per ``comm/``: gradients as views of DDP's buckets (one n-sized copy, not two), the
@@ -88,6 +90,11 @@ class GradientSync:
         """After a synchronised backward: one more step, dense DDP's bytes for it."""
         self.tally.steps += 1
         self.tally.dense_bytes += self._dense_per_step
+
+    def optimizer(self, optim: Mapping, mask=None) -> tuple[torch.optim.Optimizer, float]:
+        """``(optimizer, base lr)`` this option trains with: ``optim/``'s dense one over every
+        entry at ``optim.dense_lr`` (a mask is unused: every entry crosses)."""
+        return build_optimizer(optim, self.ddp.module)
 
     def option_stats(self) -> dict[str, Any]:
         """The option's own numbers for :meth:`stats` (its settings, what its hook keeps)."""

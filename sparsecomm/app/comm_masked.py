@@ -10,6 +10,7 @@ from sparsecomm.hook import MaskedAllReduceState, register_masked_allreduce
 from sparsecomm.mask import Mask
 
 from .comm_base import GradientSync
+from .optimizers import build_optimizer
 
 
 class MaskedSync(GradientSync):
@@ -41,6 +42,11 @@ class MaskedSync(GradientSync):
 
     def set_dense(self, dense: bool) -> None:
         self.tally.dense = dense
+
+    def optimizer(self, optim: Mapping, mask: Mask | None = None) -> tuple[torch.optim.Optimizer, float]:
+        """``(optimizer, base lr)``: the masked one over ``mask``'s k entries at ``optim.lr``; without
+        a mask (dense steps) ``optim/``'s dense one at ``optim.dense_lr``."""
+        return build_optimizer(optim, self.ddp.module, mask)
 
     def _count_step(self) -> None:
         """The hook counts its bytes, steps and dense DDP's bytes of this module itself; with

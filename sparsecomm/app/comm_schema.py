@@ -2,12 +2,13 @@
 
 Registered with the rest of the schema by :mod:`sparsecomm.app.schema` (``schema/comm/<option>``);
 ``conf/comm/<option>.yaml`` extends it. :meth:`CommConfig.check` raises a ValueError naming the
-field (``comm.<field>=...``) and the fix.
+field (``comm.<field>=...``) and the fix; ``cfg`` (the whole config) is not needed by any of them.
+``uses_mask`` tells the config's checks whether the mask kind's sparse steps happen at all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
@@ -22,11 +23,12 @@ def _comm_error(field: str, value: Any, why: str) -> ValueError:
 class CommConfig:
     """Every option: DDP (gradients as views of its buckets) and what it broadcasts."""
 
+    uses_mask: ClassVar[bool] = False  # sends what a mask selects (masked alone); else every entry trains
     name: str = MISSING
     bucket_cap_mb: int = 25  # DDP's bucket size, MiB
     sync_buffers: bool = True  # DDP broadcasts rank 0's buffers (BatchNorm statistics) every step; counted apart
 
-    def check(self) -> None:
+    def check(self, cfg: Any = None) -> None:
         """Raise ValueError naming the first field out of its range (``comm.<field>=...``)."""
         if not self.bucket_cap_mb > 0:
             raise _comm_error("bucket_cap_mb", self.bucket_cap_mb, "must be > 0 (MiB per DDP bucket), e.g. 25")
@@ -54,8 +56,8 @@ class PowerSGDComm(CommConfig):
     min_compression_rate: float = 2.0  # a tensor is compressed only if (n + m) r x this < n m
     orthogonalization_epsilon: float = 1.0e-8  # 0 gave NaN on 4 ranks
 
-    def check(self) -> None:
-        super().check()
+    def check(self, cfg: Any = None) -> None:
+        super().check(cfg)
         if self.rank < 1:
             raise _comm_error("rank", self.rank, "must be >= 1 (the factors' rank), e.g. comm.rank=4")
         if (self.error_feedback or self.warm_start) and self.start_iter < 2:
@@ -74,8 +76,8 @@ class PostLocalComm(CommConfig):
     period: int = 4  # steps between parameter averagings
     start_iter: int = 1  # steps with an all-reduced gradient before the local ones
 
-    def check(self) -> None:
-        super().check()
+    def check(self, cfg: Any = None) -> None:
+        super().check(cfg)
         if self.period < 1:
             raise _comm_error("period", self.period, "must be >= 1 (steps between averagings), e.g. comm.period=8")
         if self.start_iter < 0:
@@ -86,11 +88,13 @@ class PostLocalComm(CommConfig):
 class MaskedComm(CommConfig):
     """The masked all-reduce hook (sparsecomm/hook.py): the k entries the mask selects."""
 
+    uses_mask = True
+
     wire_dtype: Optional[str] = None  # null: the gradient's dtype; fp16 | bf16 halve the bytes
     fused: bool = True  # one all-reduce per step for all buckets
 
-    def check(self) -> None:
-        super().check()
+    def check(self, cfg: Any = None) -> None:
+        super().check(cfg)
         try:
             resolve_wire_dtype(self.wire_dtype)
         except ValueError as e:  # "wire_dtype=... is not supported; use ..."

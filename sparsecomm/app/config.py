@@ -31,7 +31,6 @@ from sparsecomm.fisher import METHODS
 from sparsecomm.mask import check_density
 from sparsecomm.width_core import check_fraction
 from . import schema
-from .comm import uses_mask
 from .fields import whole_number
 from .schedule import LRSchedule, Schedule
 
@@ -297,7 +296,7 @@ def check_mask(mask: DictConfig) -> None:
 def check_schedule(cfg: DictConfig) -> None:
     """The step plan (``schedule``, ``schedule/lr``) and diff pruning's L0 phase inside it."""
     mask = cfg.mask
-    masked = mask.name != "dense" and uses_mask(cfg.comm)  # comm=dense, fp16, ... leave the mask unused
+    masked = mask.name != "dense" and OmegaConf.get_type(cfg.comm).uses_mask  # comm=fp16, ...: the mask is unused
     schedule = Schedule.from_config(cfg.schedule, cfg.steps, cfg.seed, masked=masked)
     LRSchedule.from_config(cfg.schedule.lr, schedule.steps)
     if mask.name != "diff_pruning" or not masked:
@@ -365,7 +364,7 @@ def check_config(cfg: DictConfig) -> None:
     check_schedule(cfg)
     check_optim(cfg.optim)
     try:
-        OmegaConf.to_object(cfg.comm).check()  # the comm option's own fields (schema.py)
+        OmegaConf.to_object(cfg.comm).check(cfg)  # the comm option's own fields (comm_schema.py)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_wandb(cfg.logging)

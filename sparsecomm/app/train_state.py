@@ -20,7 +20,6 @@ import torch
 from sparsecomm.mask import Mask
 
 from .comm import build_comm
-from .optimizers import build_optimizer
 
 
 @dataclass
@@ -55,10 +54,10 @@ class TrainState:
 def new_state(cfg: Mapping, model: torch.nn.Module, device: torch.device, *, masked: bool, nonfinite: Any = None,
               dense_lr: float | None = None) -> TrainState:
     """``model`` (on ``device``) under DDP with the ``comm/`` option's sync (``masked`` False: a kind
-    without a mask, ``comm=masked`` is plain DDP), ``optim/``'s dense optimizer (at ``dense_lr`` when
-    given: the step sets it), no mask yet."""
+    without a mask, ``comm=masked`` is plain DDP) and the option's dense optimizer (``optim/``'s, at
+    ``dense_lr`` when given: the step sets it), no mask yet."""
     sync = build_comm(cfg.comm, model, device, masked=masked)
-    optimizer, lr = build_optimizer(cfg.optim, model)
+    optimizer, lr = sync.optimizer(cfg.optim)
     return TrainState(model, sync, optimizer, lr if dense_lr is None else float(dense_lr), nonfinite=nonfinite)
 
 
@@ -66,21 +65,21 @@ def swap_model(state: TrainState, model: torch.nn.Module, cfg: Mapping, device: 
                optimizer: tuple[torch.optim.Optimizer, float] | None = None,
                dense_bytes_per_step: int | None = None) -> None:
     """Train ``model`` from now on: a new DDP and hook (the byte counters go on), ``optimizer`` =
-    (dense optimizer, lr) for its dense steps (default: ``optim/``'s dense one)."""
+    (dense optimizer, lr) for its dense steps (default: the option's, ``optim/``'s dense one)."""
     state.sync = build_comm(cfg.comm, model, device, previous=state.sync, dense_bytes_per_step=dense_bytes_per_step)
     state.model = model
-    state.dense_opt, state.dense_lr = optimizer if optimizer is not None else build_optimizer(cfg.optim, model)
+    state.dense_opt, state.dense_lr = optimizer if optimizer is not None else state.sync.optimizer(cfg.optim)
 
 
 def use_mask(state: TrainState, mask: Mask, optim: Mapping, *, validate: bool = False) -> None:
     """``mask`` on the hook (collective: every rank holds this mask, or an error lists the digests)
-    and on the masked optimizer (built at the first mask; at a refresh the state of entries that
+    and on the option's masked optimizer (built at the first mask; at a refresh the state of entries that
     stay selected carries over). ``validate``: check first that it fits the model (a loaded one)."""
     if validate:
         mask.validate(state.model)
     state.sync.set_mask(mask)
     if state.sparse_opt is None:
-        state.sparse_opt, state.sparse_lr = build_optimizer(optim, state.model, mask)
+        state.sparse_opt, state.sparse_lr = state.sync.optimizer(optim, mask)
     else:
         state.sparse_opt.reset_mask(mask)
     state.mask = mask
