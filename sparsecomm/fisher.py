@@ -192,7 +192,8 @@ def _accumulate_loop(scores, loss_fn, x, y, model, method) -> None:
 def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density: float, num_samples: int = 1024,
                 method: str = "empirical", always: Iterable[str] = (), process_group=None,
                 chunk_size: int = 32, engine: str = "auto", score_chunk_numel: int = DEFAULT_CHUNK_NUMEL,
-                exchange: str = "candidates", stats: dict | None = None) -> Mask:
+                exchange: str = "candidates", stats: dict | None = None,
+                transform: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Mask:
     """The FISH mask: global top-k of summed squared per-example gradients, identical on all ranks.
 
     Args:
@@ -213,6 +214,11 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
             fails); ``"full"`` all-reduces every ranked score.
         stats: optional dict; receives :func:`~sparsecomm.topk.sum_topk`'s ``exchange``,
             ``rounds``, ``candidates``, ``bytes_sent`` and ``full_bytes`` (per rank).
+        transform: optional ``transform(scores)`` that rewrites this rank's local scores (name ->
+            float32 tensor) in place before they are summed and ranked, e.g. the activation
+            normalisation of :mod:`sparsecomm.score_scaling`. It must be linear in the scores
+            with the same factors on every rank (then the ranked sum is the transformed sum),
+            keep them >= 0, and may itself be collective (every rank calls it once).
 
     Over the network (per rank, W ranks, ring collectives): with ``exchange="candidates"``, per
     round an all-gather of ``W x 2k`` int32 candidate positions and an all-reduce of the float64
@@ -235,6 +241,8 @@ def fisher_mask(model: nn.Module, data: Iterable, loss_fn: Callable, *, density:
     share = num_samples // world + (1 if rank < num_samples % world else 0)
     scores, seen = fisher_scores(model, data, loss_fn, num_samples=share, method=method, chunk_size=chunk_size,
                                  engine=engine)
+    if transform is not None:
+        transform(scores)
     if seen < share:
         warnings.warn(
             f"fisher_mask: rank {rank}'s data held {seen} examples, fewer than its share {share} of "

@@ -136,7 +136,8 @@ def test_every_mask_kind_has_its_yaml_and_every_yaml_its_kind():
     from sparsecomm.app.masks import MASK_KINDS
 
     yamls = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "conf" / "mask").glob("*.yaml")}
-    assert set(MASK_KINDS) == set(yamls) == {"dense", "fisher", "random", "file", "width_core", "diff_pruning"}
+    assert set(MASK_KINDS) == set(yamls) == {"dense", "fisher", "random", "file", "width_core", "diff_pruning",
+                                            "fisher_scaled", "token_rows", "learned", "lottery"}
     for name, body in yamls.items():
         assert body.get("name", name) == name, f"conf/mask/{name}.yaml says name: {body.get('name')}"
         assert MASK_KINDS[name].__module__ == f"sparsecomm.app.masks.{name}"

@@ -15,6 +15,7 @@ from omegaconf import II, MISSING
 from sparsecomm.diff_pruning import _check_gate_args
 from sparsecomm.fisher import METHODS
 from sparsecomm.mask import check_density
+from sparsecomm.score_scaling import NORMALISATIONS
 from sparsecomm.width_core import check_fraction
 from .fields import GB, NATURAL, SEED, ConfigError, Option, check_choice, show
 
@@ -127,7 +128,45 @@ class WidthCoreMask(MaskConfig):
         check_fraction(self.fraction, field="mask.fraction")
 
 
+@dataclass
+class FisherScaledMask(FisherMask):
+    normalise: str = "activation"  # activation | rows_and_columns | columns | none (sparsecomm.score_scaling)
+
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        check_choice(self.normalise, "mask.normalise", NORMALISATIONS)
+
+
+@dataclass
+class TokenRowsMask(FisherScaledMask):
+    bounds = {"power": (0, 100, False), "seed": SEED}
+    embedding: str = "*word_embeddings.weight"  # glob naming the word embedding whose rows come from token counts
+    power: float = 0.5  # row t's share grows with count_t^power over the training set (0: every token alike)
+    seed: int = II("seed")
+
+
+@dataclass
+class LearnedMask(SparseMask):
+    bounds = {"refresh_every": NATURAL, "max_change": (0, 1, False), "seed": SEED}
+    refresh_every: int = 25  # masked steps between refreshes (sets schedule.refresh_every)
+    max_change: float = 0.1  # at most this fraction of the k entries swapped per refresh, in [0, 1]
+    normalise: str = "none"  # none | columns | rows_and_columns: flatten the sums' channel totals before ranking
+    seed: int = II("seed")  # the first mask is random (mask=random's draw)
+
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        check_choice(self.normalise, "mask.normalise", ("none", "columns", "rows_and_columns"))
+
+
+@dataclass
+class LotteryMask(SparseMask):
+    bounds = {"dense_steps": NATURAL}
+    dense_steps: int = 25  # dense fine-tuning steps whose change picks the mask (after schedule.dense_steps)
+    rewind: bool = True  # after the dense phase, reset the weights to their start (LT-SFT); false keeps them
+
+
 # mask.name -> its schema: one entry per conf/mask/<kind>.yaml (tests check both ways)
 MASK_OPTIONS: dict[str, type[MaskConfig]] = {
     "dense": DenseMask, "fisher": FisherMask, "random": RandomMask, "file": FileMask,
-    "diff_pruning": DiffPruningMask, "width_core": WidthCoreMask}
+    "diff_pruning": DiffPruningMask, "width_core": WidthCoreMask, "fisher_scaled": FisherScaledMask,
+    "token_rows": TokenRowsMask, "learned": LearnedMask, "lottery": LotteryMask}

@@ -156,6 +156,17 @@ class WordnetTask(TaskConfig):
     max_length: int = 64  # tokens per example at most; batches are padded to their longest example only
 
 
+@dataclass
+class VerbExamplesTask(TaskConfig):
+    bounds = {"train_size": (1, 10**8, False), "test_size": (1, 10**8, False), "seed": TASK_SEED, "max_length": TOKENS}
+    data_dir: Optional[str] = None  # folder with data.verb; null: /usr/share/wordnet, then NLTK's corpora/wordnet
+    model_dir: Optional[str] = None  # null: the packaged all-MiniLM-L6-v2; else a save_pretrained() folder
+    train_size: Optional[int] = None  # training sentences (null: all but the test set; 11,510 in WordNet 3.0)
+    test_size: int = 1000  # test sentences (the first test_size of a permutation by seed)
+    seed: int = 0  # the split's permutation (fixed: independent of the run's seed)
+    max_length: int = 48  # tokens per example at most; batches are padded to their longest example only
+
+
 # --- schedule/ and schedule/lr/: sparsecomm/app/schedule.py --------------------------------------
 
 
@@ -311,7 +322,7 @@ class TrainConfig(Option):
 OPTIONS: dict[str, dict[str, type]] = {
     "cluster": {"local_cpu": ClusterConfig, "single_node_gpu": ClusterConfig, "slurm": SlurmClusterConfig},
     "task": {"digits": DigitsTask, "cifar10": Cifar10Task, "glue": GlueTask, "synthetic": SyntheticTask,
-             "wordnet": WordnetTask},
+             "wordnet": WordnetTask, "verb_examples": VerbExamplesTask},
     "mask": MASK_OPTIONS,
     "schedule": {name: ScheduleConfig for name in ("core_full", "dense_warmup", "fish_fixed", "refresh")},
     "schedule/lr": {name: LRConfig for name in ("constant", "cosine", "linear")},

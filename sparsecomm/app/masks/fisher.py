@@ -28,12 +28,20 @@ class FisherKind(DensityKind):
         data = self.setting.data.fisher_batches(self.rounds, int(cfg.batch_size))
         exchange: dict = {}
         try:
-            mask = fisher_mask(model, data, self.setting.task.loss_fn, density=cfg.density,
+            mask = fisher_mask(model, data, self.setting.task.loss_fn, density=self.scored_density(model),
                                num_samples=int(cfg.num_samples), method=cfg.method, always=self.always,
-                               chunk_size=int(cfg.chunk_size), stats=exchange)
+                               chunk_size=int(cfg.chunk_size), stats=exchange, transform=self.transform(model))
         except NonFiniteScores:
             raise ConfigError("the Fisher scores hold NaN (the model's gradients overflow: the dense steps diverged "
                               "or the weights are too large): lower optim.dense_lr, or shorten schedule.dense_steps"
                               ) from None
         self.score_bytes += int(exchange.get("bytes_sent", 0))  # per rank, on the wire (sparsecomm.topk.sum_topk)
         return mask
+
+    def scored_density(self, model: torch.nn.Module) -> float:
+        """The density the Fisher ranking fills (a subclass may keep part of k for itself)."""
+        return self.cfg.density
+
+    def transform(self, model: torch.nn.Module):
+        """``transform(scores)`` applied to this rank's scores before ranking, or None (plain FISH)."""
+        return None

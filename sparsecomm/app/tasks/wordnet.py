@@ -63,17 +63,25 @@ def nltk_dirs() -> list[Path]:
 def find_data_noun(data_dir=None) -> Path:
     """``data_dir/data.noun`` (or ``data_dir/dict/data.noun``); with ``data_dir`` null, Debian's
     folder, then NLTK's. Raises FileNotFoundError naming where it looked and the fix."""
+    return find_data_file(data_dir, "data.noun")
+
+
+def find_data_file(data_dir, filename: str) -> Path:
+    """``data_dir/<filename>`` (or ``data_dir/dict/<filename>``) of WordNet's database; with
+    ``data_dir`` null, Debian's folder, then NLTK's. Raises FileNotFoundError naming where it
+    looked and the fix."""
     if data_dir is not None and str(data_dir).strip() not in ("", "???"):
         root = Path(data_dir).expanduser()
-        candidates = [root / "data.noun", root / "dict" / "data.noun"]
+        candidates = [root / filename, root / "dict" / filename]
     else:
-        candidates = [Path(DEBIAN_DIR) / "data.noun"] + [d / "data.noun" for d in nltk_dirs()]
+        candidates = [Path(DEBIAN_DIR) / filename] + [d / filename for d in nltk_dirs()]
     for c in candidates:
         if c.is_file():
             return c
     where = ", ".join(str(c) for c in candidates[:4]) + (", ..." if len(candidates) > 4 else "")
     setting = f"task.data_dir={str(data_dir)!r}" if data_dir is not None else "task.data_dir=null"
-    raise FileNotFoundError(f"{setting}: WordNet's data.noun not found (looked in {where}): {FIX}")
+    raise FileNotFoundError(f"{setting}: WordNet's {filename} not found (looked in {where}): "
+                            f"{FIX.replace('data.noun', filename)}")
 
 
 def clean_gloss(gloss: str) -> str:
@@ -87,18 +95,8 @@ def clean_gloss(gloss: str) -> str:
 def parse_line(line: str) -> tuple[int, int, str, str]:
     """One synset line (str, no newline) -> (offset, label 0..25, first lemma, cleaned gloss).
     Raises ValueError saying what is wrong (the caller adds the file and line)."""
-    head, bar, gloss = line.partition(" | ")
-    if not bar:
-        raise ValueError("no ' | ' before the gloss")
-    f = head.split()
-    if len(f) < 6:
-        raise ValueError("fewer fields than 'offset lex_filenum ss_type w_cnt word lex_id'")
-    if not (len(f[0]) == 8 and f[0].isdigit()):
-        raise ValueError(f"offset {f[0]!r} is not 8 digits")
-    if not (len(f[1]) == 2 and f[1].isdigit()) or not FIRST_LEXFILE <= int(f[1]) < FIRST_LEXFILE + len(SUPERSENSES):
-        raise ValueError(f"lexicographer file {f[1]!r} is not a noun supersense (03..28)")
-    if f[2] != "n":
-        raise ValueError(f"synset type {f[2]!r} is not 'n' (is this data.noun?)")
+    offset, label, f, gloss = split_synset(line, "n", FIRST_LEXFILE, len(SUPERSENSES), "noun supersense (03..28)",
+                                           "data.noun")
     try:
         words = int(f[3], 16)
     except ValueError:
@@ -108,7 +106,28 @@ def parse_line(line: str) -> tuple[int, int, str, str]:
     gloss = clean_gloss(gloss)
     if not gloss:
         raise ValueError("empty gloss")
-    return int(f[0]), int(f[1]) - FIRST_LEXFILE, f[4].replace("_", " "), gloss
+    return offset, label, f[4].replace("_", " "), gloss
+
+
+def split_synset(line: str, ss_type: str, first_lexfile: int, classes: int, what: str,
+                 filename: str) -> tuple[int, int, list[str], str]:
+    """A synset line of a WordNet data file -> (offset, label = lexicographer file - ``first_lexfile``,
+    the fields before the gloss, the raw gloss), checking what every data file shares: the gloss
+    separator, the leading fields, the 8-digit offset, a lexicographer file in
+    ``first_lexfile .. + classes - 1`` (else ``what`` is named) and the synset type."""
+    head, bar, gloss = line.partition(" | ")
+    if not bar:
+        raise ValueError("no ' | ' before the gloss")
+    f = head.split()
+    if len(f) < 6:
+        raise ValueError("fewer fields than 'offset lex_filenum ss_type w_cnt word lex_id'")
+    if not (len(f[0]) == 8 and f[0].isdigit()):
+        raise ValueError(f"offset {f[0]!r} is not 8 digits")
+    if not (len(f[1]) == 2 and f[1].isdigit()) or not first_lexfile <= int(f[1]) < first_lexfile + classes:
+        raise ValueError(f"lexicographer file {f[1]!r} is not a {what}")
+    if f[2] != ss_type:
+        raise ValueError(f"synset type {f[2]!r} is not {ss_type!r} (is this {filename}?)")
+    return int(f[0]), int(f[1]) - first_lexfile, f, gloss
 
 
 def read_data_noun(path) -> tuple[list[str], list[int]]:
@@ -117,30 +136,43 @@ def read_data_noun(path) -> tuple[list[str], list[int]]:
     Checks every line's offset against its byte position and that the file ends with a newline:
     a truncated, altered or wrong file raises ValueError naming the file, the line and the fix.
     """
+    texts, labels = [], []
+    for offset, label, lemma, gloss in read_synsets(path, parse_line, "data.noun"):
+        texts.append(f"{lemma}: {gloss}")
+        labels.append(label)
+    return texts, labels
+
+
+def read_synsets(path, parse, filename: str) -> list[tuple]:
+    """``parse(line)`` of every synset line of a WordNet data file (the license header skipped),
+    in file order; ``parse`` returns a tuple whose first item is the line's offset.
+
+    Checks every offset against its line's byte position and that the file ends with a newline:
+    a truncated, altered or wrong file raises ValueError naming the file, the line and the fix.
+    """
     path = Path(path)
     with open(path, "rb") as f:
         raw = f.read()
-    bad = f"not WordNet 3.0's data.noun, or damaged: re{FIX}"
+    bad = f"not WordNet 3.0's {filename}, or damaged: re{FIX.replace('data.noun', filename)}"
     if not raw.endswith(b"\n"):
         raise ValueError(f"{path}: the file ends mid-line (truncated?); {bad}")
-    texts, labels = [], []
+    out = []
     pos = 0
     for n, line in enumerate(raw.split(b"\n")[:-1], 1):
         start, pos = pos, pos + len(line) + 1
         if line.startswith(b"  "):  # the license header
             continue
         try:
-            offset, label, lemma, gloss = parse_line(line.decode("utf-8").rstrip())
+            parsed = parse(line.decode("utf-8").rstrip())
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}:{n}: {e}; {bad}") from None
-        if offset != start:
-            raise ValueError(f"{path}:{n}: synset offset {offset:08d} is not the line's byte position {start:08d} "
+        if parsed[0] != start:
+            raise ValueError(f"{path}:{n}: synset offset {parsed[0]:08d} is not the line's byte position {start:08d} "
                              f"(file altered or cut); {bad}")
-        texts.append(f"{lemma}: {gloss}")
-        labels.append(label)
-    if not labels:
+        out.append(parsed)
+    if not out:
         raise ValueError(f"{path} holds no synsets; {bad}")
-    return texts, labels
+    return out
 
 
 def split(n: int, train_size: int | None, test_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -225,9 +257,21 @@ def build(data_dir=None, model_dir=None, train_size: int | None = 20000, test_si
           max_length: int = 64) -> Task:
     """WordNet noun supersenses (26 classes) with the mean-pooled encoder from ``model_dir``
     (null: the packaged all-MiniLM-L6-v2) and a fresh ``classifier`` head."""
-    if not isinstance(max_length, int) or max_length < 8:
-        raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length=64")
+    check_max_length(max_length, 64)
     texts, labels = read_data_noun(find_data_noun(data_dir))
+    return text_task("wordnet", texts, labels, len(SUPERSENSES), model_dir=model_dir, train_size=train_size,
+                     test_size=test_size, seed=seed, max_length=max_length)
+
+
+def check_max_length(max_length, example: int) -> None:
+    if not isinstance(max_length, int) or max_length < 8:
+        raise ValueError(f"task.max_length={max_length!r} must be an integer >= 8, e.g. task.max_length={example}")
+
+
+def text_task(name: str, texts: list[str], labels: list[int], num_classes: int, *, model_dir, train_size: int | None,
+              test_size: int, seed: int, max_length: int) -> Task:
+    """A labelled text classification task: the split by ``seed``, the texts tokenized (at most
+    ``max_length`` tokens), the mean-pooled encoder from ``model_dir`` with a fresh ``classifier``."""
     train_idx, test_idx = split(len(labels), train_size, test_size, seed)
     tokenizer, encoder = load_encoder(model_dir)
 
@@ -236,7 +280,7 @@ def build(data_dir=None, model_dir=None, train_size: int | None = 20000, test_si
         return Tokenized(ids, [labels[i] for i in idx])
 
     train_set = encode(train_idx)
-    return Task(name="wordnet", model=MeanPoolClassifier(encoder, len(SUPERSENSES)), train_set=train_set,
+    return Task(name=name, model=MeanPoolClassifier(encoder, num_classes), train_set=train_set,
                 test_set=encode(test_idx), loss_fn=cross_entropy, head=["classifier.*"],
-                num_classes=len(SUPERSENSES), collate_fn=make_collate(tokenizer.pad_token_id or 0),
+                num_classes=num_classes, collate_fn=make_collate(tokenizer.pad_token_id or 0),
                 lengths=train_set.lengths)
