@@ -1,5 +1,17 @@
+"""Suite-wide set-up, and the groups that keep tests sharing one thing on one xdist worker.
+
+``make test`` runs the suite on parallel workers (pytest-xdist, ``--dist loadgroup``). Tests stay
+together (same worker, one after another) when they
+
+* share a module-scoped fixture (a built wheel, a cluster in a box, a reference run): grouped by
+  their module, so the fixture is built once;
+* use the host's network namespaces (marker ``box``): one group, ``netns``, since two boxes at
+  once would compete for the same Slurm and namespace names and halve each other's CPU;
+* carry their own ``@pytest.mark.xdist_group(name)``.
+"""
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/multirank.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,6 +19,30 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 import pytest  # noqa: E402
+
+import freshenv  # noqa: E402  (tests/freshenv.py)
+
+SHARED_SCOPES = ("module", "package", "class")
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The group ``item`` must run in (see the module docstring), or None: any worker will do."""
+    if item.get_closest_marker("xdist_group") is not None:
+        return None  # named by the test itself
+    if item.get_closest_marker("box") is not None:
+        return "netns"
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        if defs and defs[-1].scope in SHARED_SCOPES:
+            return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = xdist_group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -16,3 +52,14 @@ def _warm_lazy_imports():
     import torch._dynamo  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # parallel workers share the cores: each its share of torch's threads
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+@pytest.fixture(scope="session")
+def torch_env(tmp_path_factory) -> Path:
+    """One virtual environment with this machine's torch installed by pip, the source that
+    ``freshenv.make_venv`` seeds fresh environments from (tests/freshenv.py)."""
+    return freshenv.torch_env(tmp_path_factory.mktemp("torch-env") / "env")
+
