@@ -27,8 +27,9 @@ SHARED_SCOPES = ("module", "package", "class")
 
 def xdist_group_of(item: pytest.Item) -> str | None:
     """The group ``item`` must run in (see the module docstring), or None: any worker will do."""
-    if item.get_closest_marker("xdist_group") is not None:
-        return None  # named by the test itself
+    named = item.get_closest_marker("xdist_group")
+    if named is not None:
+        return str(named.args[0] if named.args else named.kwargs.get("name", "default"))
     if item.get_closest_marker("box") is not None:
         return "netns"
     for defs in item._fixtureinfo.name2fixturedefs.values():
@@ -37,12 +38,26 @@ def xdist_group_of(item: pytest.Item) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group markers
+def in_group(item: pytest.Item, group: str) -> None:
+    """Give ``item`` the id suffix ``@group`` that xdist's loadgroup scheduler reads. xdist's own
+    hook writes ``item._nodeid``, which pytest 9.2 no longer reads (the id is a ``NodeId``)."""
+    nodeid = f"{item.nodeid}@{group}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId  # pytest >= 9.2
+
+        item._id = NodeId.parse(nodeid)
+    else:
+        item._nodeid = nodeid
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own hook: an id it did rename is left alone
 def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
+        return
     for item in items:
         group = xdist_group_of(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+        if group is not None and not item.nodeid.endswith(f"@{group}"):
+            in_group(item, group)
 
 
 @pytest.fixture(scope="session", autouse=True)
