@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from freshenv import TORCH_PIN, make_venv
 
-pytestmark = pytest.mark.xdist_group("freshenv")  # one worker builds the torch environment they share
+# One worker builds the torch environment they share; the fixtures run pip and python -m build (minutes).
+pytestmark = [pytest.mark.xdist_group("freshenv"), pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
 # What a build must not see: local environments, caches and outputs.
 NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "outputs", "multirun", "runs",
