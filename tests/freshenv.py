@@ -3,7 +3,7 @@
 pip installing torch unpacks about 750 MB: the longest step of every fresh environment. So pip
 installs the pinned torch once, into :func:`torch_env` (a session fixture in conftest.py), and
 :func:`seed` gives every fresh environment a test makes hard links to that install: torch and the
-packages it depends on, with their ``.dist-info``, and their console scripts rewritten for the new
+packages it depends on, with their ``.dist-info``, and their console scripts rewritten for the fresh
 interpreter. pip then sees exactly what ``pip install torch==X`` would have left there, and
 installs everything else (the wheel's other dependencies, the app itself) from scratch.
 

@@ -62,6 +62,7 @@ def stopped_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "stopped answering" in line]
 
 
+@pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank run
 def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     proc = subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}", "run_id=stop"],
                             cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -83,6 +84,7 @@ def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     print(f"launcher ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {line}")
 
 
+@pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank torchrun job
 def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
     run_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
     cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id=run_id)
