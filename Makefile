@@ -1,11 +1,15 @@
 # Two commands do all set-up on a fresh machine:
 #   make train   # the embedded default job: 2 Gloo workers, FISH mask, digits (ARGS="key=value ..." to override)
-#   make test    # the whole test suite (what CI runs)
+#   make test    # the whole test suite (what CI runs), on JOBS parallel workers (docs/testing.md)
 #   make check   # the inner loop: the suite without the tests marked slow or box (ARGS as for test)
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers; tests that share a fixture or the network namespaces stay on one (tests/conftest.py).
+# JOBS=0 runs in this process, one test after another.
+JOBS ?= 2
+PYTEST = $(VENV)/bin/pytest -q -n $(JOBS) --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +24,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/sparsecomm-train $(ARGS)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 check: $(VENV)/.installed
-	$(VENV)/bin/pytest -q -m "not slow and not box" $(ARGS)
+	$(PYTEST) -m "not slow and not box" $(ARGS)

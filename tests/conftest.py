@@ -1,3 +1,14 @@
+"""Suite-wide set-up, and the groups that keep tests sharing one thing on one xdist worker.
+
+``make test`` runs the suite on parallel workers (pytest-xdist, ``--dist loadgroup``). Tests stay
+together (same worker, one after another) when they
+
+* share a module-scoped fixture (a built wheel, a cluster in a box, a reference run): grouped by
+  their module, so the fixture is built once;
+* use the host's network namespaces (marker ``box``): one group, ``netns``, since two boxes at
+  once would compete for the same Slurm and namespace names and halve each other's CPU;
+* carry their own ``@pytest.mark.xdist_group(name)``.
+"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -5,6 +16,45 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 import pytest  # noqa: E402  (after the offline switches above)
+
+import freshenv  # noqa: E402  (tests/freshenv.py)
+
+SHARED_SCOPES = ("module", "package", "class")
+
+
+def xdist_group_of(item: pytest.Item) -> str | None:
+    """The group ``item`` must run in (see the module docstring), or None: any worker will do."""
+    named = item.get_closest_marker("xdist_group")
+    if named is not None:
+        return str(named.args[0] if named.args else named.kwargs.get("name", "default"))
+    if item.get_closest_marker("box") is not None:
+        return "netns"
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        if defs and defs[-1].scope in SHARED_SCOPES:
+            return item.module.__name__
+    return None
+
+
+def in_group(item: pytest.Item, group: str) -> None:
+    """Give ``item`` the id suffix ``@group`` that xdist's loadgroup scheduler reads. xdist's own
+    hook writes ``item._nodeid``, which pytest 9.2 no longer reads (the id is a ``NodeId``)."""
+    nodeid = f"{item.nodeid}@{group}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId  # pytest >= 9.2
+
+        item._id = NodeId.parse(nodeid)
+    else:
+        item._nodeid = nodeid
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own hook: an id it did rename is left alone
+def pytest_collection_modifyitems(config, items):
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under --dist loadgroup
+        return
+    for item in items:
+        group = xdist_group_of(item)
+        if group is not None and not item.nodeid.endswith(f"@{group}"):
+            in_group(item, group)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,3 +64,14 @@ def _warm_lazy_imports():
     import torch._dynamo  # noqa: F401
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # parallel workers share the cores: each its share of torch's threads
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+@pytest.fixture(scope="session")
+def torch_env(tmp_path_factory) -> Path:
+    """One virtual environment with this machine's torch installed by pip, the source that
+    ``freshenv.make_venv`` seeds fresh environments from (tests/freshenv.py)."""
+    return freshenv.torch_env(tmp_path_factory.mktemp("torch-env") / "env")
+

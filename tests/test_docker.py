@@ -10,6 +10,11 @@ replay does not know fails the test, so a new step can never be skipped silently
 ``ENTRYPOINT`` runs: ``--version`` and a short default job (the CUDA image's default arguments
 need a GPU, so its job runs on the CPU with ``cluster=local_cpu``).
 
+Each virtual environment of the replay (the stand-in base Python, and any a ``RUN`` step creates)
+holds this machine's torch before the next step: hard links to one pip install of it
+(tests/freshenv.py), so the Dockerfile's ``pip install $TORCH_SPEC`` finds it installed, and
+``pip install .`` installs the app and its other dependencies from scratch.
+
 What this does not check: the base images themselves, and the CUDA build of torch.
 """
 from __future__ import annotations
@@ -20,12 +25,13 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from freshenv import TORCH_PIN, make_venv, seed
 
-pytestmark = pytest.mark.slow  # each Dockerfile's steps replayed into a fresh venv: minutes
+# each Dockerfile's steps replayed into a fresh venv: minutes; one worker builds the torch environment
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("freshenv")]
 
 REPO = Path(__file__).resolve().parents[1]
 KNOWN = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "ENTRYPOINT", "CMD"}
@@ -48,8 +54,10 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 class Replay:
     """The image being built: its root folder, environment, working directory and entry point."""
 
-    def __init__(self, root: Path, base_python: Path):
+    def __init__(self, root: Path, base_python: Path, torch_env: Path):
         self.root = root
+        self.torch_env = torch_env
+        self.venvs: set[Path] = set()
         self.args: dict[str, str] = {}
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith(("TORCHELASTIC_", "SLURM_"))
@@ -105,24 +113,31 @@ class Replay:
             proc = subprocess.run(["bash", "-ec", script], cwd=self.cwd, env=self.env, capture_output=True,
                                   text=True, timeout=1200)
             assert proc.returncode == 0, f"RUN {rest}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+            self.seed_new_venvs()
         elif word == "ENTRYPOINT":
             self.entrypoint = json.loads(rest)
         elif word == "CMD":
             self.cmd = json.loads(rest)
+
+    def seed_new_venvs(self) -> None:
+        """Torch into every virtual environment a ``RUN`` step created inside the image."""
+        for cfg in (c for pattern in ("*/pyvenv.cfg", "*/*/pyvenv.cfg", "*/*/*/pyvenv.cfg")
+                    for c in self.root.glob(pattern)):
+            if cfg.parent not in self.venvs:
+                self.venvs.add(cfg.parent)
+                seed(cfg.parent, self.torch_env)
 
     def run(self, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         return subprocess.run([*self.entrypoint, *args], cwd=self.cwd, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
 
-def build(dockerfile: Path, tmp_path: Path) -> Replay:
-    base = tmp_path / "base-python"
-    subprocess.run([sys.executable, "-m", "venv", str(base)], check=True, timeout=300)
-    image = Replay(tmp_path / "image", base / "bin")
+def build(dockerfile: Path, tmp_path: Path, torch_env: Path) -> Replay:
+    base = make_venv(tmp_path / "base-python", seed_from=torch_env)
+    image = Replay(tmp_path / "image", base / "bin", torch_env)
     image.root.mkdir()
-    torch_spec = f"torch=={__import__('torch').__version__.split('+')[0]}"
     for word, rest in instructions(dockerfile):
-        image.step(word, rest, {"TORCH_SPEC": torch_spec})
+        image.step(word, rest, {"TORCH_SPEC": TORCH_PIN})
     assert image.entrypoint == ["sparsecomm-train"], image.entrypoint
     return image
 
@@ -137,8 +152,8 @@ def test_instructions_are_read_from_the_files():
 
 @pytest.mark.timeout(1800)  # a fresh environment: pip installs torch and the app's dependencies
 @pytest.mark.parametrize("name,job_args", [("Dockerfile.cpu", []), ("Dockerfile.cuda", ["cluster=local_cpu"])])
-def test_dockerfile_steps_install_a_working_app(name, job_args, tmp_path):
-    image = build(REPO / "docker" / name, tmp_path)
+def test_dockerfile_steps_install_a_working_app(name, job_args, tmp_path, torch_env):
+    image = build(REPO / "docker" / name, tmp_path, torch_env)
     where = subprocess.run(["python", "-c", "import sparsecomm.app.trainer, sparsecomm.conf; print(sparsecomm.__file__)"],
                            cwd=image.cwd, env=image.env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]

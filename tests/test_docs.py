@@ -191,6 +191,7 @@ def readme_script() -> str:
     return scripts[0]
 
 
+@pytest.mark.slow  # a torchrun job of 2 workers
 def test_readme_ddp_script_runs_and_sends_k_values(tmp_path):
     script = readme_script()
     sizes = [tuple(map(int, m)) for m in re.findall(r"nn\.Linear\((\d+), (\d+)\)", script)]

@@ -62,6 +62,7 @@ def stopped_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "stopped answering" in line]
 
 
+@pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank run
 def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     proc = subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}", "run_id=stop"],
                             cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -83,18 +84,21 @@ def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     print(f"launcher ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {line}")
 
 
+@pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank torchrun job
 def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
-    cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id="tr")
+    run_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
+    cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id=run_id)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env={**app_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "tr", proc, 25)
-    pid = worker_pid("tr", 1)
+    wait_for_step(tmp_path / run_id, proc, 25)
+    pid = worker_pid(run_id, 1)
     err, took = stop_and_wait(proc, pid)
     assert proc.returncode not in (0, None), err[-3000:]
     lines = stopped_lines(err)
     assert len(lines) == 1, err[-3000:]  # rank 0 survives; rank 1 is the stopped one
     assert f"rank 1 (" in lines[0] and f"pid {pid})" in lines[0], lines[0]
-    assert "resume with the same torchrun options (rdzv id tr)" in lines[0] and lines[0].endswith(" run_id=tr"), lines[0]
+    assert f"resume with the same torchrun options (rdzv id {run_id})" in lines[0], lines[0]
+    assert lines[0].endswith(f" run_id={run_id}"), lines[0]
     print(f"torchrun ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
 
 

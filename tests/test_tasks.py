@@ -210,6 +210,7 @@ def test_glue_with_packaged_minilm(tmp_path, task):
 
 
 @needs_transformers
+@pytest.mark.slow  # MiniLM's Fisher scores, vectorised and per example
 def test_glue_fisher_scores_are_vectorised_and_exact(tmp_path):
     """Per-example Fisher scores of the pretrained MiniLM run vectorised (the layers engine, which
     also scores nn.Embedding) and equal the batch-size-1 loop's; the 4D mask the loader hands out

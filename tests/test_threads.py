@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from sparsecomm.app import launch
 
 
@@ -30,6 +32,7 @@ def test_default_threads_under_slurm_follow_the_allocation_not_the_host():
     assert launch.default_threads({"SLURM_CPUS_PER_TASK": "x"}, 1) == cores
 
 
+@pytest.mark.slow  # starts 2 workers through the launcher
 def test_our_workers_wait_passively_unless_the_user_chose(monkeypatch):
     """What each worker of our launcher has in its environment from its start (libgomp reads it
     when torch is imported), read inside the workers."""

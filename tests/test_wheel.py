@@ -5,7 +5,8 @@ sdist, as pip does). Their file lists must carry every module under ``sparsecomm
 of ``conf/`` (the latter as ``sparsecomm/conf/``), so a new subpackage or config group can never be
 left out again. The wheel is then installed, with its declared dependencies, into a fresh virtual
 environment (not editable) and run from a folder outside the checkout: ``--version``, ``--check``
-and a short default job.
+and a short default job. The fresh environment gets torch as hard links to one pip install of it
+(tests/freshenv.py): pip installs everything else the wheel declares.
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from freshenv import TORCH_PIN, make_venv
 
+# One worker builds the torch environment they share; the fixtures run pip and python -m build (minutes).
+pytestmark = [pytest.mark.xdist_group("freshenv"), pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
 # What a build must not see: local environments, caches and outputs.
 NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "outputs", "multirun", "runs",
@@ -88,14 +92,12 @@ def test_sdist_carries_the_tree(dists):
 
 
 @pytest.fixture(scope="module")
-def installed(dists, tmp_path_factory) -> Path:
-    """A fresh virtual environment holding the wheel and the dependencies it declares (pip resolves them)."""
-    venv = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    # The CPU torch this machine has on disk, so pip does not choose a CUDA build for torch>=2.3.
-    torch_pin = f"torch=={__import__('torch').__version__.split('+')[0]}"
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(dists["wheel"]), torch_pin],
-                          capture_output=True, text=True, timeout=900)
+def installed(dists, torch_env, tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the wheel and the dependencies it declares (pip resolves
+    them; torch is there already, seeded from one pip install of it: tests/freshenv.py)."""
+    venv = make_venv(tmp_path_factory.mktemp("venv") / "env", seed_from=torch_env)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(dists["wheel"]),
+                           TORCH_PIN], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return venv
 

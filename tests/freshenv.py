@@ -1,0 +1,81 @@
+"""Fresh virtual environments that already hold this machine's torch (tests/test_wheel.py, tests/test_docker.py).
+
+pip installing torch unpacks about 750 MB: the longest step of every fresh environment. So pip
+installs the pinned torch once, into :func:`torch_env` (a session fixture in conftest.py), and
+:func:`seed` gives every fresh environment a test makes hard links to that install: torch and the
+packages it depends on, with their ``.dist-info``, and their console scripts rewritten for the fresh
+interpreter. pip then sees exactly what ``pip install torch==X`` would have left there, and
+installs everything else (the wheel's other dependencies, the app itself) from scratch.
+
+    make_venv(path, seed_from=torch_env)   # python -m venv path, then seed(path, torch_env)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# The CPU torch this machine has on disk, so pip never chooses a CUDA build for ``torch>=2.3``.
+TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
+
+
+def site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob("lib/python3*/site-packages"))
+    assert len(found) == 1, f"{venv}: expected one lib/python3*/site-packages, found {found}"
+    return found[0]
+
+
+def torch_env(venv: Path) -> Path:
+    """``venv`` created, with :data:`TORCH_PIN` installed by pip (the source :func:`seed` links from)."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", TORCH_PIN],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return venv
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system: a copy does the same job, slower
+        shutil.copy2(src, dst)
+
+
+def seed(venv: Path, source: Path) -> list[str]:
+    """Give ``venv`` (fresh) every package of ``source`` it lacks; the names added, sorted.
+
+    Packages are hard links (a copy across file systems); console scripts are rewritten so that
+    their ``#!`` line names ``venv``'s own interpreter.
+    """
+    src_site, dst_site = site_packages(source), site_packages(venv)
+    have = set(os.listdir(dst_site))
+    added = sorted(n for n in os.listdir(src_site) if n not in have and n != "__pycache__")
+    for name in added:
+        src = src_site / name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dst_site / name, symlinks=True, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            _link_or_copy(str(src), str(dst_site / name))
+    python = venv / "bin" / "python"
+    for script in sorted((source / "bin").iterdir()):
+        target = venv / "bin" / script.name
+        if target.exists() or script.is_symlink() or not script.is_file():
+            continue
+        lines = script.read_bytes().split(b"\n", 1)
+        if lines[0].startswith(b"#!") and len(lines) == 2:
+            target.write_bytes(b"#!" + str(python).encode() + b"\n" + lines[1])
+            target.chmod(0o755)
+    return added
+
+
+def make_venv(path: Path, seed_from: Path) -> Path:
+    """A fresh virtual environment at ``path`` (``python -m venv``), seeded from ``seed_from``."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+    added = seed(path, seed_from)
+    assert any(n.startswith("torch-") and n.endswith(".dist-info") for n in added), added
+    return path

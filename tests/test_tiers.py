@@ -1,0 +1,88 @@
+"""The test tiers (docs/testing.md): ``make test`` runs every test on parallel workers, ``make check``
+leaves out the slow and box tests, and tests that share a fixture or the network namespaces run on
+one worker (tests/conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_command(target: str) -> list[str]:
+    """The pytest command line ``make <target>`` runs (``make -n``: printed, not run)."""
+    out = subprocess.run(["make", "-n", "-C", str(REPO), target, "VENV=.venv"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line) for line in out.stdout.splitlines() if "pytest" in line]
+    assert len(lines) == 1, out.stdout
+    return lines[0]
+
+
+def test_make_test_runs_everything_and_make_check_leaves_out_slow_and_box():
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    full, check = make_command("test"), make_command("check")
+    assert "-m" not in full and "-k" not in full, full  # no test left out
+    assert check[check.index("-m") + 1] == "not slow and not box", check
+    for cmd in (full, check):
+        assert cmd[cmd.index("--dist") + 1] == "loadgroup", cmd  # the groups of conftest.py are honoured
+    assert (REPO / ".ci" / "run").read_text().rstrip().endswith("make test")  # CI runs the whole suite
+
+
+GROUPED = '''
+import json, os
+
+import pytest
+
+def record(name):
+    with open(os.path.join(os.environ["RECORD_DIR"], name), "w") as f:
+        json.dump({"worker": os.environ.get("PYTEST_XDIST_WORKER"), "pid": os.getpid()}, f)
+
+@pytest.fixture(scope="module")
+def shared():
+    record("fixture-" + str(os.getpid()))
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_module_fixture(shared, i):
+    record(f"fixture-user-{i}")
+
+@pytest.mark.box
+@pytest.mark.parametrize("i", range(4))
+def test_box(i):
+    record(f"box-{i}")
+
+@pytest.mark.parametrize("i", range(8))
+def test_free(i):
+    record(f"free-{i}")
+'''
+
+
+@pytest.mark.slow
+def test_tests_sharing_a_module_fixture_or_the_box_stay_on_one_worker(tmp_path):
+    """A real xdist run of a module with a module fixture, box tests and free tests on 2 workers."""
+    root = tmp_path / "suite"
+    (root / "tests").mkdir(parents=True)
+    for name in ("conftest.py", "freshenv.py"):
+        shutil.copy(REPO / "tests" / name, root / "tests" / name)
+    (root / "tests" / "test_grouped.py").write_text(GROUPED)
+    (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    box: cluster in a box\n    slow: slow\n")
+    records = tmp_path / "records"
+    records.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
+                           "--dist", "loadgroup", "tests"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RECORD_DIR": str(records)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = {p.name: json.loads(p.read_text()) for p in records.iterdir()}
+    assert len([n for n in seen if n.startswith("fixture-") and not n.startswith("fixture-user")]) == 1, sorted(seen)
+    users = {seen[f"fixture-user-{i}"]["worker"] for i in range(6)}
+    boxes = {seen[f"box-{i}"]["worker"] for i in range(4)}
+    assert len(users) == 1 and len(boxes) == 1, (users, boxes)
+    assert {r["worker"] for r in seen.values()} <= {"gw0", "gw1"}, seen  # every test ran on a worker
