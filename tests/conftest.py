@@ -10,6 +10,7 @@ together (same worker, one after another) when they
 * carry their own ``@pytest.mark.xdist_group(name)``.
 """
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
