@@ -337,3 +337,43 @@ def test_optimizer_state_bytes_counts_moments_and_step_counters():
     assert optimizer_state_bytes(dense) == 2 * n_entries() * 4 + len(params) * 4
     # MaskedAdamW: the two moments of the k selected entries, one packed tensor, one step counter
     assert optimizer_state_bytes(masked) == 2 * mask.num_selected * 4 + 4 == masked.state_bytes()
+
+
+def powersgd_resumed(rank, world):
+    """A resumed PowerSGD sync: its memories and counters come back, and its first two steps are
+    plain all-reduces (the new DDP rebuilds its buckets after its first step), then it compresses."""
+    torch.manual_seed(0)
+    model = nn.Linear(24, 12, bias=False)
+    sync = build_comm(comm_cfg("powersgd", rank=1), model, CPU)
+    for step in range(4):
+        backward(sync, rank, step)
+        model.zero_grad()
+    sd = sync.state_dict()
+    again = build_comm(comm_cfg("powersgd", rank=1), copy.deepcopy(model), CPU)
+    again.load_state_dict(sd)
+    old, new = sync.tally.psgd, again.tally.psgd
+    restored = all(torch.equal(getattr(new, d)[0], getattr(old, d)[0])
+                   for d in ("error_dict", "p_memory_dict", "q_memory_dict")) and new.iter == old.iter
+    per_step = []
+    for step in range(4, 7):
+        before = again.bytes_sent
+        backward(again, rank, step)
+        again.ddp.module.zero_grad()
+        per_step.append(again.bytes_sent - before)
+    return restored, per_step, again.steps
+
+
+def test_a_resumed_powersgd_sync_restores_its_memories_then_sends_two_plain_steps():
+    for restored, per_step, steps in run_ranks(powersgd_resumed, 2):
+        assert restored and steps == 7
+        assert per_step == [12 * 24 * 4, 12 * 24 * 4, (12 + 24) * 4]
+
+
+def test_powersgd_on_gloo_refuses_several_buckets():
+    def run(rank, world):
+        model = nn.Linear(1024, 512)  # 2 MiB of gradients
+        with pytest.raises(ValueError, match=r"comm\.bucket_cap_mb=1 splits .* several DDP buckets"):
+            build_comm(comm_cfg("powersgd", bucket_cap_mb=1), model, CPU)
+        return True
+
+    assert run_ranks(run, 2) == [True, True]
