@@ -195,7 +195,8 @@ class AccuracyCurve(Callback):
         ours = [None] * dist.get_world_size()
         dist.all_gather_object(ours, time.process_time() - self.cpu0)
         busy1, wall = busy_cpu_seconds(), time.perf_counter() - self.wall0
-        return {"accuracy": {"curve": self.curve, "others_cpu_share": foreign_share(self.busy0, busy1, sum(ours), wall),
+        return {"accuracy": {"curve": self.curve, "world_size": len(ours),
+                             "others_cpu_share": foreign_share(self.busy0, busy1, sum(ours), wall),
                              "opt_state_bytes": optimizer_state_bytes(state.optimizer(state.mask is None)[0])}}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import transfer, transfer_results
+from benchmarks import boxlink, transfer, transfer_results
 from test_wordnet import TWO_SUPERSENSES, write_noun
 
 
@@ -50,9 +50,9 @@ def test_transfer_part_and_merge(tmp_path):
     assert fish["k"] == k and fish["payload_bytes"] == 3 * 4 * k  # 3 masked steps
     assert 0 < fish["score_exchange_bytes"] <= 4 * 2 * k + 8 * (n - head) * 2  # the Fisher scores, counted apart
     assert rows["postlocal"]["period"] == round(n / k)
-    # comm=post_local (start_iter 1): step 1's gradients, then local steps, each agreeing on a 4-byte
-    # NaN/Inf flag; the parameters are averaged every period-th step only (none of these 3)
-    assert rows["postlocal"]["payload_bytes"] == 4 * n + 2 * 4
+    # comm=post_local (start_iter 1): step 1's gradients; the averager's first averaging (its period
+    # counts from start_iter) of every parameter; a 4-byte NaN/Inf flag on each of the 2 local steps
+    assert rows["postlocal"]["payload_bytes"] == 4 * n + 4 * n + 2 * 4
     assert rows["head-only"]["k"] == head and rows["head-only"]["payload_bytes"] == 3 * 4 * head
     assert rows["head-only"]["optimizer_state_bytes"] < 3 * 4 * head  # AdamW moments of the head only
     assert rows["diffprune-0.5"]["k"] == k
@@ -105,7 +105,7 @@ def test_summary_threshold_reach_and_verdicts():
 def test_transfer_across_two_emulated_nodes(tmp_path):
     """--nodes 2: one torchrun per box node; the wire counter is every node's eth0 + lo, summed."""
     pytest.importorskip("transformers")
-    box = transfer.boxlink.box
+    box = boxlink.box
     reason = box.why_not()
     if reason:
         pytest.skip(f"cluster in a box: {reason}")
@@ -120,7 +120,7 @@ def test_transfer_across_two_emulated_nodes(tmp_path):
         # one rank per node: every gradient byte of the 2-rank ring crosses eth0 (plus headers), once
         assert row["payload_bytes"] <= row["wire_bytes_per_rank"] < 1.5 * row["payload_bytes"] + 1e5, row
     assert "2 emulated nodes x 1 ranks" in (tmp_path / "transfer_part_nodes.md").read_text()
-    assert not box.namespaces(transfer.boxlink.NAME)
+    assert not box.namespaces(boxlink.NAME)
 
 
 def test_placement_counts_entries_per_residual_channel():
