@@ -1,4 +1,4 @@
-"""Several emulated nodes as the benchmark's link: the box of ``cluster/box.py``.
+"""Several emulated nodes as the benchmark's link: the box of :mod:`cluster.box`.
 
     with BoxLink("1gbit", nodes=2) as link:       # 2 nodes, each eth0 shaped to 1 Gbit/s
         rows, failures = harness.launch(link, nproc=2, spec={...}, workdir=...)  # 2 per node
@@ -14,21 +14,10 @@ multi-node benchmark does not run, and says why.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from cluster import box
 
-
-def _box():
-    spec = importlib.util.spec_from_file_location("sparsecomm_box", os.path.join(os.path.dirname(HERE), "cluster",
-                                                                                   "box.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-box = _box()
 NAME = "scbench"
 
 
@@ -81,5 +70,5 @@ class BoxLink:
         return env
 
     def qdisc(self) -> str:
-        return box._sh(["ip", "netns", "exec", box.netns(self.st, self.nodes[0]), "tc", "qdisc", "show", "dev",
+        return box.sh(["ip", "netns", "exec", box.netns(self.st, self.nodes[0]), "tc", "qdisc", "show", "dev",
                         "eth0"]).stdout.strip()

@@ -1,8 +1,8 @@
-"""The communication benchmark across emulated nodes: ``comm.py --nodes N`` (issue 12).
+"""The communication benchmark across emulated nodes: ``python -m benchmarks.comm --nodes N`` (issue 12).
 
-    python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 1gbit          # MLP + GPT-2 shape
-    python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 100mbit 1gbit 10gbit --models mlp
-    python benchmarks/comm.py --nodes 2 --procs-per-node 2 --link 1gbit --models gpt2 --batch-size 2 --merge
+    python -m benchmarks.comm --nodes 2 --procs-per-node 2 --link 1gbit          # MLP + GPT-2 shape
+    python -m benchmarks.comm --nodes 2 --procs-per-node 2 --link 100mbit 1gbit 10gbit --models mlp
+    python -m benchmarks.comm --nodes 2 --procs-per-node 2 --link 1gbit --models gpt2 --batch-size 2 --merge
 
 Per link rate, ``cluster/box.py`` makes N nodes whose ``eth0`` is shaped to that rate (a full-duplex
 link per node into one switch); the nodes' loopbacks (intra-node) are not shaped. One torchrun
@@ -22,11 +22,7 @@ import argparse
 import os
 import time
 
-import boxlink
-import comm
-import harness
-import report
-import workloads
+from benchmarks import boxlink, comm_results, harness, report, workloads
 
 DEFAULT_RATES = ["100mbit", "1gbit", "10gbit"]
 DEFAULT_MODELS = ["mlp", "gpt2"]
@@ -49,16 +45,16 @@ def configure(a: argparse.Namespace) -> argparse.Namespace:
 
 
 def variants(a: argparse.Namespace) -> list[dict]:
-    vs = [v for v in comm.variant_list((0.005,), per_bucket=False, psgd_ranks=(4,)) if v["id"] in WANTED]
+    vs = [v for v in comm_results.variant_list((0.005,), per_bucket=False, psgd_ranks=(4,)) if v["id"] in WANTED]
     return [v for v in vs if v["id"] in set(a.variants)] if a.variants else vs
 
 
 # --- derived numbers -------------------------------------------------------------------------------
 def annotate(rows: list[dict]) -> None:
-    comm.annotate(rows)
+    comm_results.annotate(rows)
     for r in rows:
         w, n = r["world_size"], r["nodes"]
-        ring = comm.ring_factor(w) * r["payload_bytes"]
+        ring = comm_results.ring_factor(w) * r["payload_bytes"]
         r["inter_bytes"] = r["node_tx_bytes_per_step"]["eth0"]
         r["intra_bytes"] = r["node_tx_bytes_per_step"]["lo"]
         r["inter_expected"] = n * ring
@@ -71,8 +67,8 @@ def annotate(rows: list[dict]) -> None:
 
 def inter_within(r: dict) -> bool:
     """Inter-node bytes within 10% of the ring prediction (+ the per-message constant of comm.py)."""
-    allowance = comm.constant_allowance(r) * r["nodes"]  # per-rank constant, one crossing rank per node
-    return comm.within(r["inter_bytes"], r["inter_expected"], allowance)
+    allowance = comm_results.constant_allowance(r) * r["nodes"]  # per-rank constant, one crossing rank per node
+    return comm_results.within(r["inter_bytes"], r["inter_expected"], allowance)
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -89,13 +85,13 @@ def targets(rows: list[dict]) -> list[dict]:
             out.append(report.verdict(
                 f"{where}: step <= 1.3x floor", x <= 1.3,
                 f"{x:.2f}x the floor (bf16 wire {x16:.2f}x)" + ("" if x <= 1.3 else "; " + where_time(sc, floor))
-                + comm.busy_note(sc, sc16, floor)))
+                + comm_results.busy_note(sc, sc16, floor)))
         if sc and dense:
             s = dense["step_s"] / sc["step_s"]
             out.append(report.verdict(f"{where}: >= 10x faster than dense DDP", s >= 10,
                                       f"{s:.1f}x ({dense['step_s']:.2f} s vs {sc['step_s']:.3f} s)"
                                       + ("" if s >= 10 or not floor else "; " + dense_ceiling(dense, floor))
-                                      + comm.busy_note(sc, dense)))
+                                      + comm_results.busy_note(sc, dense)))
     measured = [r for r in rows if r["kind"] != "floor"]
     if measured:
         off = [f"{r['model']}/{r['link']}/{r['variant']} {(r['inter_vs_ring'] - 1) * 100:+.1f}%"
@@ -119,12 +115,12 @@ def where_time(r: dict, floor: dict) -> str:
     """Where a step's time goes beyond the floor: compute, the gradient sync, the optimizer."""
     wire_s = r["inter_bytes"] / r["nodes"] * 8 / boxlink.box.netem.parse_rate(r["link"].split()[0]) \
         if not r["link"].startswith("unshaped") else 0.0
-    return (comm.profile(r, floor) + f"; the inter-node bytes alone need {wire_s * 1e3:.1f} ms per step at the "
+    return (comm_results.profile(r, floor) + f"; the inter-node bytes alone need {wire_s * 1e3:.1f} ms per step at the "
             f"link rate")
 
 
 # --- output ----------------------------------------------------------------------------------------
-COLUMNS: list[report.Column] = comm.step_columns("W") + [
+COLUMNS: list[report.Column] = comm_results.step_columns("W") + [
     ("payload MB/rank", lambda r: report.mb(r["payload_bytes"])),
     ("inter-node MB/step (eth0, all nodes)", lambda r: report.mb(r["inter_bytes"])),
     ("eth0 / ring", lambda r: report.fmt(r["inter_vs_ring"])),
@@ -137,7 +133,7 @@ COLUMNS: list[report.Column] = comm.step_columns("W") + [
 def render(result: dict) -> str:
     env = result["environment"]
     parts = [
-        comm.runs_md(result),
+        comm_results.runs_md(result),
         f"Machine: {env['cpus']} CPUs shared by every rank of every node, torch {env['torch']}, {env['date']}; "
         f"latest run {result['elapsed_s']:.0f} s. {result['nodes']} emulated nodes, W ranks in all, W/N per node "
         f"(cluster/box.py): each node's eth0 shaped to the link rate, loopback not shaped. Median of "
@@ -156,12 +152,12 @@ def render(result: dict) -> str:
 def publish(result: dict, out: str) -> None:
     """comm_multinode.md/.json, the README block (default --out) and the plots."""
     report.publish(out, NAME, "Communication benchmark across emulated nodes", result, render(result))
-    result["plots"] = comm.plots(result["rows"], out, prefix=NAME)
+    result["plots"] = comm_results.plots(result["rows"], out, prefix=NAME)
 
 
 def main(a: argparse.Namespace, argv=None) -> dict:
     if a.render_only:
-        return comm.rebuild(a.out, NAME, annotate, targets, publish)
+        return comm_results.rebuild(a.out, NAME, annotate, targets, publish)
     t_start = time.monotonic()
     os.makedirs(a.out, exist_ok=True)
     workdir = os.path.join(a.out, "tmp")
@@ -172,12 +168,14 @@ def main(a: argparse.Namespace, argv=None) -> dict:
         with boxlink.BoxLink(rate, a.nodes) as link:
             print(f"link {link.label} ({link.qdisc()})", flush=True)
             for _, _, model in [c for c in a.configs if c[0] == rate]:
-                spec = comm.worker_spec(a, model, vs, ifaces=IFACES)
+                spec = comm_results.worker_spec(a, model, vs, ifaces=IFACES)
                 print(f"  {model} on {a.nodes} nodes x {a.procs_per_node} ranks, batch {spec['batch_size']}/rank",
                       flush=True)
                 got, failed = harness.launch(link, a.procs_per_node, spec, workdir=workdir, threads=threads,
                                              timeout=a.launch_timeout, echo=lambda s: print(s, flush=True))
+                for r in got:
+                    comm_results.payload(r)
                 rows += got
                 failures.update({f"{model}/{link.label}/{k}": v for k, v in failed.items()})
-    return comm.conclude(a, argv, t_start, rows, failures, name=NAME, annotate=annotate, targets=targets,
+    return comm_results.conclude(a, argv, t_start, rows, failures, name=NAME, annotate=annotate, targets=targets,
                          write=publish, columns=COLUMNS, nodes=a.nodes, procs_per_node=a.procs_per_node)

@@ -1,7 +1,7 @@
 """Fisher scoring speed: the vectorised per-example path against the reference batch-size-1
 autograd loop, on the same model and the same samples (issue 2).
 
-    python benchmarks/fisher_speed.py [--models small_cnn resnet18 mlp minilm] [--samples N] [--quick]
+    python -m benchmarks.fisher_speed [--models small_cnn resnet18 mlp minilm] [--samples N] [--quick]
 
 All paths are ``sparsecomm.fisher.fisher_scores``: ``engine="auto"`` (what ``fisher_mask`` runs:
 the exact "layers" engine where the model qualifies, else torch.func vmap), the torch.func
@@ -12,19 +12,16 @@ path at least 10x faster than the loop. Writes ``fisher_speed.{md,json}`` to ``-
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-from sparsecomm.modelio import forward
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.fisher import fisher_scores
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+from benchmarks import report, workloads
 
 TARGET = 10.0
 SAMPLES = {"small_cnn": 256, "resnet18": 64, "mlp": 64, "minilm": 128}  # per model, unless --samples; the loop is slow
@@ -41,8 +38,6 @@ def batches(wl: workloads.Workload, samples: int, batch: int, seed: int = 0):
 
 
 def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_vmap: bool = True) -> dict:
-    from sparsecomm.fisher import fisher_scores
-
     wl = workloads.get(model_name)
     torch.manual_seed(0)
     model = wl.build()
@@ -82,10 +77,10 @@ def measure(model_name: str, samples: int, repeats: int, chunk_size: int, with_v
         row.update(vmap_s=t_vec, vmap_speedup=row["speedup"], vmap_max_rel_diff=row["max_rel_diff"])
     # the batched forward+backward of the same examples: what one pass over the batch costs at least
     model.eval()
+    engine = StepEngine(loss_fn)  # the app's step; no optimizer: forward and backward only
     t = time.perf_counter()
     for x, y in data:
-        model.zero_grad(set_to_none=True)
-        loss_fn(forward(model, x), y).backward()
+        engine.step(model, (x, y), None)
     row["fwd_bwd_s"] = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
     model.train()

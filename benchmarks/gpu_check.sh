@@ -2,7 +2,7 @@
 # The GPU check, on a machine with at least one CUDA GPU, in under 8 minutes:
 #   1. the `gpu` tests (tests/test_gpu.py: hook with fp32/fp16/bf16 wire on NCCL and on Gloo with
 #      CUDA tensors, packing, the Fisher layers engine, the masked optimizers, against CPU references);
-#   2. a short NCCL benchmark (benchmarks/gpu_comm.py: dense DDP vs the masked hook, one rank per GPU).
+#   2. a short NCCL benchmark (python -m benchmarks.gpu_comm: dense DDP vs the masked hook, one rank per GPU).
 # Each part runs under `timeout`; a summary says PASS/FAIL per part. Exit 0 when both pass, 1 when
 # one fails, 2 when there is no usable GPU (nothing ran).
 #
@@ -56,8 +56,7 @@ run gpu_tests "$TESTS_TIMEOUT" "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprov
 if [[ ${RESULT[gpu_tests]} == PASS* ]] && ! grep -qE "[0-9]+ passed" "$LOGS/gpu_tests.log"; then
     RESULT[gpu_tests]="FAIL (nothing ran: every gpu test was skipped)"
 fi
-run nccl_bench "$BENCH_TIMEOUT" "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$ngpu" \
-    benchmarks/gpu_comm.py --model mlp --steps 20
+run nccl_bench "$BENCH_TIMEOUT" "$PYTHON" -m benchmarks.gpu_comm --ranks "$ngpu" --model mlp --steps 20
 
 status=0
 echo "== gpu_check summary (logs in $LOGS)"

@@ -1,17 +1,15 @@
-"""Launch the per-rank worker with torchrun inside an emulated link and collect rank 0's rows.
+"""Launch the app's runs with torchrun inside an emulated link and collect rank 0's rows.
 
     with netem.Link("1gbit") as link:
         rows, failures = launch(link, nproc=2, spec={...}, workdir="benchmarks/results/tmp")
 
-A run that crashes keeps the rows of the variants finished before the crash; the variant that
-was running is recorded as failed (with the output's tail) and the remaining ones are launched
-again, so one broken variant costs one row, not the run. Every launch is bounded by
-``timeout`` seconds; on expiry its process group (the torchrun we started and its ranks) is
-killed.
+Each variant is one run of the app, in its own torchrun launch of :mod:`benchmarks.drive`: a
+variant that fails is recorded as failed (with the output's tail) and the others still run, so
+one broken variant costs one row. Every launch is bounded by ``timeout`` seconds; on expiry its
+process group (the torchrun we started and its ranks) is killed.
 
-Both sides of the spec and results files live here: :func:`run_worker` writes a worker's spec,
-runs it and reads back what rank 0 wrote; inside the ranks, :func:`join` reads the spec and joins
-the process group, and :func:`record_each` rewrites the results file after each finished item.
+Both sides of the spec and results files live here: :func:`run_worker` writes a spec, runs it and
+reads back what rank 0 wrote (:func:`write_results`, atomically).
 """
 from __future__ import annotations
 
@@ -25,20 +23,19 @@ import threading
 import time
 from collections import deque
 
-import torch
-import torch.distributed as dist
-
-from apprun import free_port
+from benchmarks.apprun import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "worker.py")
+DRIVER = "benchmarks.drive"  # the per-rank module torchrun starts (-m), from the repository root
 _ports = itertools.count(29500)
 
 
-def torchrun_cmd(nproc: int, port: int, script: str, *args: str, nnodes: int = 1, node_rank: int = 0,
+def torchrun_cmd(nproc: int, port: int, module: str, *args: str, nnodes: int = 1, node_rank: int = 0,
                  master_addr: str = "127.0.0.1") -> list[str]:
+    """torchrun running ``python -m module args`` on each rank (``module``: e.g. ``benchmarks.drive``)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), script, *args]
+            "--nproc_per_node", str(nproc), "--master_addr", master_addr, "--master_port", str(port), "-m", module,
+            *args]
 
 
 def worker_env(link, threads: int) -> dict:
@@ -50,9 +47,9 @@ def worker_env(link, threads: int) -> dict:
     return env
 
 
-def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int, timeout: float,
+def run_torchrun(link, nproc: int, module: str, args: list[str], *, threads: int, timeout: float,
                  echo=print) -> tuple[int, str]:
-    """Run ``script`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
+    """Run the module ``module`` on ``nproc`` ranks inside ``link``; returns (exit code, last 60 output lines).
 
     On a multi-node link (``link.nnodes`` > 1, :mod:`boxlink`) ``nproc`` ranks per node: one
     torchrun per node, static rendezvous on node 1; the exit code is the first non-zero one.
@@ -62,9 +59,9 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     port = next(_ports) if link.isolated else free_port()
     nnodes = getattr(link, "nnodes", 1)
     if nnodes == 1:
-        cmds = [link.wrap(torchrun_cmd(nproc, port, script, *args))]
+        cmds = [link.wrap(torchrun_cmd(nproc, port, module, *args))]
     else:
-        cmds = [link.wrap_node(node, torchrun_cmd(nproc, port, script, *args, nnodes=nnodes, node_rank=i,
+        cmds = [link.wrap_node(node, torchrun_cmd(nproc, port, module, *args, nnodes=nnodes, node_rank=i,
                                                   master_addr=link.master_addr))
                 for i, node in enumerate(link.nodes)]
     tail: deque[str] = deque(maxlen=60)
@@ -102,9 +99,9 @@ def run_torchrun(link, nproc: int, script: str, args: list[str], *, threads: int
     return rc, "\n".join(tail)
 
 
-def run_worker(link, nproc: int, script: str, spec: dict, spec_path: str, *, threads: int, timeout: float,
+def run_worker(link, nproc: int, module: str, spec: dict, spec_path: str, *, threads: int, timeout: float,
                echo=print) -> tuple[int, str, dict | None]:
-    """Write ``spec`` to ``spec_path``, run ``script spec_path`` on ``nproc`` ranks (:func:`run_torchrun`)
+    """Write ``spec`` to ``spec_path``, run ``python -m module spec_path`` on ``nproc`` ranks (:func:`run_torchrun`)
     and read back the JSON the worker wrote to ``spec['out']``; both files are removed.
 
     Returns (exit code, last output lines, the worker's JSON or None if it wrote none).
@@ -112,7 +109,7 @@ def run_worker(link, nproc: int, script: str, spec: dict, spec_path: str, *, thr
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     try:
-        rc, tail = run_torchrun(link, nproc, script, [spec_path], threads=threads, timeout=timeout, echo=echo)
+        rc, tail = run_torchrun(link, nproc, module, [spec_path], threads=threads, timeout=timeout, echo=echo)
     finally:
         os.unlink(spec_path)
     written = None
@@ -145,73 +142,48 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def progress(row: dict) -> str:
+    """One line on a finished run: step time and bytes per step, or its last accuracy point."""
+    if "curve" in row:
+        last = row["curve"][-1]
+        return (f"accuracy {last['accuracy']:.3f}, {last['seconds']:.1f} s training, "
+                f"{last['wire_bytes_per_rank'] / 1e6:.2f} MB/rank on the wire")
+    return f"{row['step_s']:.3f} s/step, {row['wire_bytes_per_rank'] / 1e6:.3f} MB/rank/step on the wire"
+
+
 def launch(link, nproc: int, spec: dict, *, workdir: str, timeout: float = 900.0, threads: int | None = None,
            echo=print) -> tuple[list[dict], dict[str, str]]:
-    """Run ``spec['variants']`` on ``nproc`` ranks; returns (rows, {variant id: failure text})."""
+    """Run each of ``spec['variants']`` as one app run on ``nproc`` ranks (:mod:`benchmarks.drive`, one
+    torchrun launch per variant); returns (rows, {variant id: failure text})."""
     os.makedirs(workdir, exist_ok=True)
     threads = threads or max(1, (os.cpu_count() or 1) // nproc)
-    remaining = list(spec["variants"])
     rows: list[dict] = []
     failures: dict[str, str] = {}
-    for attempt in range(len(spec["variants"])):
-        if not remaining:
-            break
-        tag = f"{spec['model']}-{link.rate}-n{nproc}-{os.getpid()}-{attempt}"
+    for n, variant in enumerate(spec["variants"]):
+        tag = f"{spec.get('model', 'run')}-{link.rate}-n{nproc}-{os.getpid()}-{n}"
         spec_path = os.path.join(workdir, f"spec-{tag}.json")
         out_path = os.path.join(workdir, f"rows-{tag}.json")
-        run_spec = dict(spec, variants=remaining, out=out_path, threads=threads)
+        run_spec = dict(spec, variants=[variant], out=out_path, threads=threads, workdir=os.path.abspath(workdir))
         t0 = time.monotonic()
-        rc, tail, written = run_worker(link, nproc, WORKER, run_spec, spec_path, threads=threads, timeout=timeout,
+        rc, tail, written = run_worker(link, nproc, DRIVER, run_spec, spec_path, threads=threads, timeout=timeout,
                                        echo=echo)
         got = written["rows"] if written else []
-        for r in got:
-            r["link"] = link.label
-            r["link_note"] = link.fallback or ""
-            r["threads"] = threads
-        rows.extend(got)
-        done = {r["variant"] for r in got}
-        remaining = [v for v in remaining if v["id"] not in done]
-        if rc == 0 and not remaining:
-            break
-        if remaining:
-            failed = remaining.pop(0)
-            failures[failed["id"]] = f"exit {rc} after {time.monotonic() - t0:.0f} s:\n{tail}"
-            echo(f"    {failed['id']}: FAILED (exit {rc}); last lines:\n" +
+        if rc != 0 or not got:
+            failures[variant["id"]] = f"exit {rc} after {time.monotonic() - t0:.0f} s:\n{tail}"
+            echo(f"    {variant['id']}: FAILED (exit {rc}); last lines:\n" +
                  "\n".join("      " + line for line in tail.splitlines()[-8:]))
+            continue
+        for r in got:
+            r.update(link=link.label, link_note=link.fallback or "", threads=threads)
+            echo(f"    {r['variant']:>16}: {progress(r)} ({time.monotonic() - t0:.1f} s)")
+        rows.extend(got)
     return rows, failures
 
 
-# --- inside a rank: the workers' side of the spec and results files ----------------------------------
-def join(spec_path: str) -> dict:
-    """Read this rank's spec, set its CPU threads (``threads``, default 1) and join the Gloo process
-    group that torchrun set up; returns the spec."""
-    with open(spec_path) as f:
-        spec = json.load(f)
-    torch.set_num_threads(int(spec.get("threads", 1)))
-    dist.init_process_group("gloo")
-    return spec
-
-
+# --- inside a rank: the driver's side of the results file ------------------------------------------
 def write_results(path: str, results: dict) -> None:
     """Replace ``path`` with ``results`` as JSON in one step, so a crash leaves the previous file whole."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(results, f)
     os.replace(tmp, path)
-
-
-def record_each(out: str, key: str, per_barrier: float, jobs, line) -> None:
-    """Run ``jobs`` (callables, one result each) in turn; on rank 0, after each, print
-    ``[worker] line(result, seconds it took)`` and rewrite ``out`` with ``{key: the results so far,
-    "barrier_bytes": per_barrier}``, so a crash keeps what finished. Leaves the process group."""
-    results = []
-    try:
-        for job in jobs:
-            t = time.perf_counter()
-            results.append(job())
-            if dist.get_rank() == 0:
-                print(f"[worker] {line(results[-1], time.perf_counter() - t)}", flush=True)
-                write_results(out, {key: results, "barrier_bytes": per_barrier})
-    finally:
-        dist.destroy_process_group()
-

@@ -1,6 +1,6 @@
 """Optimizer state bytes: ``MaskedAdamW.state_bytes()`` against ``torch.optim.AdamW`` (issue 2).
 
-    python benchmarks/optimizer_state.py [--model mlp] [--densities 0.001 0.005 0.02]
+    python -m benchmarks.optimizer_state [--model mlp] [--densities 0.001 0.005 0.02]
 
 After one step on the same model and gradients, the state tensors of torch's AdamW (two moments
 of n entries, plus a 4-byte step counter per parameter) are compared with MaskedAdamW's (two
@@ -9,15 +9,13 @@ moments of k entries). Expected ratio: about the density. Writes ``optimizer_sta
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+import sparsecomm
+from benchmarks import report, workloads
+from sparsecomm.app.engine import StepEngine
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -26,23 +24,22 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def measure(model_name: str, densities) -> list[dict]:
-    import sparsecomm
-
     wl = workloads.get(model_name)
     torch.manual_seed(0)
     model = wl.build()
-    x, y = wl.batch(4, torch.Generator().manual_seed(0))
-    nn.CrossEntropyLoss()(workloads.logits_of(model(x)), y).backward()
+    batch = wl.batch(4, torch.Generator().manual_seed(0))
+    ce = nn.CrossEntropyLoss()
+    engine = StepEngine(lambda out, y: ce(workloads.logits_of(out), y))  # the app's step fills the state
     n = sum(p.numel() for p in model.parameters())
     dense = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the weights stay as they are
-    dense.step()
+    engine.step(model, batch, dense)
     dense_bytes = state_bytes(dense)
     del dense
     rows = []
     for d in densities:
         mask = sparsecomm.random_mask(model, density=d, seed=0)
         opt = sparsecomm.MaskedAdamW(model, mask, lr=0.0, weight_decay=0.0)
-        opt.step()
+        engine.step(model, batch, opt)
         mine = opt.state_bytes()
         rows.append({"model": model_name, "params": n, "density": d, "k": mask.num_selected,
                      "adamw_bytes": dense_bytes, "masked_bytes": mine, "independent_bytes": state_bytes(opt),

@@ -2,7 +2,7 @@
 forward+backward, at 0.5% density on the 25M-parameter MLP; and at a 4x larger model with the
 same k, to show that the overhead follows k, not the model size (issue 2).
 
-    python benchmarks/overhead.py [--quick] [--reps 10]
+    python -m benchmarks.overhead [--quick] [--reps 10]
 
 One process, no network: the pieces the hook and the optimizer run each step are timed on the
 real code (``sparsecomm.packing.build_plan / pack / unpack_`` over DDP-like 25 MB buckets, the
@@ -14,17 +14,16 @@ overhead within 1.5x of the 25M model's. Writes ``overhead.{md,json}`` to ``--ou
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
-import workloads  # noqa: E402
+import sparsecomm
+from benchmarks import report, workloads
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.packing import build_plan, pack, unpack_
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -55,21 +54,22 @@ def timeit(fn, reps: int) -> float:
 
 
 def measure(label: str, build, batch, k: int, reps: int, fwd_bwd: bool = True) -> dict:
-    import sparsecomm
-    from sparsecomm.packing import build_plan, pack, unpack_
-
     torch.manual_seed(0)
     model = build()
     n = sum(p.numel() for p in model.parameters())
     x, y = batch(16, torch.Generator().manual_seed(0))
-    loss_fn = nn.CrossEntropyLoss()
+    ce = nn.CrossEntropyLoss()
+    engine = StepEngine(lambda out, target: ce(workloads.logits_of(out), target))  # the app's step
+    grads: dict = {}
 
-    def step_fb():
-        model.zero_grad(set_to_none=True)
-        loss_fn(workloads.logits_of(model(x)), y).backward()
+    def step_fb():  # forward and backward only; the gradients kept for the optimizer below
+        engine.step(model, (x, y), None,
+                    after_backward=lambda: grads.update({p: p.grad.clone() for p in model.parameters()}))
 
     t_fb = timeit(step_fb, max(3, reps // 2)) if fwd_bwd else None
-    step_fb()  # leaves real gradients for the optimizer
+    step_fb()
+    for p in model.parameters():  # real gradients for the optimizer
+        p.grad = grads[p]
     mask = sparsecomm.random_mask(model, density=k / n, seed=0)
     bits = {p: mask[name].reshape(-1) for name, p in model.named_parameters()}
     groups = buckets_like_ddp(model)

@@ -105,9 +105,10 @@ def mean_curve(runs: Sequence[dict], key: str) -> tuple[list[float], list[float]
 
 # --- files -----------------------------------------------------------------------------------------
 def command_line(script: str, argv: Sequence[str] | None = None) -> str:
-    """The command that reproduces this run, from the repository root."""
-    args = [os.path.relpath(os.path.abspath(script), os.path.dirname(HERE))]
-    args += list(sys.argv[1:] if argv is None else argv)
+    """The command that reproduces this run from the repository root: ``python -m benchmarks.<name> ...``
+    for the benchmark module whose file is ``script``."""
+    module = os.path.relpath(os.path.abspath(script), os.path.dirname(HERE))[:-len(".py")].replace(os.sep, ".")
+    args = ["-m", module, *(sys.argv[1:] if argv is None else argv)]
     return "python " + " ".join(shlex.quote(a) for a in args)
 
 

@@ -1,6 +1,6 @@
 """A bounded soak of elastic restarts (issue 6; not run in CI).
 
-    python benchmarks/soak.py [--steps 400] [--kill-every 100] [--checkpoint-every 25] [--seed 0]
+    python -m benchmarks.soak [--steps 400] [--kill-every 100] [--checkpoint-every 25] [--seed 0]
 
 Runs the app (digits, FISH mask, 2 Gloo ranks) under ``torchrun --max-restarts`` and SIGKILLs a
 random rank at a random step around every ``--kill-every`` steps (only once the previous restart
@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from apprun import read_events, torchrun_app, worker_pid  # noqa: E402
+from benchmarks.apprun import read_events, torchrun_app, worker_pid
 
 
 def steps_lost(evs: list[dict]) -> tuple[int, list[dict]]:

@@ -2,11 +2,13 @@
 wire, for dense DDP, fp16, PowerSGD rank 4, the FISH mask and a random mask of the same density,
 on an emulated link (issue 4).
 
-    python benchmarks/time_to_accuracy.py                       # digits, 1 Gbit, 2 ranks, 3 seeds
-    python benchmarks/time_to_accuracy.py --quick               # 1 seed, 200 steps
-    python benchmarks/time_to_accuracy.py --tasks digits glue   # also the MiniLM transfer task
+    python -m benchmarks.time_to_accuracy                       # digits, 1 Gbit, 2 ranks, 3 seeds
+    python -m benchmarks.time_to_accuracy --quick               # 1 seed, 200 steps
+    python -m benchmarks.time_to_accuracy --tasks digits glue   # also the MiniLM transfer task
 
-Same weights, batches and link for every method; settings follow the app's defaults
+Each method is one run of the app on the task (:mod:`benchmarks.drive`: the method's ``comm=``
+option and ``mask=`` kind, an accuracy curve recorded at every evaluation, the clock stopped while
+it evaluates). Same weights, batches and link for every method; settings follow the app's defaults
 (``conf/``: 400 steps of 32 examples per rank, 20 dense steps at lr 3e-3 before the mask, masked
 AdamW at lr 3e-2, density 0.5%, Fisher over 256 examples with the classifier head kept whole).
 A task whose data is missing is skipped with the reason. Writes ``tta_<task>.{md,json}``,
@@ -19,17 +21,33 @@ import argparse
 import importlib
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402
-import netem  # noqa: E402
-import report  # noqa: E402
+from benchmarks import harness, report
+from cluster import netem
 
 METHODS = ["dense", "fp16", "powersgd-r4", "fish", "random"]
 LABELS = {"dense": "dense DDP", "fp16": "fp16 hook", "powersgd-r4": "PowerSGD rank 4", "fish": "FISH mask",
           "random": "random mask"}
+
+
+def method_overrides(method: str, seed: int, task: str, a: argparse.Namespace) -> list[str]:
+    """The app's run of ``method``: ``task=<task>``, its ``comm=`` option and ``mask=`` kind (the masked
+    ones after ``--dense-steps`` dense steps, the task's head kept whole), constant lrs, evaluation
+    every ``--eval-every`` steps; DDP's buffer broadcast off (the same bytes for every method)."""
+    run = [f"task={task}", f"steps={a.steps}", f"batch_size={a.batch_size}", f"eval_every={a.eval_every}",
+           f"seed={seed}", "schedule/lr=constant", f"optim.dense_lr={a.dense_lr}", f"optim.lr={a.lr}",
+           "optim.weight_decay=0.0", f"logging.log_every={a.steps}", "save_model=false", "save_diff=false",
+           "comm.sync_buffers=false"]
+    if method in ("dense", "fp16"):
+        return run + ["mask=dense", f"comm={method}"]
+    if method.startswith("powersgd-r"):
+        return run + ["mask=dense", "comm=powersgd", f"comm.rank={int(method.split('-r')[1])}"]
+    if method in ("fish", "random"):
+        kind = ["mask=fisher", f"mask.num_samples={a.num_samples}"] if method == "fish" else ["mask=random"]
+        return run + [*kind, f"mask.density={a.density}", "schedule=dense_warmup",
+                      f"schedule.dense_steps={a.dense_steps}", "comm=masked"]
+    raise SystemExit(f"--methods {method}: use {', '.join(METHODS)} or powersgd-r<rank>")
 
 
 def task_available(name: str, kwargs: dict) -> str | None:
@@ -90,7 +108,7 @@ def plots(task: str, runs: list[dict], out: str) -> list[str]:
         for method in dict.fromkeys(r["method"] for r in runs):
             xs, ys = report.mean_curve([r for r in runs if r["method"] == method], key)
             if logx:
-                xs, ys = xs[1:], ys[1:]  # the step-0 point has 0 bytes
+                xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if x > 0]) if any(x > 0 for x in xs) else ((), ())
             ax.plot(xs, ys, marker=".", label=LABELS.get(method, method))
         if logx:
             ax.set_xscale("log")
@@ -153,24 +171,20 @@ def main(argv=None) -> dict:
             results[task] = {"skipped": why}
             continue
         t0 = time.monotonic()
-        spec = {"task": task, "task_kwargs": {}, "methods": a.methods, "seeds": list(range(a.seeds)),
-                "steps": a.steps, "batch_size": a.batch_size, "dense_steps": a.dense_steps, "density": a.density,
-                "dense_lr": a.dense_lr, "lr": a.lr, "num_samples": a.num_samples, "eval_every": a.eval_every,
-                "tx_path": "/sys/class/net/lo/statistics/tx_bytes",
-                "out": os.path.join(workdir, f"tta-{task}-{os.getpid()}.json")}
+        spec = {"model": task, "meter": "curve", "tx_path": "/sys/class/net/lo/statistics/tx_bytes",
+                "variants": [{"id": f"{method}-s{seed}", "method": method, "seed": seed,
+                              "overrides": method_overrides(method, seed, task, a)}
+                             for seed in range(a.seeds) for method in a.methods]}
         with netem.Link(a.rate, isolate=not a.no_namespace) as link:
             if link.fallback:
                 print(f"WARNING: {link.fallback}")
-            threads = max(1, (os.cpu_count() or 1) // a.ranks)
-            spec["threads"] = threads
             print(f"{task}: {len(a.methods)} methods x {a.seeds} seeds on {a.ranks} ranks, link {link.label}", flush=True)
-            rc, tail, written = harness.run_worker(link, a.ranks, os.path.join(harness.HERE, "tta_worker.py"), spec,
-                                                   spec["out"] + ".spec", threads=threads, timeout=a.timeout,
-                                                   echo=lambda s: print(s, flush=True))
+            runs, failures = harness.launch(link, a.ranks, spec, workdir=workdir, timeout=a.timeout,
+                                            echo=lambda s: print(s, flush=True))
             label, note = link.label, link.fallback or ""
-        runs = written["runs"] if written else []
+        rc, tail = (1 if failures else 0), "\n".join(f"{k}: {v}" for k, v in failures.items())
         if rc != 0:
-            print(f"{task}: worker exit {rc}; last lines:\n{tail}")
+            print(f"{task}: {len(failures)} run(s) failed:\n{tail}")
         rows = summarize(runs, a.threshold)
         vds = verdicts(rows)
         res = {"command": report.command_line(__file__, argv), "environment": report.environment(), "link": label,

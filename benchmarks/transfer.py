@@ -2,15 +2,16 @@
 (``task=wordnet``), 2 ranks on an emulated 1 Gbit link, every method with the same data order,
 the same number of steps and a 3-value learning-rate sweep.
 
-    python benchmarks/transfer.py --quick                      # 1 seed, short, middle lr: < 15 min
-    python benchmarks/transfer.py --part sweep                 # 1 seed, half budget, 3 lrs per method
-    python benchmarks/transfer.py --part final --methods dense fish-0.5 --tag a   # best lr of the sweep
-    python benchmarks/transfer.py --merge results/transfer_part_a.json results/transfer_part_b.json
+    python -m benchmarks.transfer --quick                      # 1 seed, short, middle lr: < 15 min
+    python -m benchmarks.transfer --part sweep                 # 1 seed, half budget, 3 lrs per method
+    python -m benchmarks.transfer --part final --methods dense fish-0.5 --tag a   # best lr of the sweep
+    python -m benchmarks.transfer --merge results/transfer_part_a.json results/transfer_part_b.json
 
-Methods (``transfer_worker.py`` says exactly what each runs): dense DDP, fp16 hook, PowerSGD rank
-1 and 4, post-local SGD (period so its payload per step equals FISH 0.5%'s), FISH 0.5% and 2%
-(mask at step 0, no dense warm-up), random 0.5% and 2%, diff pruning 0.5%, and the frozen-encoder
-head-only baseline. Learning-rate grids (AdamW, no weight decay, constant): dense-type methods
+Each run is one run of the app (:mod:`benchmarks.transfer_runs` gives each method's ``comm=``
+option and ``mask=`` kind): dense DDP, fp16 hook, PowerSGD rank 1 and 4, post-local SGD (period so
+its payload per step equals FISH 0.5%'s), FISH 0.5% and 2% (mask at step 0, no dense warm-up),
+random 0.5% and 2%, diff pruning 0.5%, and the head-only baseline (only the head's entries train
+and travel). Learning-rate grids (AdamW, no weight decay, constant): dense-type methods
 {3e-5, 1e-4, 3e-4}; masked methods {3e-4, 1e-3, 3e-3}; head-only {1e-3, 3e-3, 1e-2}. The
 sweep runs one seed for ``--sweep-steps``; ``--part final`` takes each method's best lr from
 ``--sweep`` (else the grid's middle) and runs ``--seeds`` seeds for dense, FISH, random and
@@ -27,254 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import boxlink  # noqa: E402
-import harness  # noqa: E402
-import netem  # noqa: E402
-import report  # noqa: E402
+from benchmarks import report
+from benchmarks.transfer_results import METHODS, publish, settings_note, sweep_table
+from benchmarks.transfer_runs import RETIRED, parse, run_part
+from cluster import netem
 
-METHODS = ["dense", "fp16", "powersgd-r1", "powersgd-r4", "postlocal", "fish-0.5", "fish-2", "random-0.5",
-           "random-2", "diffprune-0.5", "head-only"]
-INVESTIGATION = ["fishhead-0.5", "fishtensor-0.5"]  # not in the default list: why FISH 0.5% misses (README)
-SEEDED = ("dense", "fish-0.5", "fish-2", "random-0.5", "random-2", "powersgd-r4", "fishhead-0.5",
-          "fishtensor-0.5")  # --seeds seeds each
+SEEDED = ("dense", "fish-0.5", "fish-2", "random-0.5", "random-2", "powersgd-r4")  # --seeds seeds each
 GRIDS = {"dense": (3e-5, 1e-4, 3e-4), "masked": (3e-4, 1e-3, 3e-3), "head": (1e-3, 3e-3, 1e-2)}
-LABELS = {"dense": "dense DDP", "fp16": "fp16 hook", "powersgd-r1": "PowerSGD rank 1",
-          "powersgd-r4": "PowerSGD rank 4", "postlocal": "post-local SGD", "fish-0.5": "FISH 0.5%",
-          "fish-2": "FISH 2%", "random-0.5": "random 0.5%", "random-2": "random 2%",
-          "diffprune-0.5": "diff pruning 0.5%", "head-only": "head only (frozen encoder)",
-          "fishhead-0.5": "FISH 0.5%, head trained first", "fishtensor-0.5": "FISH 0.5% per tensor"}
 
 
 def grid(method: str) -> tuple[float, ...]:
-    if method.startswith(("fish", "random", "diffprune")):  # fish-D and fishhead-D
+    if method.startswith(("fish", "random", "diffprune")):
         return GRIDS["masked"]
     return GRIDS["head"] if method == "head-only" else GRIDS["dense"]
-
-
-def run_part(runs: list[dict], a, label: str) -> tuple[list[dict], list[str]]:
-    """Launch ``runs`` ({method, lr, seed}) in one torchrun; when it crashes, the run that was going
-    is recorded as failed and the remaining ones are launched again (a crash costs one run)."""
-    task_kwargs = {"train_size": a.train_size, "test_size": a.test_size, "data_dir": a.data_dir,
-                   "model_dir": a.model_dir}
-    out, failures = [], []
-    workdir = os.path.join(a.out, "tmp")
-    os.makedirs(workdir, exist_ok=True)
-    remaining = list(runs)
-    link_cm = boxlink.BoxLink(a.rate, a.nodes) if a.nodes > 1 else netem.Link(a.rate, isolate=not a.no_namespace)
-    with link_cm as link:
-        if link.fallback:
-            print(f"WARNING: {link.fallback}")
-        threads = max(1, (os.cpu_count() or 1) // (a.ranks * a.nodes))
-        while remaining:
-            path = os.path.join(workdir, f"transfer-{label}-{os.getpid()}-{len(out) + len(failures)}.json")
-            spec = {"task": "wordnet", "task_kwargs": task_kwargs, "runs": remaining, "steps": a.steps,
-                    "batch_size": a.batch_size, "eval_every": a.eval_every, "num_samples": a.num_samples,
-                    "l0_steps": a.l0_steps, "head_steps": a.head_steps, "threads": threads, "out": path,
-                    "tx_path": "/sys/class/net/lo/statistics/tx_bytes"}
-            if a.nodes > 1:  # every node's eth0 (between nodes) and lo (inside one), summed over nodes
-                spec["ifaces"] = ["eth0", "lo"]
-            with open(path + ".spec", "w") as f:
-                json.dump(spec, f)
-            rc, tail = harness.run_torchrun(link, a.ranks, os.path.join(harness.HERE, "transfer_worker.py"),
-                                            [path + ".spec"], threads=threads, timeout=a.timeout * len(remaining),
-                                            echo=lambda s: print(s, flush=True))
-            os.unlink(path + ".spec")
-            got = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    got = json.load(f)["runs"]
-                os.unlink(path)
-            for r in got:
-                r.update(link=link.label, link_note=link.fallback or "")
-            out += got
-            remaining = remaining[len(got):]
-            if rc != 0 and remaining:
-                bad = remaining.pop(0)
-                failures.append(f"{bad['method']} lr {bad['lr']:g} seed {bad['seed']}: exit {rc}\n{tail[-3000:]}")
-                print(f"{bad['method']}: FAILED (exit {rc}); last lines:\n{tail[-2000:]}", flush=True)
-            elif rc != 0:
-                failures.append(f"worker exit {rc} after the last run\n{tail[-3000:]}")
-    harness.remove_workdir(workdir)
-    return out, failures
-
-
-# ------------------------------------------------------------------------------------------ summary
-
-def summarize(runs: list[dict]) -> tuple[list[dict], float | None]:
-    """One row per method (its runs at one lr: the final part's), and 95% of dense's final accuracy."""
-    finals = [r["curve"][-1]["accuracy"] for r in runs if r["method"] == "dense"]
-    threshold = 0.95 * statistics.mean(finals) if finals else None
-    rows = []
-    for method in [m for m in METHODS if any(r["method"] == m for r in runs)] + sorted(
-            {r["method"] for r in runs} - set(METHODS)):
-        rs = [r for r in runs if r["method"] == method]
-        accs = [r["curve"][-1]["accuracy"] for r in rs]
-
-        def mean(key, rs=rs):
-            vals = [r["curve"][-1][key] for r in rs]
-            return statistics.mean(vals)
-
-        def mean_info(key, rs=rs):
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            return statistics.mean(vals) if vals else None
-
-        row = {"method": method, "lr": rs[0]["lr"], "seeds": len(rs), "final_acc": statistics.mean(accs),
-               "final_accs": accs, "acc_sd": statistics.stdev(accs) if len(accs) > 1 else None,
-               "seconds": mean("seconds"), "wire_bytes_per_rank": mean("wire_bytes_per_rank"),
-               "payload_bytes": mean("payload_bytes"), "steps": rs[0]["curve"][-1]["step"],
-               "k": mean_info("k"), "mask_s": mean_info("mask_s"), "period": mean_info("period"),
-               "optimizer_state_bytes": mean_info("optimizer_state_bytes"), "diff_bytes": mean_info("diff_bytes"),
-               "model_file_bytes": mean_info("model_file_bytes"), "numel": rs[0].get("numel"),
-               "others_cpu": mean_info("others_cpu_share")}
-        exchanges = [r["score_exchange"] for r in rs if r.get("score_exchange")]
-        if exchanges:  # how the Fisher scores were summed across ranks (sparsecomm.topk.sum_topk)
-            row["score_exchange"] = "/".join(sorted({e["exchange"] for e in exchanges}))
-            row["score_exchange_bytes"] = statistics.mean(e["bytes_sent"] for e in exchanges)
-        if threshold is not None:
-            rs_s = [report.reach(r, threshold, "seconds") for r in rs]
-            rs_b = [report.reach(r, threshold, "wire_bytes_per_rank") for r in rs]
-            row["reach_s"] = statistics.mean(rs_s) if None not in rs_s else None
-            row["reach_bytes"] = statistics.mean(rs_b) if None not in rs_b else None
-            row["reached"] = sum(v is not None for v in rs_s)
-        rows.append(row)
-    return rows, threshold
-
-
-def sweep_table(runs: list[dict]) -> tuple[str, dict]:
-    """Markdown of final accuracy per (method, lr) of a sweep, and each method's best lr."""
-    best, lines = {}, ["| method | " + " | ".join(["lr / final acc"] * 3) + " | best |", "|---|---|---|---|---|"]
-    for method in dict.fromkeys(r["method"] for r in runs):
-        rs = sorted((r for r in runs if r["method"] == method), key=lambda r: r["lr"])
-        top = max(rs, key=lambda r: r["curve"][-1]["accuracy"])
-        best[method] = top["lr"]
-        cells = [f"{r['lr']:g}: {r['curve'][-1]['accuracy']:.3f}" for r in rs] + [""] * (3 - len(rs))
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + f" | {top['lr']:g} |")
-    return "\n".join(lines), best
-
-
-def verdicts(rows: list[dict]) -> list[dict]:
-    by = {r["method"]: r for r in rows}
-    dense, fish, rnd, psgd = by.get("dense"), by.get("fish-0.5"), by.get("random-0.5"), by.get("powersgd-r4")
-    out = []
-    if fish and dense:
-        gap = (dense["final_acc"] - fish["final_acc"]) * 100
-        out.append(report.verdict("FISH 0.5% within 1 point of dense", gap <= 1.0,
-                                  f"FISH {fish['final_acc']:.3f} vs dense {dense['final_acc']:.3f}: {gap:+.1f} points "
-                                  "behind"))
-    if fish and rnd:
-        d = (fish["final_acc"] - rnd["final_acc"]) * 100
-        out.append(report.verdict("FISH 0.5% at least 10 points above random 0.5%", d >= 10.0,
-                                  f"FISH {fish['final_acc']:.3f} vs random {rnd['final_acc']:.3f} ({d:+.1f} points)"))
-    if fish and psgd:
-        ratio = fish["wire_bytes_per_rank"] / psgd["wire_bytes_per_rank"]
-        ok = fish["final_acc"] >= psgd["final_acc"] and ratio <= 1 / 3
-        out.append(report.verdict("FISH 0.5% at least as accurate as PowerSGD r4 with at most 1/3 of its bytes", ok,
-                                  f"accuracy {fish['final_acc']:.3f} vs {psgd['final_acc']:.3f}; wire bytes "
-                                  f"{ratio:.2f}x PowerSGD r4's"))
-    if fish and "reach_s" in fish:
-        timed = [r for r in rows if r.get("reach_s") is not None and r["method"] != "head-only"]
-        fastest = min(timed, key=lambda r: r["reach_s"]) if timed else None
-        ok = fastest is not None and fastest["method"] == "fish-0.5"
-        out.append(report.verdict("FISH 0.5% fastest of all methods to 95% of dense's accuracy at 1 Gbit", ok,
-                                  "FISH 0.5% never reached it" if fish.get("reach_s") is None else
-                                  f"FISH {fish['reach_s']:.0f} s; fastest: {LABELS.get(fastest['method'])} "
-                                  f"{fastest['reach_s']:.0f} s"))
-    if fish and fish.get("diff_bytes"):
-        share = fish["diff_bytes"] / fish["model_file_bytes"]
-        out.append(report.verdict("The task diff at 0.5% under 1% of the model's file", share < 0.01,
-                                  f"{fish['diff_bytes'] / 1e3:.0f} kB of {fish['model_file_bytes'] / 1e6:.1f} MB "
-                                  f"= {share:.2%}"))
-    return out
-
-
-def columns(threshold) -> list[report.Column]:
-    t = "95% of dense" if threshold is None else f"{threshold:.3f}"
-    return [
-        ("method", lambda r: LABELS.get(r["method"], r["method"])),
-        ("lr", lambda r: f"{r['lr']:g}"),
-        ("final test acc", lambda r: f"{r['final_acc']:.3f}" + (
-            f" ± {r['acc_sd']:.3f} ({', '.join(f'{a:.3f}' for a in r['final_accs'])})" if r["seeds"] > 1 else "")),
-        ("training s", lambda r: report.fmt(r["seconds"])),
-        ("wire MB/rank", lambda r: report.mb(r["wire_bytes_per_rank"])),
-        (f"s to {t}", lambda r: report.fmt(r.get("reach_s"))),
-        (f"MB to {t}", lambda r: report.mb(r.get("reach_bytes"))),
-        ("optimizer state MB", lambda r: report.mb(r["optimizer_state_bytes"])),
-        ("k", lambda r: f"{int(r['k']):,}" if r["k"] else None),
-        ("mask s", lambda r: report.fmt(r["mask_s"])),
-        ("score exchange MB/rank", lambda r: f"{r['score_exchange']} {report.mb(r['score_exchange_bytes'])}"
-         if r.get("score_exchange") else None),
-        ("task diff kB (% of model file)", lambda r: f"{r['diff_bytes'] / 1e3:.0f} "
-         f"({r['diff_bytes'] / r['model_file_bytes']:.2%})" if r.get("diff_bytes") else None),
-        ("others' CPU", lambda r: f"{r['others_cpu']:.0%}" if r.get("others_cpu") is not None else None),
-    ]
-
-
-def plots(runs: list[dict], out: str, name: str) -> list[str]:
-    plt = report.pyplot()
-    if plt is None:
-        return []
-    paths = []
-    for key, xlabel, suffix, logx in (("seconds", "training wall-clock seconds (rank 0)", "time", False),
-                                      ("wire_bytes_per_rank", "bytes on the wire per rank", "bytes", True)):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for method in [m for m in METHODS + INVESTIGATION if any(r["method"] == m for r in runs)]:
-            rs = [r for r in runs if r["method"] == method]
-            n = min(len(r["curve"]) for r in rs)
-            xs = [statistics.mean(r["curve"][i][key] for r in rs) for i in range(n)]
-            ys = [statistics.mean(r["curve"][i]["accuracy"] for r in rs) for i in range(n)]
-            if logx:
-                xs, ys = xs[1:], ys[1:]
-            ax.plot(xs, ys, marker=".", label=LABELS.get(method, method),
-                    linestyle="--" if method.startswith(("random", "head")) else "-")
-        if logx:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"WordNet supersenses, MiniLM: accuracy vs {suffix} (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(report.save_figure(plt, fig, out, f"{name}_{suffix}.png"))
-    return paths
-
-
-def publish(runs: list[dict], a, name: str, title: str, settings: dict, failures: list[str],
-            sweep: dict | None = None, note: str = "") -> dict:
-    rows, threshold = summarize(runs)
-    vds = verdicts(rows)
-    res = {"command": report.command_line(__file__, a.argv), "environment": report.environment(),
-           "settings": settings, "rows": rows, "runs": runs, "threshold": threshold, "verdicts": vds,
-           "failures": failures, "sweep": sweep}
-    text = (f"Command: `{res['command']}`  \n{note}\n\n" + report.md_table(rows, columns(threshold)) + "\n\n"
-            + (f"Learning-rate sweep ({sweep['steps']} steps, seed 0):\n\n{sweep['table']}\n\n" if sweep else "")
-            + report.verdicts_md(vds)
-            + ("\n\nFailed: " + "; ".join(f.splitlines()[0] for f in failures) if failures else ""))
-    report.publish(a.out, name, title, res, text)
-    res["plots"] = plots(runs, a.out, name) if runs else []
-    print()
-    print(report.md_table(rows, columns(threshold)))
-    report.print_verdicts(vds)
-    return res
-
-
-def settings_note(s: dict) -> str:
-    nodes = s.get("nodes", 1)
-    return (f"WordNet noun supersenses ({s['train_size']} train / {s['test_size']} test synsets), packaged "
-            f"all-MiniLM-L6-v2 mean-pooled, " + (f"{nodes} emulated nodes x {s['ranks']} ranks, each node's eth0 "
-                                                 f"at {s['rate']}, " if nodes > 1 else
-                                                 f"{s['ranks']} ranks on a {s.get('link', s['rate'])} link, ")
-            + f"{s['steps']} steps x {s['batch_size']} examples/rank "
-            f"({s['steps'] * s['batch_size'] * s['ranks'] * nodes / s['train_size']:.2f} epochs), AdamW (no decay), "
-            f"Fisher over {s['num_samples']} examples, diff pruning {s['l0_steps']} L0 steps"
-            + (f", head alone for {s['head_steps']} steps before FISH's mask in fishhead-D" if "head_steps" in s
-               else "") + "; "
-            f"{s.get('date', '')}. The machine has {s.get('cores', 2)} cores; 'others' CPU' is the share of "
-            f"all cores that other processes used during a method's runs: where it is large, seconds are "
-            f"inflated (bytes and accuracy are not affected).")
 
 
 def main(argv=None) -> dict:
@@ -292,8 +60,6 @@ def main(argv=None) -> dict:
     p.add_argument("--test-size", type=int, default=2000)
     p.add_argument("--num-samples", type=int, default=1024, help="Fisher examples (all ranks)")
     p.add_argument("--l0-steps", type=int, default=None, help="diff pruning's L0 steps (default: steps / 4)")
-    p.add_argument("--head-steps", type=int, default=None,
-                   help="fishhead-D: steps training the head alone before the Fisher mask (default: steps / 5)")
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="fix a method's lr")
     p.add_argument("--sweep", help="a transfer_sweep.json whose best lr per method --part final uses")
     p.add_argument("--tag", default="all",
@@ -320,9 +86,13 @@ def main(argv=None) -> dict:
     if a.first_seed < 0 or a.seeds < 1:
         p.error(f"--first-seed {a.first_seed} / --seeds {a.seeds}: use --first-seed >= 0 and --seeds >= 1")
     netem.parse_rate(a.rate)
-    unknown = [m for m in a.methods if m not in METHODS + INVESTIGATION]
+    unknown = [m for m in a.methods if m not in METHODS]
+    retired = [m for m in unknown if parse(m)[0] in RETIRED]
+    if retired:
+        p.error(f"--methods {retired[0]}: {RETIRED[parse(retired[0])[0]]} is not a run of the app (its results in "
+                f"results/transfer_checks.md were measured with the earlier per-rank worker); choose from {METHODS}")
     if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {METHODS + INVESTIGATION}")
+        p.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     fixed = dict(kv.split("=", 1) for kv in a.lr)
     best = {}
     if a.sweep:
@@ -332,10 +102,8 @@ def main(argv=None) -> dict:
         a.steps = a.sweep_steps
     if a.l0_steps is None:
         a.l0_steps = max(1, a.steps // 4)
-    if a.head_steps is None:
-        a.head_steps = max(1, a.steps // 5)
     settings = {k: getattr(a, k) for k in ("steps", "batch_size", "eval_every", "train_size", "test_size",
-                                           "num_samples", "l0_steps", "head_steps", "rate", "ranks", "nodes", "seeds",
+                                           "num_samples", "l0_steps", "rate", "ranks", "nodes", "seeds",
                                            "first_seed", "part")}
     settings.update(date=report.environment()["date"], cores=os.cpu_count(), grids={m: grid(m) for m in a.methods})
     if a.part == "sweep":

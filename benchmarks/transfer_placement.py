@@ -1,6 +1,6 @@
 """Where FISH 0.5% and random 0.5% put their entries in MiniLM (issue 11's "find out why").
 
-    python benchmarks/transfer_placement.py --num-samples 256 --more-samples 1024 --head-steps 25 --out benchmarks/results
+    python -m benchmarks.transfer_placement --num-samples 256 --more-samples 1024 --head-steps 25 --out benchmarks/results
 
 One process: the WordNet task as ``transfer.py`` builds it (seed 0, 4,000 training synsets), the
 Fisher scores of the first ``--num-samples`` training examples (``ShardedData.fisher_batches``
@@ -27,7 +27,13 @@ from itertools import islice
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sparsecomm
+from sparsecomm.app.data import ShardedData
+from sparsecomm.app.engine import StepEngine
+from sparsecomm.app.tasks import wordnet
+from sparsecomm.fisher import fisher_scores
+from sparsecomm.mask import count_for_density, matches_any, topk_mask
+
 
 GROUPS = [  # (label, regex over parameter names), first match wins
     ("head (kept whole)", r"^classifier\."),
@@ -72,24 +78,21 @@ def channel_counts(mask, params: dict, hidden: int) -> torch.Tensor:
 
 
 def train_head(task, model, steps: int, lr: float, seed: int) -> None:
-    """The head alone, ``steps`` AdamW steps of 32 training examples (the encoder frozen, eval mode off)."""
-    from sparsecomm.app.data import ShardedData
-    from sparsecomm.mask import matches_any
-    from sparsecomm.modelio import forward
-
+    """The head alone, ``steps`` AdamW steps of 32 training examples (the encoder frozen, eval mode off),
+    through the app's step; the encoder's gradients are dropped before the update."""
     head = [p for n, p in model.named_parameters() if matches_any(n, task.head)]
+    body = [p for n, p in model.named_parameters() if not matches_any(n, task.head)]
     opt = torch.optim.AdamW(head, lr=lr, weight_decay=0.0)
     data = ShardedData(task, 0, 1, batch_size=32, eval_batch_size=32, seed=seed, device=torch.device("cpu"))
+    engine = StepEngine(task.loss_fn)
     model.train()
+
+    def drop_encoder_grads():
+        for p in body:
+            p.grad = None
+
     for _ in range(steps):
-        x, y = data.next_batch()
-        loss = task.loss_fn(forward(model, x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for n, p in model.named_parameters():
-            if not matches_any(n, task.head):
-                p.grad = None
-        opt.step()
+        engine.step(model, data.next_batch(), opt, after_backward=drop_encoder_grads)
 
 
 def main(argv=None) -> dict:
@@ -101,14 +104,9 @@ def main(argv=None) -> dict:
     p.add_argument("--head-steps", type=int, default=25, help="steps training the head alone (0: skip that mask)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
-    import sparsecomm
-    from sparsecomm.app.data import ShardedData
-    from sparsecomm.fisher import fisher_scores
-    from sparsecomm.mask import count_for_density, topk_mask
-    from tta_worker import build_task
-
     torch.set_num_threads(1)
-    task = build_task({"task": "wordnet", "task_kwargs": {"train_size": a.train_size, "test_size": 8}}, 0)
+    torch.manual_seed(0)
+    task = wordnet.build(train_size=a.train_size, test_size=8)
     model = task.model
     data = ShardedData(task, 0, 1, batch_size=16, eval_batch_size=16, seed=0, device=torch.device("cpu"))
     params = dict(model.named_parameters())
@@ -165,7 +163,7 @@ def main(argv=None) -> dict:
         a_, b_ = masks["FISH"], masks["FISH, head first"]
         both = sum(int((a_[nm] & b_[nm]).sum()) for nm in params)
         overlap = {"shared_entries": both, "share_of_k": both / k}
-    res = {"command": "python benchmarks/transfer_placement.py " + " ".join(argv or sys.argv[1:]),
+    res = {"command": "python -m benchmarks.transfer_placement " + " ".join(argv or sys.argv[1:]),
            "num_samples": seen, "k": k, "numel": n, "fisher_s": fisher_s, "head_steps": a.head_steps,
            "groups": rows, "word_embedding_rows_touched": touched, "tokens": tokens, "residual_channels": channels,
            "fish_overlap": overlap}

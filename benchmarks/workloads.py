@@ -2,7 +2,8 @@
 
 Every workload is ``(build(), batch(batch_size, generator))``: the same seed gives the same
 initial weights on every rank and in every variant; each rank draws its own batch. The data are
-random: the communication benchmark measures time and bytes per step, not learning.
+random: the communication benchmark measures time and bytes per step, not learning. ``task``: the
+same model as an app task (``task=synthetic`` settings), what the drivers of the app run.
 
     tiny       2-layer MLP, 2.8k parameters (tests)
     mlp        sparsecomm.app.models.mlp(**MLP_25M): 1024 -> 5 x 2368 -> 10, 24.9M parameters
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsecomm.modelio import logits_of  # noqa: F401  (the workers take it from here: workloads.logits_of)
+from sparsecomm.modelio import logits_of  # noqa: F401  (the micro-benchmarks take it from here: workloads.logits_of)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Workload:
     default_batch: int
     note: str = ""
     kwargs: dict = field(default_factory=dict)
+    task: tuple[str, ...] = ()  # the same model as the app's task: overrides (drivers of the app use these)
 
 
 def _classify(shape: tuple[int, ...], classes: int = 10):
@@ -77,15 +79,18 @@ MLP = dict(in_features=1024, hidden=2368, depth=5, num_classes=10)  # = sparseco
 GPT2 = dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=128, num_classes=2)
 
 WORKLOADS: dict[str, Workload] = {
-    "tiny": Workload("tiny", _tiny, _classify((32,)), 8, "2-layer MLP for tests"),
+    "tiny": Workload("tiny", _tiny, _classify((32,)), 8, "2-layer MLP for tests",
+                     task=("task=synthetic", "task.model=mlp", "task.in_features=32", "task.hidden=64",
+                           "task.depth=1")),
     "mlp": Workload("mlp", lambda: _models().mlp(**MLP), _classify((MLP["in_features"],)), 16,
-                    "MLP 1024-5x2368-10", MLP),
+                    "MLP 1024-5x2368-10", MLP, task=("task=synthetic", "task.model=mlp")),
     "resnet18": Workload("resnet18", lambda: _models().resnet18(num_classes=10), _classify((3, 32, 32)), 16,
-                         "ResNet-18, CIFAR variant, 3x32x32"),
+                         "ResNet-18, CIFAR variant, 3x32x32", task=("task=synthetic", "task.model=resnet18")),
     "small_cnn": Workload("small_cnn", lambda: _models().small_cnn(num_classes=10), _classify((1, 8, 8)), 32,
                           "digits CNN, 1x8x8"),
     "gpt2": Workload("gpt2", lambda: _models().gpt2(**GPT2), _tokens(GPT2["vocab_size"], GPT2["block_size"]), 4,
-                     "GPT-2 small shape, 128 tokens", GPT2),
+                     "GPT-2 small shape, 128 tokens", GPT2,
+                     task=("task=synthetic", "task.model=gpt2", f"task.num_classes={GPT2['num_classes']}")),
     "minilm": Workload("minilm", _minilm, _minilm_batch, 32, "pretrained MiniLM-L6, mean-pooled, 8..32 tokens"),
 }
 

@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 import sparsecomm.app.train  # noqa: F401  registers the sc_run_id resolver
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from apprun import (  # noqa: E402,F401  (re-exported: one definition, shared with the benchmarks)
+from benchmarks.apprun import (  # noqa: F401  (re-exported: one definition, shared with the benchmarks)
     LAUNCHER_VARS, app_env, free_port, read_events, torchrun_app, torchrun_app_cmd, worker_pid)
 
 APP = Path(sys.executable).with_name("sparsecomm-train")

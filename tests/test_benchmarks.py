@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import comm  # noqa: E402
-import netem  # noqa: E402
-import report  # noqa: E402
+from benchmarks import comm, comm_results, report
+from cluster import netem
 
 NO_NETNS = netem.why_no_namespace()
 needs_netns = pytest.mark.skipif(NO_NETNS is not None, reason=f"no network namespace here: {NO_NETNS}")
 
 
+TINY_PARAMS = 32 * 64 + 64 + 64 * 10 + 10  # the tiny workload, Linear(32, 64) and Linear(64, 10), counted by hand
+VARIANTS = ["floor", "dense", "fp16", "powersgd-r1", "sc-0.5%-fp32", "sc-0.5%-bf16", "sc-0.5%-fp32-perbucket"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """comm.py on the tiny model: 2 ranks, unshaped, 3 timed steps, every variant."""
+    """comm.py on the tiny model: 2 ranks, unshaped, 3 timed steps, one variant of each kind, each
+    one run of the app."""
     out = tmp_path_factory.mktemp("comm")
     result = comm.main(["--models", "tiny", "--rates", "unshaped", "--ranks", "2", "--steps", "3", "--warmup", "1",
-                        "--out", str(out)])
+                        "--variants", *VARIANTS, "--out", str(out)])
     return out, result
 
 
@@ -41,24 +42,26 @@ def test_every_variant_runs_and_numbers_are_sane(tiny_run):
     out, result = tiny_run
     assert result["failures"] == {}
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {v["id"] for v in comm.variant_list()}
-    params = rows["dense"]["params"]
+    assert set(rows) == set(VARIANTS) <= {v["id"] for v in comm_results.variant_list()}
+    params = TINY_PARAMS
     for vid, r in rows.items():
+        assert r["params"] == params, vid
         assert r["world_size"] == 2 and r["steps"] == 3 and len(r["step_s_all"]) == 3, vid
         assert 0 < r["step_s"] < 30 and math.isfinite(r["step_s"]), vid
         assert r["losses_finite"], vid
         assert r["peak_rss_bytes"] is None or r["peak_rss_bytes"] > 10 * 2**20, vid
+        assert any(o.startswith("comm=") for o in r["overrides"]), vid  # the app's own comm option
         if vid != "floor":
             assert r["wire_bytes_per_rank"] > 0, vid  # something crossed the loopback
     assert rows["floor"]["payload_bytes"] == 0 and rows["floor"]["opt_state_bytes"] == 0
-    assert rows["dense"]["payload_bytes"] == 4 * params
-    assert rows["fp16"]["payload_bytes"] == 2 * params
+    assert rows["dense"]["payload_bytes"] == 4 * params  # n fp32 gradient entries a step
+    assert rows["fp16"]["payload_bytes"] == 2 * params  # the same in fp16
     assert rows["dense"]["opt_state_bytes"] >= 2 * 4 * params  # two fp32 moments per entry
     for vid, r in rows.items():
         if r["kind"] == "sparsecomm":
             per = 2 if r["wire"] == "bf16" else 4
-            assert r["payload_bytes"] == per * r["k"] == r["lib_bytes_sent"], vid  # hook counter == ours
             assert r["k"] == round(r["density"] * params), vid
+            assert r["payload_bytes"] == per * r["k"] == r["lib_bytes_sent"], vid  # the app's counter == ours
             assert 0 < r["opt_state_bytes"] < rows["dense"]["opt_state_bytes"] / 10, vid
             if r.get("fused", True):
                 assert r["all_reduce_calls_per_step"] == 1, vid  # one fused collective per step
@@ -73,7 +76,7 @@ def test_table_json_and_plots_written(tiny_run):
     out, result = tiny_run
     with open(out / "comm.json") as f:
         saved = json.load(f)
-    assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python benchmarks/comm.py")
+    assert len(saved["rows"]) == len(result["rows"]) and saved["command"].startswith("python -m benchmarks.comm ")
     md = (out / "comm.md").read_text().splitlines()
     header = ("| model | link | N | variant | step s | x floor | dense / this | fwd / bwd+comm / opt s | "
               "wire MB/rank/step | payload MB (ours) | wire / 2(N-1)/N payload | wire vs dense | "
@@ -97,17 +100,17 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
     out, result = tiny_run
     with open(out / "comm.json") as f:
         saved = json.load(f)
-    other = [dict(r, model="othermodel", run={"command": "python benchmarks/comm.py --models othermodel",
+    other = [dict(r, model="othermodel", run={"command": "python -m benchmarks.comm --models othermodel",
                                               "date": "2026-01-01T00:00:00"}) for r in saved["rows"]]
     prev = dict(saved, rows=other + saved["rows"])
     (tmp_path / "comm.json").write_text(json.dumps(prev))
     fresh = [dict(r, step_s=r["step_s"] * 2) for r in saved["rows"]]  # "re-measured" tiny rows
-    rows, failures = comm.merge_previous(str(tmp_path / "comm.json"), fresh, {})
+    rows, failures = comm_results.merge_previous(str(tmp_path / "comm.json"), fresh, {})
     assert len(rows) == 2 * len(saved["rows"]) and failures == {}
     assert [r["model"] for r in rows].count("othermodel") == len(other)
     tiny = [r for r in rows if r["model"] == "tiny"]
     assert [r["step_s"] for r in tiny] == [r["step_s"] for r in fresh]  # replaced, not duplicated
-    assert comm.merge_previous(str(tmp_path / "missing.json"), fresh, {})[0] == fresh
+    assert comm_results.merge_previous(str(tmp_path / "missing.json"), fresh, {})[0] == fresh
     prev["rows"] = rows
     (tmp_path / "comm.json").write_text(json.dumps(prev))
     res = comm.main(["--render-only", "--out", str(tmp_path)])
@@ -118,7 +121,7 @@ def test_merge_keeps_other_configurations_and_render_only(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_time_to_accuracy_smoke(tmp_path):
-    import time_to_accuracy
+    from benchmarks import time_to_accuracy
 
     res = time_to_accuracy.main(["--methods", "fish", "--steps", "6", "--dense-steps", "2",
                                  "--eval-every", "3", "--seeds", "1", "--rate", "unshaped", "--num-samples", "32",
@@ -126,40 +129,27 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert res["exit_code"] == 0, res["error_tail"]
     rows = {r["method"]: r for r in res["rows"]}
     assert set(rows) == {"fish"}
-    # Step 0 is the seed's initial model (the digits CNN built after torch.manual_seed(0)), evaluated
-    # here on the whole test set; every point is a count of correct answers over that test set.
-    import torch
-
-    from sparsecomm.app.tasks import digits
-
-    torch.manual_seed(0)
-    task = digits.build()
-    test = task.test_set
-    x = torch.stack([test[i][0] for i in range(len(test))])
-    y = torch.tensor([int(test[i][1]) for i in range(len(test))])
-    with torch.no_grad():
-        initial = int((task.model.eval()(x).argmax(-1) == y).sum()) / len(y)
-    for r in res["runs"]:
-        assert [p["step"] for p in r["curve"]] == [0, 3, 6]
-        assert r["curve"][0]["accuracy"] == initial, (r["curve"][0], initial)
-        for p in r["curve"]:
-            assert abs(p["accuracy"] * len(y) - round(p["accuracy"] * len(y))) < 1e-9, p
-        secs = [p["seconds"] for p in r["curve"]]
-        assert secs == sorted(secs) and secs[-1] > 0
+    test_size = 360  # the digits task's test split (sparsecomm/app/tasks/digits.py)
+    (run,) = res["runs"]
+    assert "mask=fisher" in run["overrides"] and "comm=masked" in run["overrides"]
+    assert [p["step"] for p in run["curve"]] == [3, 6]
+    for p in run["curve"]:  # a count of correct answers over the test set
+        assert abs(p["accuracy"] * test_size - round(p["accuracy"] * test_size)) < 1e-9, p
+    secs = [p["seconds"] for p in run["curve"]]
+    assert secs == sorted(secs) and secs[-1] > 0
     from sparsecomm.app import models
 
     n = sum(p.numel() for p in models.small_cnn(10).parameters())  # the digits task's model
-    assert rows["fish"]["k"] == round(0.005 * n)
-    # 2 dense steps, then 4 masked ones (+ one all-reduce of the float64 Fisher scores)
-    assert 2 * 4 * n < rows["fish"]["payload_bytes"] < 3 * 4 * n + 8 * n
+    k = round(0.005 * n)
+    assert run["k"] == k  # the head, kept whole, counts toward the density
+    # 2 dense steps (every fp32 gradient entry), then 4 masked ones (k entries); the Fisher scores'
+    # exchange is counted apart (mask_score_bytes)
+    assert run["curve"][-1]["payload_bytes"] == 2 * 4 * n + 4 * 4 * run["k"]
     assert (tmp_path / "tta_digits.md").exists() and (tmp_path / "tta_digits.json").exists()
 
 
 def test_small_benchmarks_run(tmp_path):
-    import fisher_speed
-    import optimizer_state
-    import overhead
-    import workloads
+    from benchmarks import fisher_speed, optimizer_state, overhead, workloads
 
     r = fisher_speed.measure("tiny", samples=16, repeats=1, chunk_size=8)
     assert r["engine"] == "layers" and r["max_rel_diff"] < 1e-4 and r["vec_s"] > 0 and r["loop_s"] > 0

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import comm_results  # ring prediction and the 10% check of the communication benchmark
+from cluster import box
+
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "cluster" / "slurm_train.sbatch"
 BOX_NAME = "scbox-test"
 RDZV_PORT = 29400
 pytestmark = [pytest.mark.box, pytest.mark.timeout(900)]  # a test may start the module's box and 2-3 jobs
-
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import comm  # noqa: E402  (ring prediction and the 10% check of the communication benchmark)
-from boxlink import box  # noqa: E402  (cluster/box.py, loaded once)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +218,7 @@ def test_eth0_bytes_per_masked_step_match_the_ring(two_node_runs):
     extra = long["steps"] - short["steps"]
     payload = (summary(long["dir"])["bytes_sent"] - summary(short["dir"])["bytes_sent"]) / extra
     assert payload > 0
-    expected = comm.ring_factor(4) * payload
+    expected = comm_results.ring_factor(4) * payload
     for node in long["eth0"]:
         measured = (long["eth0"][node] - short["eth0"][node]) / extra
         print(f"{node}: eth0 {measured:.0f} B per masked step, ring prediction {expected:.0f} B "
@@ -281,7 +279,6 @@ def job(st, jobid: str) -> dict[str, str]:
         fields.setdefault(k, v)
     return fields
 
-
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
@@ -304,7 +301,6 @@ def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, 
 
 def slurm_job_args(out: Path, steps: int, *extra: str, density: str | None = "0.2") -> list[str]:
     return ["cluster.backend=gloo", "cluster.device=cpu", *job_args(out, steps, *extra, density=density)]
-
 
 SBATCH_OPTS = ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2")  # the script asks for 4 GPUs, 32 CPUs
 
@@ -417,7 +413,6 @@ def test_job_cancelled_at_time_limit_leaves_a_checkpoint_to_resume(cluster, refe
     assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0")
     assert summary(run_dir)["resumed_from"]
     assert_close_params(run_dir, reference(40), "SIGTERM, requeued, resumed")
-
 
 # --- a node that stops answering ---------------------------------------------------------------
 HANG_TIMEOUT_S = 20

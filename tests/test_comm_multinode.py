@@ -2,16 +2,11 @@
 tiny run across 2 emulated nodes (root only: cluster/box.py)."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import comm  # noqa: E402
-import comm_multinode  # noqa: E402
+from benchmarks import comm, comm_multinode
 
 
 def row(variant, kind, step_s, payload, eth0, lo, model="mlp", link="1gbit 2 nodes"):

@@ -138,3 +138,83 @@ def test_every_option_extends_its_schema():
             body = yaml.safe_load(CONF.joinpath(group, f"{option}.yaml").read_text())
             assert body["defaults"][0] == f"/schema/{group}/{option}@_here_", (group, option)
     assert yaml.safe_load(CONF.joinpath("train.yaml").read_text())["defaults"][0] == "/schema/train@_here_"
+
+
+def schema_classes() -> set[type]:
+    """Every dataclass of the schema: the options of every group, the top level and what they nest."""
+    import dataclasses
+
+    from sparsecomm.app.schema import OPTIONS, TrainConfig
+
+    todo, seen = [TrainConfig, *(c for options in OPTIONS.values() for c in options.values())], set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo += [f.default_factory for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)]
+    return seen
+
+
+def test_every_option_checks_only_fields_it_has():
+    """Each dataclass's ranges and union types name fields of that dataclass (a typo would check nothing)."""
+    import dataclasses
+
+    from sparsecomm.app.fields import Option
+
+    classes = schema_classes()
+    assert len(classes) > 20
+    for cls in classes:
+        assert issubclass(cls, Option), cls
+        names = {f.name for f in dataclasses.fields(cls)}
+        for table in ("bounds", "union_types"):
+            assert set(cls.table(table)) <= names, (cls.__name__, table, set(cls.table(table)) - names)
+
+
+def test_a_range_is_the_options_own():
+    """The same field name bounded differently in two options: each option applies its own range."""
+    with pytest.raises(ValueError, match=r"task\.seed=4294967296 is out of range"):
+        check_config(compose_train("task=digits", "task.seed=4294967296"))  # a task's split seed: 32 bits
+    check_config(compose_train("mask=random", "mask.seed=4294967296"))  # a mask's seed: 63 bits
+
+
+def test_the_checks_never_branch_on_an_options_name():
+    """config.py, compose.py and train.py ask each option; no comparison with a mask kind's name."""
+    import re
+
+    from sparsecomm.app.schema import OPTIONS
+
+    src = importlib.resources.files("sparsecomm.app")
+    names = "|".join(OPTIONS["mask"])
+    for module in ("config.py", "compose.py", "train.py"):
+        text = src.joinpath(module).read_text()
+        assert not re.search(rf"""(==|!=|\bin)\s*\(?\s*["']({names})["']""", text), module
+        assert not re.search(rf"""["']({names})["']\s*(==|!=)""", text), module
+
+
+@pytest.mark.slow
+def test_the_app_composes_its_config_once_and_leaves_argv_alone(tmp_path, capsys, monkeypatch):
+    """A run through the real entry point composes the config exactly once (Hydra's config loader
+    counted), runs in the claimed folder, and leaves sys.argv as it found it."""
+    import sys
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from apptest import TINY, clean_launcher_env, main_in_process
+
+    clean_launcher_env(monkeypatch)
+    calls = []
+    real = ConfigLoaderImpl.load_configuration
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("overrides"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counted)
+    argv = list(sys.argv)
+    code, out, err = main_in_process([*TINY, f"out_dir={tmp_path}", "run_id=once"], capsys)
+    assert code == 0, err
+    assert len(calls) == 1, calls
+    assert sys.argv == argv
+    assert (tmp_path / "once" / "summary.json").exists() and (tmp_path / "once" / ".hydra").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["once"]

@@ -1,4 +1,5 @@
-"""benchmarks/memory.py runs end to end on tiny models and writes sane numbers.
+"""benchmarks/memory.py runs end to end on tiny models and writes sane numbers (its training rows
+are the app's own runs).
 
 Memory figures are never asserted here (they are the benchmark's verdicts): only that every row
 runs in its own process, reports a peak at or above zero and a model size that matches the
@@ -7,15 +8,11 @@ width, and that the tables, fits and JSON come out.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
 
-import memory  # noqa: E402
+from benchmarks import memory
 
 
 def test_width_and_fit_helpers():
@@ -40,14 +37,15 @@ def test_rows_run_in_fresh_processes_and_publish(tmp_path):
         w = r["width"]  # 8 fp32 nn.Linear(w, w) layers, weights and biases, counted by hand
         assert r["model_bytes"] == 8 * (w * w + w) * 4 and r["k"] == round(0.005 * 8 * (w * w + w))
     pipe = rows[1]
-    assert pipe["steps"] == 1 and pipe["loss_finite"] and {"fisher_mask", "train"} <= set(pipe["phases"])
+    assert pipe["steps"] == 1 and pipe["loss_finite"] and set(pipe["phases"]) == {"setup", "first_step", "train"}
+    assert "comm=masked" in pipe["overrides"] and "mask=fisher" in pipe["overrides"]  # the app's own run
     with open(tmp_path / "memory.json") as f:
         saved = json.load(f)["rows"]
     assert [r["what"] for r in saved] == ["random_mask", "pipeline"]  # the file, checked as the rows were
     for r in saved:
         w = r["width"]
         assert r["model_bytes"] == 8 * (w * w + w) * 4 and r["k"] == round(0.005 * 8 * (w * w + w)), r
-    assert saved[1]["steps"] == 1 and saved[1]["loss_finite"] is True and "fisher_mask" in saved[1]["phases"]
+    assert saved[1]["steps"] == 1 and saved[1]["loss_finite"] is True and "first_step" in saved[1]["phases"]
     assert "| fp32 model |" in (tmp_path / "memory.md").read_text()
 
 

@@ -14,13 +14,15 @@ from omegaconf import MISSING
 
 from sparsecomm.hook import resolve_wire_dtype
 
+from .fields import Option
+
 
 def _comm_error(field: str, value: Any, why: str) -> ValueError:
     return ValueError(f"comm.{field}={value!r}: {why}")
 
 
 @dataclass
-class CommConfig:
+class CommConfig(Option):
     """Every option: DDP (gradients as views of its buckets) and what it broadcasts."""
 
     uses_mask: ClassVar[bool] = False  # sends what a mask selects (masked alone); else every entry trains

@@ -1,32 +1,44 @@
-"""The app's config composed before Hydra runs the app, so that a bad override fails in one line.
+"""The app's config composed once per process, so that a bad override fails in one line.
 
-:func:`preflight` composes ``conf/train.yaml`` with the command line's overrides (Hydra's compose
-API): every key must be a field some config defines (:func:`check_keys`), every value must have its
-field's type (the schema, :mod:`sparsecomm.app.schema`; Hydra's own error becomes our one-line
-ConfigError, :func:`compose_checked`), and :func:`sparsecomm.app.config.check_config` checks the
-rest, for each value of a sweep. :func:`compose_config` composes as the app does, without the checks.
+:func:`create_hydra` makes the Hydra instance of the app's configs (the package ``sparsecomm.conf``;
+``--config-dir`` / ``--config-path`` as Hydra takes them); :func:`compose_app` composes
+``conf/train.yaml`` with the command line's overrides through it, Hydra's own node included, as
+Hydra would for the run or the sweep. Every key must be a field some config defines
+(:func:`check_keys`), every value must have its field's type (the schema,
+:mod:`sparsecomm.app.schema`; Hydra's own error becomes our one-line ConfigError), and
+:func:`sparsecomm.app.config.check_config` checks the rest. The app then runs with this very
+config (:mod:`sparsecomm.app.hydra_run`). Only a failure composes again, to explain itself: the
+config of the same group choices, no value overridden, says what each field takes.
+A sweep's jobs are composed by Hydra's launcher, one config per job, and checked by the job.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
+import os
 from importlib.resources import files
 
-from hydra import compose, initialize_config_module
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, nodes, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, check_config, composition_error, strict_bool_error
+from .config import ConfigError, check_config, composition_error
 from .hints import unparsable_override
 from .schema import OPTIONS
 
 CONFIG_MODULE = "sparsecomm.conf"
 CONFIG_NAME = "train"
+TASK_NAME = "train"  # hydra.job.name: the name Hydra gives the app's jobs
 
 
-def _parse_overrides(overrides: list[str]):
+def parse_overrides(overrides: list[str]):
     """Hydra's parse of the overrides; an override it cannot read is a ConfigError showing the quoting to use."""
     parser = OverridesParser.create()
     try:
@@ -64,7 +76,7 @@ def check_keys(overrides: list[str], base: DictConfig) -> None:
     then not read, as with Hydra). ``hydra.*`` keys are Hydra's own.
     """
     groups = config_groups()
-    for o in _parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         key = o.key_or_group
         if o.is_delete() or key in groups or key.split(".")[0].split("/")[0] == "hydra":
             continue
@@ -102,75 +114,142 @@ def _defined_by_another_option(key: str, groups: set[str]) -> bool:
     return False
 
 
-def compose_checked(config_name: str, overrides: list[str], base: DictConfig) -> DictConfig:
-    """Hydra's ``compose``, a value its field's type refuses raised as our one-line ConfigError.
+def create_hydra(config_dir: str | None = None, config_path: str | None = None) -> Hydra:
+    """The (global) Hydra instance that composes the app's configs: the package's, or those of
+    ``config_path``, with ``config_dir`` searched first (Hydra's ``--config-path``, ``--config-dir``)."""
+    search_path = create_automatic_config_search_path(None, None, config_path or f"pkg://{CONFIG_MODULE}")
+    if config_dir is not None:
+        if not os.path.isdir(config_dir):
+            raise ConfigError(f"--config-dir {config_dir}: no such folder; point it at a folder of configs")
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(config_dir)}",
+                            anchor="schema")
+    GlobalHydra.instance().clear()
+    return Hydra.create_main_hydra2(task_name=TASK_NAME, config_search_path=search_path)
 
-    ``base``: the config of the same group choices, no value overridden (see :func:`preflight`).
+
+def compose_app(hydra: Hydra, config_name: str, overrides: list[str], *, multirun: bool = False,
+                check: bool = True, known_keys: bool = True) -> DictConfig:
+    """The app's config for the command line's ``overrides``, Hydra's node included, composed once.
+
+    Type errors are one-line ConfigErrors; ``check``: also :func:`sparsecomm.app.config.check_config`;
+    ``known_keys``: every key must be a field the configs define (off for a user's own configs).
+    ``multirun``: the sweep's config (its sweep overrides are the jobs', checked by each job).
     """
-    groups = config_groups()
-    for o in _parse_overrides(overrides):
-        if not (o.key_or_group in groups or o.is_delete() or o.is_sweep_override()):
-            error = strict_bool_error(base, o.key_or_group, o.value(), overrides)
-            if error is not None:
-                raise error
+    mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+    parsed = parse_overrides(overrides)
+    explain = _Explainer(hydra, config_name, overrides, parsed)
     try:
-        return compose(config_name=config_name, overrides=overrides)
+        cfg = hydra.compose_config(config_name, [*overrides, f"hydra.mode={mode.name}"], run_mode=mode)
     except Exception as e:  # noqa: BLE001 - OmegaConf can fail with an AttributeError (a mapping into a null node)
-        error = composition_error(e, base, overrides)
-        if error is None and not isinstance(e, (HydraException, OmegaConfBaseException)):
-            error = _blame(config_name, overrides, base)
-        if error is None:
-            raise
-        raise error from None
-
-
-def _blame(config_name: str, overrides: list[str], base: DictConfig) -> ConfigError | None:
-    """The ConfigError for the first value override that alone makes ``compose`` fail (None: none does)."""
-    groups = config_groups()
-    choices = [o.input_line for o in _parse_overrides(overrides) if o.key_or_group in groups]
-    for o in _parse_overrides(overrides):
-        if o.key_or_group in groups or o.is_delete():
+        if known_keys:
+            check_keys(overrides, explain.base())
+        raise explain.failure(e) from None
+    for o in parsed:
+        if o.is_delete() or o.key_or_group in explain.groups or _is_hydras(o.key_or_group):
             continue
-        try:
-            compose(config_name=config_name, overrides=[*choices, o.input_line])
-        except Exception as e:  # noqa: BLE001
-            return composition_error(e, base, overrides, key=o.key_or_group)
-    return None
+        if known_keys and (o.is_add() or o.is_force_add() or o.is_sweep_override()) and not _schema_field(cfg, o):
+            check_keys(overrides, explain.base())
+        for value in _values(o):  # a sweep's values are typed here, before any job starts
+            if _refused(cfg, o.key_or_group, value):
+                raise composition_error(None, explain.base(), [f"{o.key_or_group}={value}"], key=o.key_or_group)
+    if check:
+        check_config(job_config(cfg))
+    return cfg
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without Hydra's node: what the app's task function gets."""
+    job = copy.deepcopy(cfg)
+    with read_write(job), open_dict(job):
+        job.pop("hydra", None)
+    return job
 
 
 def compose_config(overrides: list[str], config_name: str = CONFIG_NAME) -> DictConfig:
-    """The app's config for ``overrides`` (``conf/train.yaml`` + the schema), composed as the app
-    does: type errors as one-line ConfigErrors, no other check (:func:`preflight` also checks)."""
-    parsed = _parse_overrides(overrides)
-    groups = config_groups()
-    choices = [o.input_line for o in parsed if o.key_or_group in groups]
-    GlobalHydra.instance().clear()
+    """The app's config for ``overrides`` (``conf/train.yaml`` + the schema) without Hydra's node,
+    composed as the app does: type errors as one-line ConfigErrors, no other check. Hydra's global
+    state is left clear."""
     try:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return compose_checked(config_name, overrides, compose(config_name=config_name, overrides=choices))
+        return job_config(compose_app(create_hydra(), config_name, overrides, check=False))
     finally:
         GlobalHydra.instance().clear()
 
 
-def preflight(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose and check the config before Hydra runs, so bad overrides fail in one line.
+def _is_hydras(key: str) -> bool:
+    return key.split(".")[0].split("/")[0] == "hydra"
 
-    The schema (:mod:`sparsecomm.app.schema`) types every field while Hydra composes; the rest is
-    :func:`sparsecomm.app.config.check_config`. A multirun's sweep overrides (``a=1,2``) are
-    checked value by value.
-    """
-    parsed = _parse_overrides(overrides)
-    groups = config_groups()
-    sweeps = [o for o in parsed if o.is_sweep_override()]
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    choices = [o.input_line for o in parsed if o.key_or_group in groups and not o.is_sweep_override()]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        base = compose(config_name=config_name, overrides=choices)
-        check_keys(overrides, base)
-        cfg = compose_checked(config_name, fixed, base)
-        check_config(cfg)
-        for o in sweeps:
-            for value in o.sweep_string_iterator():
-                point = compose_checked(config_name, [*fixed, f"{o.get_key_element()}={value}"], base)
-                check_config(point)
-    return cfg
+
+def _schema_field(cfg: DictConfig, o: Override) -> bool:
+    """Does the schema of the node ``o`` adds to (``+key``/``++key``) define the field?"""
+    parent, _, leaf = o.key_or_group.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if not dataclasses.is_dataclass(schema):
+        return False  # not a node of the schema: check_keys judges it
+    return leaf in {f.name for f in dataclasses.fields(schema)}
+
+
+def _values(o: Override) -> list[str]:
+    """The values ``o`` sets, as typed: one, or each of a sweep's."""
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator())
+    return [o.input_line.split("=", 1)[1]] if "=" in o.input_line else []
+
+
+def _refused(cfg: DictConfig, key: str, text: str) -> bool:
+    """Would the field ``key`` of ``cfg`` refuse the value ``text``? OmegaConf takes 0, 1, "yes", ...
+    for a boolean field; the app wants true or false. Interpolations are checked once resolved."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    field = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
+    if not isinstance(field, nodes.ValueNode) or isinstance(field, nodes.AnyNode) or text.startswith("${"):
+        return False
+    value = OverridesParser.create().parse_override(f"{key}={text}").value()
+    if value is None:
+        return not field._is_optional()
+    if isinstance(field, nodes.BooleanNode) and not isinstance(value, bool):
+        return True
+    try:
+        field.validate_and_convert(value)
+    except OmegaConfBaseException:
+        return True
+    return False
+
+
+class _Explainer:
+    """Why a composition failed, in one line: composes what it needs only when asked."""
+
+    def __init__(self, hydra: Hydra, config_name: str, overrides: list[str], parsed: list[Override]) -> None:
+        self.hydra, self.config_name, self.overrides = hydra, config_name, overrides
+        self.groups = config_groups()
+        self.choices = [o.input_line for o in parsed if o.key_or_group in self.groups and not o.is_sweep_override()]
+        self.values = [o for o in parsed if o.key_or_group not in self.groups and not o.is_delete()
+                       and not o.is_sweep_override()]
+        self._base: DictConfig | None = None
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        return self.hydra.compose_config(self.config_name, overrides, run_mode=RunMode.RUN)
+
+    def base(self) -> DictConfig:
+        """The config of the same group choices, no value overridden (its fields say their types)."""
+        if self._base is None:
+            self._base = self.compose(self.choices)
+        return self._base
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """The ConfigError for ``exc`` naming the value that alone makes composition fail; else ``exc``."""
+        if isinstance(exc, MissingConfigException) or not any(True for _ in self.values):
+            return exc
+        try:
+            base = self.base()
+        except Exception:  # noqa: BLE001 - the group choices alone fail: Hydra's error says why
+            return exc
+        error = composition_error(exc, base, self.overrides)
+        hydras = isinstance(exc, (HydraException, OmegaConfBaseException))
+        for o in self.values if error is None and not hydras else ():
+            try:
+                self.compose([*self.choices, o.input_line])
+            except Exception as e:  # noqa: BLE001
+                error = composition_error(e, base, self.overrides, key=o.key_or_group)
+                break
+        return error or exc

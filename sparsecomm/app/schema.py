@@ -14,18 +14,24 @@ The dataclass gives every field its type and its default (written here once); th
 option, says what it is, and sets only the values in which it differs from its schema (e.g.
 ``cluster/single_node_gpu.yaml`` sets the backend and the device). ``conf/train.yaml`` extends
 ``schema/train`` (:class:`TrainConfig`). OmegaConf checks every value against its field's type at
-composition; the ranges, choices and cross-field rules are checked by
-:func:`sparsecomm.app.config.check_config`. A field without a default (``MISSING``, ``???``)
-must be set on the command line. Fields typed ``Any`` take more than one type; their types are
-in :data:`sparsecomm.app.config.UNION_TYPES`.
+composition; each dataclass checks the rest of its own fields (:class:`~sparsecomm.app.fields.Option`:
+``bounds``, ``union_types`` for the fields typed ``Any``, ``check``), asked by
+:func:`sparsecomm.app.config.check_config`. A field without a default (``MISSING``, ``???``) must
+be set on the command line.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING
+from omegaconf import MISSING
+
+from .cluster_checks import check_cluster
+from .fields import GB, NATURAL, SEED, ConfigError, Option, check_choice, show
+from .mask_schema import (  # noqa: F401  (the mask group's dataclasses, listed in OPTIONS)
+    MASK_OPTIONS, DenseMask, DiffPruningMask, FileMask, FisherMask, MaskConfig, RandomMask, SparseMask, WidthCoreMask)
 
 from .comm_schema import CastComm, CommConfig, DenseComm, MaskedComm, PostLocalComm, PowerSGDComm
 
@@ -33,16 +39,22 @@ from .comm_schema import CastComm, CommConfig, DenseComm, MaskedComm, PostLocalC
 
 
 @dataclass
-class LinkConfig:
+class LinkConfig(Option):
     """Link speeds, Gbit/s: only used to estimate time on the wire in the summary."""
+
+    bounds = {"inter_node_gbit": GB, "intra_node_gbit": GB}
 
     inter_node_gbit: Optional[float] = None  # between nodes
     intra_node_gbit: Optional[float] = 100  # within a node (loopback / shared memory)
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Option):
     """Topology, backend and rendezvous (defaults: one machine, CPU processes talking Gloo)."""
+
+    union_types = {"nproc_per_node": (int, str)}
+    bounds = {"max_restarts": (0, 1000, False), "nproc_per_node": (1, 4096, False), "nnodes": (1, 100_000, False),
+              "num_threads": (1, 4096, False), "timeout_s": (1, 7 * 24 * 3600, False)}
 
     name: str = MISSING
     nnodes: int = 1
@@ -59,24 +71,36 @@ class ClusterConfig:
     timeout_s: float = 300.0  # a collective (or the rendezvous) waiting longer on a peer stops every rank, one line
     link: LinkConfig = field(default_factory=LinkConfig)
 
+    def check(self, cfg: Any) -> None:
+        check_cluster(vars(self))  # choices, counts, the GPUs this machine (or Slurm job) has
+
 
 @dataclass
 class SlurmClusterConfig(ClusterConfig):
+    bounds = {"master_port": (1, 65535, False)}
     master_port: Optional[int] = 29500  # port on the head node when ranks come straight from SLURM_* variables
 
 
 # --- task/: sparsecomm/app/tasks/ ----------------------------------------------------------------
 
+TASK_SEED = (0, 2**32 - 1, False)
+TOKENS = (1, 10**5, False)
+
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Option):
     """``_target_`` (set by the option's YAML) builds the model and the data."""
 
     _target_: str = MISSING
 
+    def check(self, cfg: Any) -> None:
+        if not self._target_:
+            raise ConfigError("task has no _target_; pick a task config, e.g. task=digits")
+
 
 @dataclass
 class DigitsTask(TaskConfig):
+    bounds = {"test_fraction": (0, 1, True), "seed": TASK_SEED}
     test_fraction: float = 0.2  # stratified held-out share (360 of 1,797 images)
     seed: int = 0  # split seed; the same on every rank
 
@@ -90,6 +114,7 @@ class Cifar10Task(TaskConfig):
 
 @dataclass
 class GlueTask(TaskConfig):
+    bounds = {"max_length": TOKENS}
     data_dir: str = MISSING  # folder with the task's train.tsv and dev.tsv (e.g. glue_data/SST-2, or glue_data/)
     task_name: str = "sst2"  # sst2 | cola | mrpc | qnli | rte | qqp | mnli
     model_dir: Optional[str] = None  # null: the packaged all-MiniLM-L6-v2; else a save_pretrained() folder
@@ -98,6 +123,12 @@ class GlueTask(TaskConfig):
 
 @dataclass
 class SyntheticTask(TaskConfig):
+    # sizes that allocate: bounded so that a typo's 10**12 is an error, not an out-of-memory crash
+    bounds = {"seed": TASK_SEED, "num_classes": (2, 100_000, False), "num_train": (1, 10**8, False),
+              "num_test": (1, 10**8, False), "in_features": (1, 10**6, False), "hidden": (1, 10**6, False),
+              "depth": (1, 10**4, False),
+              "vocab_size": (1, 10**7, False), "n_layer": (1, 10**4, False), "n_head": (1, 10**4, False),
+              "n_embd": (1, 10**6, False), "block_size": (1, 10**6, False)}
     model: str = "mlp"  # mlp | resnet18 | gpt2
     num_classes: int = 10
     num_train: int = 4096
@@ -116,6 +147,7 @@ class SyntheticTask(TaskConfig):
 
 @dataclass
 class WordnetTask(TaskConfig):
+    bounds = {"train_size": (1, 10**8, False), "test_size": (1, 10**8, False), "seed": TASK_SEED, "max_length": TOKENS}
     data_dir: Optional[str] = None  # folder with data.noun; null: /usr/share/wordnet, then NLTK's corpora/wordnet
     model_dir: Optional[str] = None  # null: the packaged all-MiniLM-L6-v2; else a save_pretrained() folder
     train_size: Optional[int] = 20000  # training synsets (null: all but the test set)
@@ -124,69 +156,14 @@ class WordnetTask(TaskConfig):
     max_length: int = 64  # tokens per example at most; batches are padded to their longest example only
 
 
-# --- mask/: which entries train and travel (sparsecomm/app/masks/) ------------------------------
-
-
-@dataclass
-class MaskConfig:
-    name: str = MISSING
-
-
-@dataclass
-class DenseMask(MaskConfig):
-    """No mask: plain DDP."""
-
-
-@dataclass
-class SparseMask(MaskConfig):
-    density: float = 0.005  # fraction of all entries kept (the classifier head counts toward it)
-    always: Any = None  # glob pattern(s) kept whole; null: the task's classifier head
-
-
-@dataclass
-class FisherMask(SparseMask):
-    num_samples: int = 256  # examples scored in total, split over the ranks
-    method: str = "empirical"  # empirical (true labels) | expected (every class, weighted by p(c|x))
-    batch_size: int = 64  # scoring batch per rank
-    chunk_size: int = 32  # examples per vectorised gradient chunk (memory knob)
-
-
-@dataclass
-class RandomMask(SparseMask):
-    seed: int = II("seed")
-
-
-@dataclass
-class FileMask(MaskConfig):
-    path: str = MISSING  # the .safetensors mask file, e.g. mask.path=outputs/<run>/mask.safetensors
-
-
-@dataclass
-class DiffPruningMask(SparseMask):
-    l0_steps: int = 100  # steps of the L0 phase, after schedule.dense_steps (their sum must be < steps)
-    l0_penalty: float = 1.25e-7  # lambda on the expected L0 norm; it sums over n entries: scale it with the model
-    alpha_lr: float = 0.1  # learning rate of log_alpha (the reference implementation's); w uses optim.dense_lr
-    structured: bool = False  # one extra gate per parameter tensor (structured diff pruning)
-    ungated_head: bool = True  # the head gets a plain dense diff (no gate, no penalty), as the reference code
-    stretch: List[float] = field(default_factory=lambda: [-1.5, 1.5])  # hard-concrete stretch interval (l, r)
-    log_alpha_init: float = 5.0  # the paper's: P(gate open) = sigmoid(5) = 0.993 at the start
-    temperature: float = 1.0  # the paper's gate has no temperature (= 1); Louizos et al. used 2/3
-
-
-@dataclass
-class WidthCoreMask(MaskConfig):
-    fraction: float = 0.5  # of each hidden layer's units (ceil), in (0, 1]
-    nested: bool = True  # keep the core a standalone subnetwork (sparsecomm.width_core.NestedCore)
-    compare_alone: bool = False  # also train the same core architecture alone (plain DDP)
-    alone_lr: Optional[float] = None  # lr of that run; null: optim.dense_lr
-
-
 # --- schedule/ and schedule/lr/: sparsecomm/app/schedule.py --------------------------------------
 
 
 @dataclass
-class LRConfig:
+class LRConfig(Option):
     """Linear warm-up, then the factor over the run (constant / cosine / linear to min_ratio)."""
+
+    bounds = {"warmup_steps": (0, None, False), "min_ratio": (0, 1, False)}
 
     name: str = MISSING
     warmup_steps: int = 0
@@ -194,7 +171,9 @@ class LRConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Option):
+    union_types = {"core_full": (str, int, float, None)}
+    bounds = {"dense_steps": (0, None, False), "refresh_every": (0, None, False)}
     name: str = MISSING
     dense_steps: int = 0  # dense steps (dense optimizer, full all-reduce) before the first mask
     refresh_every: int = 0  # recompute the mask every M steps after the first (0: never)
@@ -206,23 +185,36 @@ class ScheduleConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Option):
+    bounds = {"lr": GB, "dense_lr": GB, "weight_decay": (0, 10, False)}  # decay x lr beyond 1 flips weights
     name: str = MISSING
     lr: float = MISSING  # sparse (masked) steps
     dense_lr: float = MISSING  # dense steps (warm-up, mask=dense, full steps)
     weight_decay: float = 0.0  # decoupled; only selected entries decay (unselected stay bit-identical)
 
+    def check(self, cfg: Any) -> None:
+        choices = tuple(OPTIONS["optim"])
+        check_choice(self.name, "optim.name", choices, " or ".join(f"use optim={k}" for k in choices))
+
 
 @dataclass
 class AdamWConfig(OptimConfig):
+    bounds = {"eps": GB}
     lr: float = 3.0e-2  # few entries train: they want a large step
     dense_lr: float = 3.0e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
 
+    def check(self, cfg: Any) -> None:
+        super().check(cfg)
+        if not (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError(f"optim.betas={show(self.betas)} must be two numbers in [0, 1), "
+                              f"e.g. optim.betas='[0.9,0.999]'")
+
 
 @dataclass
 class SGDConfig(OptimConfig):
+    bounds = {"momentum": (0, 1, False)}
     lr: float = 0.3
     dense_lr: float = 0.05
     momentum: float = 0.9
@@ -233,16 +225,25 @@ class SGDConfig(OptimConfig):
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig(Option):
     project: str = "sparsecomm"
     entity: Optional[str] = None
     name: Optional[str] = None  # null: the run directory's name
     mode: str = "offline"  # offline | online | disabled
     tags: List[str] = field(default_factory=list)
 
+    def check(self, cfg: Any) -> None:
+        check_choice(self.mode, "logging.wandb.mode", ("offline", "online", "disabled"))
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logging.wandb is set (logging=wandb), which needs the wandb package, and it is not "
+                              "installed: pip install 'sparsecomm[wandb]', or use logging=default") from None
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Option):
+    bounds = {"log_every": NATURAL}
     name: str = MISSING
     progress: bool = True  # tqdm bar on rank 0: loss, steps/s, bytes sent per step
     jsonl: bool = True  # <run dir>/metrics.jsonl, one JSON object per line
@@ -253,25 +254,37 @@ class LoggingConfig:
 # --- the top level: conf/train.yaml ----------------------------------------------------------------
 
 
-
-
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Option):
     """Checkpoints and resuming (sparsecomm/app/checkpointing.py)."""
+
+    bounds = {"every": (0, None, False), "keep": NATURAL}
 
     every: int = 0  # rank 0 writes one after every N-th step and after the last (0: no checkpoints)
     keep: int = 3  # the last K are kept
     dir: Optional[str] = None  # null: <run dir>/checkpoints
     resume: str = "auto"  # auto: newest valid checkpoint in dir | never | <file or folder>
 
+    def check(self, cfg: Any) -> None:
+        if self.resume is None or str(self.resume).strip() == "":
+            raise ConfigError("checkpoint.resume is empty; use auto, never or the path of a checkpoint file or folder")
+        if str(self.resume) not in ("auto", "never") and not os.path.exists(str(self.resume)):
+            raise ConfigError(f"checkpoint.resume={self.resume!r} is neither auto, never nor an existing checkpoint "
+                              f"file or folder; fix the path or use checkpoint.resume=auto")
+        if self.dir is not None and os.path.exists(str(self.dir)) and not os.path.isdir(str(self.dir)):
+            raise ConfigError(f"checkpoint.dir={self.dir!r} is a file, not a folder; point it at a folder")
+
 
 @dataclass
-class NonFiniteConfig:
+class NonFiniteConfig(Option):
+    bounds = {"max_in_a_row": NATURAL}
     max_in_a_row: int = 5  # stop the run after this many skipped (NaN/Inf gradient) steps in a row
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Option):
+    bounds = {"steps": (1, 10**12, False), "batch_size": NATURAL, "eval_batch_size": NATURAL,
+              "eval_every": (0, None, False), "num_workers": (0, 256, False), "seed": SEED}
     cluster: ClusterConfig = MISSING
     task: TaskConfig = MISSING
     mask: MaskConfig = MISSING
@@ -299,8 +312,7 @@ OPTIONS: dict[str, dict[str, type]] = {
     "cluster": {"local_cpu": ClusterConfig, "single_node_gpu": ClusterConfig, "slurm": SlurmClusterConfig},
     "task": {"digits": DigitsTask, "cifar10": Cifar10Task, "glue": GlueTask, "synthetic": SyntheticTask,
              "wordnet": WordnetTask},
-    "mask": {"dense": DenseMask, "fisher": FisherMask, "random": RandomMask, "file": FileMask,
-             "diff_pruning": DiffPruningMask, "width_core": WidthCoreMask},
+    "mask": MASK_OPTIONS,
     "schedule": {name: ScheduleConfig for name in ("core_full", "dense_warmup", "fish_fixed", "refresh")},
     "schedule/lr": {name: LRConfig for name in ("constant", "cosine", "linear")},
     "optim": {"adamw": AdamWConfig, "sgd": SGDConfig},
