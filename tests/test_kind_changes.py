@@ -39,8 +39,9 @@ class DenseAtStepTwo(RandomKind):
         return Change(fields={"probe_final_bytes": view.bytes_sent})
 
 
-def _fit(rank, world, cfg, run_dir):
-    masks.MASK_KINDS["random"] = DenseAtStepTwo  # this forked rank only
+def _fit(rank, world, cfg, run_dir, random_kind=None):
+    if random_kind is not None:
+        masks.MASK_KINDS["random"] = random_kind  # this forked rank only
     t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
     try:
         return {"summary": t.fit(), "n": sum(p.numel() for p in t.model.parameters())}
@@ -49,7 +50,7 @@ def _fit(rank, world, cfg, run_dir):
 
 
 def test_the_trainer_applies_a_kind_s_change(tmp_path):
-    r0, r1 = run_ranks(_fit, 2, compose_app(*TINY), str(tmp_path), timeout=120)
+    r0, r1 = run_ranks(_fit, 2, compose_app(*TINY), str(tmp_path), DenseAtStepTwo, timeout=120)
     k, n = Mask.load(tmp_path / "mask.safetensors").num_selected, r0["n"]
     expected = 4 * k * 4 + n * 4  # 4 masked steps, 1 dense
     for r in (r0, r1):
@@ -81,18 +82,10 @@ def test_kinds_import_neither_the_trainer_nor_its_state():
                 assert node.module.split(".")[-1] not in banned, f"{path.name} imports {node.module}"
 
 
-def _fit_plain(rank, world, cfg, run_dir):
-    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
-    try:
-        return {"summary": t.fit(), "n": sum(p.numel() for p in t.model.parameters())}
-    finally:
-        t.close()
-
-
 def test_a_comm_option_that_sends_every_entry_leaves_the_kind_unused(tmp_path):
     """comm=fp16 with mask=random: every step sends all n entries as fp16 (n x 2 bytes, counted
     here), no mask is chosen or written, the log says the kind is unused, the summary mask=unused."""
-    r0, r1 = run_ranks(_fit_plain, 2, compose_app(*TINY, "comm=fp16"), str(tmp_path), timeout=120)
+    r0, r1 = run_ranks(_fit, 2, compose_app(*TINY, "comm=fp16"), str(tmp_path), timeout=120)
     n = r0["n"]
     for r in (r0, r1):
         s = r["summary"]
