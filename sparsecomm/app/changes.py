@@ -85,8 +85,9 @@ class KindSteps:
     def build(cls, cfg: Mapping, kind: MaskKind, schedule: Schedule, model: torch.nn.Module,
               setting: tuple[Any, Any, Any], log, *, run_dir: str, config_hash: str) -> KindSteps:
         """The run's: ``cfg`` the run's config, ``model`` its initial model, ``setting`` (task, data,
-        device); a kind with a mask records the task diff (:class:`~sparsecomm.app.task_diff.TaskDiffRecorder`)."""
-        task_diff = None if kind.dense else TaskDiffRecorder(template=model)
+        device); a kind with a mask records the task diff (:class:`~sparsecomm.app.task_diff.TaskDiffRecorder`)
+        when ``save_diff`` asks for it: its base is one more copy of the model."""
+        task_diff = TaskDiffRecorder(template=model) if cfg.save_diff and not kind.dense else None
         return cls(kind, schedule, ChangeApplier(cfg, setting[2], kind, log, task_diff, model), setting=setting,
                    run_dir=run_dir, config_hash=config_hash)
 
