@@ -170,10 +170,10 @@ def test_bad_fields_are_named(tmp_path, overrides, message):
 
 
 def test_the_finetune_preset_picks_the_head_to_heads_winner_and_yields_to_the_command_line():
-    cfg = compose_app("task=wordnet", "+preset=finetune")
+    cfg = compose_app("task=wordnet", "preset=finetune")
     assert (cfg.mask.name, cfg.mask.density, cfg.optim.lr) == ("random", 0.005, 3e-3)
     assert (cfg.schedule.name, cfg.schedule.dense_steps, cfg.schedule.lr.name) == ("fish_fixed", 0, "constant")
-    mine = compose_app("task=wordnet", "+preset=finetune", "mask.density=0.02", "optim.lr=1e-3")
+    mine = compose_app("task=wordnet", "preset=finetune", "mask.density=0.02", "optim.lr=1e-3")
     assert (mine.mask.density, mine.optim.lr) == (0.02, 1e-3)
 
 
