@@ -12,6 +12,7 @@ the process group starts. With spawn, ``fn`` must be importable (a module-level 
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -29,11 +30,12 @@ def _entry(fn, rank, world_size, init_file, queue, args, backend="gloo", cuda=Fa
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
-            out = fn(rank, world_size, *args)
+            # plain pickle: torch's shared-memory reductions would die with this process
+            out = pickle.dumps(fn(rank, world_size, *args))
         finally:
+            gc.collect()  # DDP wrappers and their hooks sit in reference cycles: free them before their group
             dist.destroy_process_group()
-        # plain pickle: torch's shared-memory reductions would die with this process
-        queue.put((rank, True, pickle.dumps(out)))
+        queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
 

@@ -41,6 +41,7 @@ RUNNABLE_WITH = {
 # Group choices that stop on their own in this environment, and what their one line names: a
 # field case of such a choice may stop with that line instead of naming its own field.
 STOPS_ON_ITS_OWN = {"task=cifar10": "task.data_dir", "task=glue": "task.data_dir", "mask=file": "mask.path",
+                    "mask=token_rows": "mask.embedding",  # a text model's embedding; TINY's is none
                     "logging=wandb": "logging=wandb"}
 # What each override value of the cases means, written out by hand (Hydra's override grammar).
 VALUES = {"abc": "abc", "''": "", "null": None, "-1": -1, "0": 0, "0.5": 0.5, "1000000000000": 10**12,
