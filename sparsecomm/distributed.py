@@ -5,9 +5,14 @@ then the world has one rank and every check passes trivially.
 """
 from __future__ import annotations
 
+import atexit
+import time
 from typing import Any
 
 import torch.distributed as dist
+
+# How long the interpreter, at exit, leaves the GIL to the communication threads (see below).
+COMM_THREADS_GRACE_S = 0.2
 
 
 def is_initialized() -> bool:
@@ -83,3 +88,29 @@ def broadcast_from_rank0(obj: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         obj = box[0]
     return obj
+
+
+def _pause_for_comm_threads() -> None:
+    time.sleep(COMM_THREADS_GRACE_S)  # sleeping releases the GIL
+
+
+_exit_pause_registered = False
+
+
+def let_comm_threads_finish_at_exit() -> None:
+    """Before the interpreter finalises, give Gloo's worker threads a moment with the GIL (once per process).
+
+    DDP keeps its process group alive after ``destroy_process_group`` (its reducer holds it), so
+    Gloo's worker threads outlive the training loop. After a collective's future completes, the
+    worker drops the work it ran, and with it Python objects: the context that torch's backward
+    stashes in the thread-local state every collective launched during backward captures, and a
+    comm hook's ``.then`` callback. Dropping them takes the GIL. When the main thread has already
+    begun finalising the interpreter, that worker thread exits inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", exit code -6) after a run
+    that finished: torchrun then reports a failed job. The last step's collectives are the ones
+    at risk; an ``atexit`` pause, run while the interpreter is still whole, lets them go.
+    """
+    global _exit_pause_registered
+    if not _exit_pause_registered:
+        atexit.register(_pause_for_comm_threads)
+        _exit_pause_registered = True

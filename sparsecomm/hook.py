@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .distributed import let_comm_threads_finish_at_exit
 from .mask import Mask, MaskMismatch
 from .packing import PackPlan, build_plan, pack, unpack_
 
@@ -355,4 +356,5 @@ def register_masked_allreduce(ddp_model: DistributedDataParallel, mask: Mask, *,
     state.bind(ddp_model.module)
     mask.assert_same_on_all_ranks(process_group)
     ddp_model.register_comm_hook(state, masked_allreduce_hook)
+    let_comm_threads_finish_at_exit()
     return state

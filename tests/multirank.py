@@ -12,6 +12,7 @@ the process group starts. With spawn, ``fn`` must be importable (a module-level 
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import multiprocessing as mp
 import os
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 
 
-def _entry(fn, rank, world_size, init_file, queue, args, backend="gloo", cuda=False):
+def _entry(fn, rank, world_size, init_file, queue, args, backend="gloo", cuda=False, timeout=120.0):
+    # a rank still running when the caller gives up prints where each of its threads is
+    faulthandler.dump_traceback_later(max(timeout - 3, 1), exit=False)
     try:
         torch.set_num_threads(1)
         if cuda:
@@ -47,10 +50,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, backend: str =
     ``cuda=True``: every rank sets its current CUDA device first (use with ``start_method="spawn"``).
     """
     ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "sparsecomm", "pytest", "multirank"])
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "store")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args, backend, cuda),
+        procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args, backend, cuda, timeout),
                              daemon=True)
                  for r in range(world_size)]
         for p in procs:

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import let_comm_threads_finish_at_exit
 from .optimizers import build_optimizer
 
 
 def wrap_ddp(module: torch.nn.Module, comm: Mapping, device: torch.device) -> DistributedDataParallel:
     """DDP per ``comm/``: gradients as views of DDP's buckets (one n-sized copy, not two), the
     bucket size, and whether rank 0's buffers are broadcast before every forward."""
+    let_comm_threads_finish_at_exit()
     return DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
         bucket_cap_mb=comm.bucket_cap_mb, **_buffer_sync_kwargs(bool(comm.sync_buffers)))
