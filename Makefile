@@ -24,7 +24,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/sparsecomm-train $(ARGS)
 
 test: $(VENV)/.installed
-	$(PYTEST) $(ARGS)
+	$(PYTEST) --durations=30 $(ARGS)
 
 check: $(VENV)/.installed
 	$(PYTEST) -m "not slow and not box" $(ARGS)
