@@ -452,10 +452,11 @@ def wait_training(procs: dict, run_dir: Path, step: int = 25, timeout: float = 3
         time.sleep(0.2)
 
 
-def finish(procs: dict, timeout: float) -> dict[str, tuple[int | None, str, float]]:
-    """Each node's (exit code, output, seconds until it exited); a node still running is killed (rc None)."""
+def finish(procs: dict, timeout: float, enough=lambda took: False) -> dict[str, tuple[int | None, str, float]]:
+    """Each node's (exit code, output, seconds until it exited); a node still running is killed (rc None).
+    Waits until every node's launcher has exited, ``enough(took)`` holds, or ``timeout``."""
     t0, took = time.monotonic(), {}
-    while len(took) < len(procs) and time.monotonic() < t0 + timeout:
+    while len(took) < len(procs) and time.monotonic() < t0 + timeout and not enough(took):
         for n, (p, _) in procs.items():
             if n not in took and p.poll() is not None:
                 took[n] = time.monotonic() - t0
@@ -512,8 +513,13 @@ def test_a_node_whose_link_goes_down_ends_the_job_in_bounded_time(cluster, tmp_p
     try:
         wait_training(procs, tmp_path / "out" / "down")
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "down"], check=True)
-        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S)
-        leftover = [p for p in box.ns_pids(ns) if b"sparsecomm.app.train" in cmdline(p)]
+
+        def node2_workers() -> list[int]:  # the app's processes there, not torchrun (its arguments name the app too)
+            return [p for p in box.ns_pids(ns) if b"sparsecomm.app.train" in cmdline(p)
+                    and b"torch.distributed.run" not in cmdline(p)]
+        # node1's launcher and node2's workers end; node2's launcher would not (see above)
+        out = finish(procs, HANG_TIMEOUT_S + HANG_MARGIN_S, enough=lambda took: "node1" in took and not node2_workers())
+        leftover = node2_workers()
     finally:
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=False)
         box.kill_node(cluster, "node2")  # whatever of this job is left there

@@ -116,7 +116,7 @@ def test_diff_pruning_after_dense_warmup_writes_its_base(tmp_path):
     assert s["bytes_sent"] == 2 * n * 4 + s["l0_bytes_sent"] + 2 * s["k"] * 4
     assert s["l0_bytes_sent"] == 2 * s["l0_comm_numel"] * 4
     assert s["dense_bytes"] == 6 * n * 4
-    assert "after 2 dense steps" in s["task_diff_base"]
+    assert "at step 2)" in s["task_diff_base"]
     base = initial_model(compose_cfg())
     load_model(base, str(tmp_path / "base.safetensors"))
     assert_same_state(sdiff.apply(base, tmp_path / "task_diff.safetensors").state_dict(), r0["state"])
@@ -278,7 +278,7 @@ def test_refresh_every_m_steps_ranks_agree_and_state_carries(tmp_path):
     assert r0["bits"] == r1["bits"]
     # the task diff covers the union of the three masks and rebuilds the model from the warmed-up base
     s = r0["summary"]
-    assert s["task_diff_entries"] >= s["k"] and "after 1 dense steps" in s["task_diff_base"]
+    assert s["task_diff_entries"] >= s["k"] and "at step 1)" in s["task_diff_base"]
 
 
 # --- config checks --------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def format_summary(s: Mapping[str, Any], cluster: Mapping | None = None) -> str:
         fewer = f"  ({1 / ratio:.1f}x fewer bytes)" if 0 < ratio < 1 else ""
         lines.append(f"  ratio            {ratio:.4f}{fewer}")
     if s["mask_score_bytes"]:
-        lines.append(f"  Fisher scores    {human_bytes(s['mask_score_bytes'])}  (choosing the mask: the exchange of Fisher scores, per rank)")
+        lines.append(f"  mask scores      {human_bytes(s['mask_score_bytes'])}  (choosing and refreshing the mask: the "
+                     f"scores the ranks exchange, per rank)")
     if s.get("buffer_bytes"):
         lines.append(f"  buffers          {human_bytes(s['buffer_bytes'])}  (module buffers, e.g. BatchNorm "
                      f"statistics, that DDP broadcasts from rank 0 every step, dense or not)")

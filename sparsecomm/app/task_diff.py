@@ -92,7 +92,7 @@ class TaskDiffRecorder:
         if self.base_step:
             base_path = os.path.join(run_dir, "base.safetensors")
             writes.save_model_atomic(self.base, base_path)
-            report["task_diff_base"] = f"{base_path} (the model after {self.base_step} dense steps)"
+            report["task_diff_base"] = f"{base_path} (the weights sparse training started from, at step {self.base_step})"
         return report
 
 
