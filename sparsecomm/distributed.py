@@ -100,8 +100,9 @@ _exit_pause_registered = False
 def let_comm_threads_finish_at_exit() -> None:
     """Before the interpreter finalises, give Gloo's worker threads a moment with the GIL (once per process).
 
-    DDP keeps its process group alive after ``destroy_process_group`` (its reducer holds it), so
-    Gloo's worker threads outlive the training loop. After a collective's future completes, the
+    Once DDP has been built over a Gloo group, that group's worker threads outlive the training
+    loop: they are still running after ``del`` of the DDP wrapper, ``destroy_process_group`` and
+    ``gc.collect()`` (torch 2.13, seen by listing the process's threads). After a collective's future completes, the
     worker drops the work it ran, and with it Python objects: the context that torch's backward
     stashes in the thread-local state every collective launched during backward captures, and a
     comm hook's ``.then`` callback. Dropping them takes the GIL. When the main thread has already
