@@ -43,6 +43,22 @@ RUNNABLE_WITH = {
 STOPS_ON_ITS_OWN = {"task=cifar10": "task.data_dir", "task=glue": "task.data_dir", "mask=file": "mask.path",
                     "mask=token_rows": "mask.embedding",  # a text model's embedding; TINY's is none
                     "logging=wandb": "logging=wandb"}
+
+
+def _wordnet_installed(filename: str) -> bool:
+    from sparsecomm.app.tasks.wordnet import find_data_file
+
+    try:
+        find_data_file(None, filename)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# Without WordNet on the machine (Debian's wordnet-base or NLTK's copy), its tasks stop on their own too.
+STOPS_ON_ITS_OWN |= {choice: "task.data_dir" for choice, filename in
+                     (("task=wordnet", "data.noun"), ("task=verb_examples", "data.verb"))
+                     if not _wordnet_installed(filename)}
 # What each override value of the cases means, written out by hand (Hydra's override grammar).
 VALUES = {"abc": "abc", "''": "", "null": None, "-1": -1, "0": 0, "0.5": 0.5, "1000000000000": 10**12,
           "1e308": 1e308, "[1,2]": [1, 2], "{a:1}": {"a": 1}, "1": 1, "2": 2, "6": 6, "1:1": "1:1",
