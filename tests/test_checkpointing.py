@@ -100,6 +100,10 @@ def _write(path, payload):
         f.write(encode(payload))
 
 
+def _refuse(header, source):
+    raise CheckpointError(f"{source} is not for this run")
+
+
 def test_unusable_checkpoints_are_one_line_on_every_rank_and_load_nothing(tmp_path):
     good = {"format": 2, "step": 4, "world_size": 2, "model": "m", "state": {"a": {"value": torch.zeros(2)}}}
     cases = {  # name: (payload, the message's end, what was prepared, validated and loaded before it)
@@ -115,9 +119,8 @@ def test_unusable_checkpoints_are_one_line_on_every_rank_and_load_nothing(tmp_pa
         for message, loaded in run_ranks(_resume_error, 2, str(tmp_path / name), "auto", None, timeout=120):
             assert message is not None and message.startswith(path) and expected in message, (name, message)
             assert "\n" not in message and loaded == before, (name, loaded)
-    refuse = lambda header, source: (_ for _ in ()).throw(CheckpointError(f"{source} is not for this run"))  # noqa: E731
     _write(str(tmp_path / "ok" / "step-00000004.ckpt"), good)
-    for message, loaded in run_ranks(_resume_error, 2, str(tmp_path / "ok"), "auto", refuse, timeout=120):
+    for message, loaded in run_ranks(_resume_error, 2, str(tmp_path / "ok"), "auto", _refuse, timeout=120):
         assert message.endswith("step-00000004.ckpt is not for this run") and loaded == ["prepare 4"]
 
 

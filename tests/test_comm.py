@@ -125,25 +125,26 @@ def test_half_precision_is_the_mean_within_rounding(name, dtype):
         assert stats["dense_bytes"] == 3 * n_entries() * 4 and stats["wire_dtype"] == name
 
 
-def test_masked_is_the_masked_mean():
-    def run(rank, world):
-        model = make_model()
-        ref = copy.deepcopy(model)
-        mask = random_mask(model, density=0.2, seed=5)
-        sync = build_comm(comm_cfg("masked"), model, CPU)
-        sync.set_mask(mask)
-        sync.set_dense(False)
-        tap, errs = Tap(), []
-        for step in range(3):
-            backward(sync, rank, step)
-            per_rank = [local_grads(ref, r, step) for r in range(world)]
-            for n, p in model.named_parameters():
-                errs.append((p.grad - sum(g[n] for g in per_rank) / world * mask[n]).abs().max().item())
-            model.zero_grad()
-        tap.remove()
-        return max(errs), tap.bytes, sync.stats(), mask.num_selected
+def masked_vs_mean(rank, world):
+    model = make_model()
+    ref = copy.deepcopy(model)
+    mask = random_mask(model, density=0.2, seed=5)
+    sync = build_comm(comm_cfg("masked"), model, CPU)
+    sync.set_mask(mask)
+    sync.set_dense(False)
+    tap, errs = Tap(), []
+    for step in range(3):
+        backward(sync, rank, step)
+        per_rank = [local_grads(ref, r, step) for r in range(world)]
+        for n, p in model.named_parameters():
+            errs.append((p.grad - sum(g[n] for g in per_rank) / world * mask[n]).abs().max().item())
+        model.zero_grad()
+    tap.remove()
+    return max(errs), tap.bytes, sync.stats(), mask.num_selected
 
-    for err, tapped, stats, k in run_ranks(run, 2):
+
+def test_masked_is_the_masked_mean():
+    for err, tapped, stats, k in run_ranks(masked_vs_mean, 2):
         assert err < 1e-6
         assert stats["bytes_sent"] == tapped == 3 * k * 4 and stats["dense_bytes"] == 3 * n_entries() * 4
         assert stats["state_bytes"] == 8 * k, "one int64 index per selected entry"
@@ -288,15 +289,16 @@ def test_state_dict_roundtrip_and_another_option_is_refused(name, fields):
     assert run_ranks(roundtrip, 2, name, fields) == [(True, True, 4)] * 2
 
 
-def test_a_mask_on_an_option_without_one_is_refused():
-    def run(rank, world):
-        model = make_model()
-        sync = build_comm(comm_cfg("fp16"), model, CPU)
-        with pytest.raises(TypeError, match="comm=fp16 .*comm=masked"):
-            sync.set_mask(random_mask(model, density=0.1))
-        return True
+def mask_on_fp16(rank, world):
+    model = make_model()
+    sync = build_comm(comm_cfg("fp16"), model, CPU)
+    with pytest.raises(TypeError, match="comm=fp16 .*comm=masked"):
+        sync.set_mask(random_mask(model, density=0.1))
+    return True
 
-    assert run_ranks(run, 2) == [True, True]
+
+def test_a_mask_on_an_option_without_one_is_refused():
+    assert run_ranks(mask_on_fp16, 2) == [True, True]
 
 
 @pytest.mark.parametrize("fields,field", [({"rank": 0}, "comm.rank"), ({"start_iter": 1}, "comm.start_iter")])
@@ -305,19 +307,20 @@ def test_bad_powersgd_fields_name_themselves(fields, field):
         OmegaConf.to_object(comm_cfg("powersgd", **fields)).check(None)
 
 
-def test_each_option_builds_its_optimizer():
+def optimizer_of_each(rank, world):
     from sparsecomm.optim import MaskedAdamW
 
-    def run(rank, world):
-        optim = OmegaConf.structured(schema.AdamWConfig(name="adamw"))
-        model = make_model()
-        mask = random_mask(model, density=0.1, seed=2)
-        masked = build_comm(comm_cfg("masked"), model, CPU)
-        sparse, sparse_lr = masked.optimizer(optim, mask)
-        dense, dense_lr = build_comm(comm_cfg("powersgd"), make_model(), CPU).optimizer(optim, mask)
-        return type(sparse) is MaskedAdamW, sparse_lr, type(dense) is torch.optim.AdamW, dense_lr
+    optim = OmegaConf.structured(schema.AdamWConfig(name="adamw"))
+    model = make_model()
+    mask = random_mask(model, density=0.1, seed=2)
+    masked = build_comm(comm_cfg("masked"), model, CPU)
+    sparse, sparse_lr = masked.optimizer(optim, mask)
+    dense, dense_lr = build_comm(comm_cfg("powersgd"), make_model(), CPU).optimizer(optim, mask)
+    return type(sparse) is MaskedAdamW, sparse_lr, type(dense) is torch.optim.AdamW, dense_lr
 
-    assert run_ranks(run, 2) == [(True, 0.03, True, 0.003)] * 2
+
+def test_each_option_builds_its_optimizer():
+    assert run_ranks(optimizer_of_each, 2) == [(True, 0.03, True, 0.003)] * 2
 
 
 def test_optimizer_state_bytes_counts_moments_and_step_counters():
@@ -369,11 +372,12 @@ def test_a_resumed_powersgd_sync_restores_its_memories_then_sends_two_plain_step
         assert per_step == [12 * 24 * 4, 12 * 24 * 4, (12 + 24) * 4]
 
 
-def test_powersgd_on_gloo_refuses_several_buckets():
-    def run(rank, world):
-        model = nn.Linear(1024, 512)  # 2 MiB of gradients
-        with pytest.raises(ValueError, match=r"comm\.bucket_cap_mb=1 splits .* several DDP buckets"):
-            build_comm(comm_cfg("powersgd", bucket_cap_mb=1), model, CPU)
-        return True
+def powersgd_several_buckets(rank, world):
+    model = nn.Linear(1024, 512)  # 2 MiB of gradients
+    with pytest.raises(ValueError, match=r"comm\.bucket_cap_mb=1 splits .* several DDP buckets"):
+        build_comm(comm_cfg("powersgd", bucket_cap_mb=1), model, CPU)
+    return True
 
-    assert run_ranks(run, 2) == [True, True]
+
+def test_powersgd_on_gloo_refuses_several_buckets():
+    assert run_ranks(powersgd_several_buckets, 2) == [True, True]

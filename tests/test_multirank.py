@@ -5,11 +5,13 @@ import os
 import time
 
 import pytest
+import torch.distributed as dist
 
 from multirank import run_ranks
 
 
 def one_rank_dies(rank, world):
+    dist.barrier()  # both ranks are connected: rank 0's own set-up cannot fail first
     if rank == 1:
         os._exit(3)  # no result, no traceback: as a rank killed by a signal or an abort
     time.sleep(60)
