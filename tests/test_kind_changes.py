@@ -92,4 +92,6 @@ def test_a_comm_option_that_sends_every_entry_leaves_the_kind_unused(tmp_path):
         assert s["mask"] == "unused" and s["comm"] == "fp16" and s["k"] is None
         assert s["bytes_sent"] == 5 * n * 2 and s["dense_bytes"] == 5 * n * 4
     assert not (tmp_path / "mask.safetensors").exists()
-    assert "comm=fp16: every entry trains (dense optimizer); mask=random is unused" in (tmp_path / "log.txt").read_text()
+    cfg = compose_app(*TINY, "comm=fp16")
+    assert (f"comm=fp16: every entry trains (dense optimizer) at optim.dense_lr={cfg.optim.dense_lr:g}; "
+            "mask=random and optim.lr are unused") in (tmp_path / "log.txt").read_text()

@@ -50,7 +50,10 @@ class UnusedKind(DenseKind):
         self.name, self.configured, self.comm = "unused", configured, comm
 
     def notes(self) -> list[str]:
-        return [f"comm={self.comm}: every entry trains (dense optimizer); mask={self.configured} is unused"]
+        optim = self.setting.optim
+        lr = f" at optim.dense_lr={optim.dense_lr:g}" if optim is not None else ""
+        unused = f"mask={self.configured} and optim.lr are" if optim is not None else f"mask={self.configured} is"
+        return [f"comm={self.comm}: every entry trains (dense optimizer){lr}; {unused} unused"]
 
 
 __all__ = ["MASK_KINDS", "MaskKind", "Setting", "UnusedKind", "build_mask_kind"]
