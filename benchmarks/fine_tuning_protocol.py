@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -129,6 +130,29 @@ def sweep_md(runs: list[dict], chosen: dict[tuple[str, str], float]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], out: str) -> list[str]:
+    """``fine_tuning_protocol.png``: test accuracy (mean ± sd over the seeds) of each method at 0.5% (and
+    dense) per task, each bar labelled with its MB per rank on the wire; [] without matplotlib."""
+    plt = report.pyplot()
+    if plt is None:
+        return []
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task and r["density"] in (None, 0.005)]
+        xs = range(len(mine))
+        ax.bar(xs, [r["mean"] for r in mine], yerr=[r["sd"] or 0 for r in mine], capsize=4,
+               color=["0.5" if r["method"] == "dense" else "C0" for r in mine])
+        for x, r in zip(xs, mine):
+            ax.annotate(f"{r['wire_mb'] + r['mask_mb']:,.0f} MB", (x, r["mean"]), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=8)
+        ax.set_xticks(list(xs), [r["method"] for r in mine], rotation=15)
+        low = min(r["mean"] for r in mine)
+        ax.set_ylim(max(0.0, low - 0.1), max(r["mean"] for r in mine) + 0.05)
+        ax.set_title(f"{task}: test accuracy, {len(mine[0]['accs'])} seeds (MB/rank sent)", fontsize=9)
+    return [report.save_figure(plt, fig, out, "fine_tuning_protocol.png")]
+
+
 COLUMNS = [("task", lambda r: r["task"]), ("method", lambda r: r["method"]),
            ("density", lambda r: "-" if r["density"] is None else f"{r['density']:.1%}"),
            ("lr", lambda r: f"{r['lr']:g}"),
@@ -170,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                    f"\n\nEvery run: `sparsecomm-train {' '.join(protocol.budget)} task=<task> seed=<seed>` plus "
                    "`comm=dense optim.dense_lr=<lr>` or `comm=masked mask=<kind> optim.lr=<lr> mask.density=<d>`; "
                    "'of dense's bytes' counts the mask's choice (score exchange, refreshes) with the training's.")
+    os.makedirs(args.out, exist_ok=True)
+    plots = plot(rows, args.out)
+    explanation += "".join(f"\n\n![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots)
     report.publish_measurements(args.out, "fine_tuning_protocol", "Fine-tuning masks at their own learning rates",
                                 __file__, argv, rows, COLUMNS, verdicts_of(rows), explanation=explanation)
     print(report.md_table(rows, COLUMNS))

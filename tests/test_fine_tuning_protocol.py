@@ -45,6 +45,7 @@ def test_sweep_seeds_density_and_resume(tmp_path, capsys):
         k = summaries[f"synthetic-random-lr{rows[('random', d)]['lr']:g}-s0-d{d:g}"]["k"]
         assert k == round(d * N) and rows[("random", d)]["wire_mb"] * 1e6 == STEPS * 4 * k
     assert (out / "fine_tuning_protocol.md").read_text().count("| synthetic |") == 3 + 2  # rows + sweep lines
+    assert (out / "fine_tuning_protocol.png").stat().st_size > 0
 
     assert ftp.main(argv) == 0  # everything is there: nothing runs again
     assert ": exit " not in capsys.readouterr().out
