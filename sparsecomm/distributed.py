@@ -90,11 +90,33 @@ def broadcast_from_rank0(obj: Any) -> Any:
     return obj
 
 
+_groups_left: list[Any] = []  # process groups destroyed, held until the exit pause (leave_process_group)
+
+
 def _pause_for_comm_threads() -> None:
     time.sleep(COMM_THREADS_GRACE_S)  # sleeping releases the GIL
+    _groups_left.clear()  # their last reference, dropped on the main thread once the workers are idle
 
 
 _exit_pause_registered = False
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, its last reference kept until the exit pause.
+
+    A Gloo worker thread can hold the last reference to its own process group: a comm hook's
+    ``.then`` callback that captured the group (PowerSGD's does) lives in the work item the worker
+    drops after the future completed, possibly after ``destroy_process_group`` has returned. The
+    group's destructor then joins its worker threads from one of them and the process aborts
+    ("terminate called ... std::system_error: Resource deadlock avoided", exit code -6; about 1 in
+    75 PowerSGD runs of 2 ranks here). Held here, it is freed on the main thread by the exit pause
+    (:func:`let_comm_threads_finish_at_exit`), after the workers had time to finish.
+    """
+    if not dist.is_initialized():
+        return
+    _groups_left.append(dist.group.WORLD)
+    let_comm_threads_finish_at_exit()
+    dist.destroy_process_group()
 
 
 def let_comm_threads_finish_at_exit() -> None:

@@ -38,6 +38,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from sparsecomm import distributed as sdist
+
 
 def _entry(fn, rank, world_size, init_file, queue, leave, args, backend="gloo", cuda=False, timeout=120.0):
     # a rank still running when the caller gives up writes where each of its threads is
@@ -55,7 +57,9 @@ def _entry(fn, rank, world_size, init_file, queue, leave, args, backend="gloo", 
             out = pickle.dumps(fn(rank, world_size, *args))
         finally:
             gc.collect()  # DDP wrappers and their hooks sit in reference cycles: free them before their group
-            dist.destroy_process_group()
+            # the group itself is held to the end (os._exit): a Gloo worker that dropped its last
+            # reference would destroy it on that worker and abort the rank (PowerSGD's callbacks hold it)
+            sdist.leave_process_group()
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))

@@ -35,6 +35,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from .. import distributed as sdist
 from .config import ClusterError, check_cluster, visible_gpus
 from .signals import Interrupted
 from .fields import whole_number
@@ -227,11 +228,11 @@ def leave_process_group() -> None:
     tensor's Python reference can no longer take the GIL, and the process dies with "terminate
     called without an active exception" (SIGABRT) after the run finished, so torchrun reports a
     failure (and with --max-restarts, trains again). Here they are collected first, while the
-    process group is still alive, and only then is it destroyed.
+    process group is still alive, and only then is it destroyed (held until the exit pause:
+    :func:`sparsecomm.distributed.leave_process_group`).
     """
     gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    sdist.leave_process_group()  # held until the exit pause: no Gloo worker thread frees it
     gc.collect()
 
 
