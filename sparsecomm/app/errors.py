@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
@@ -26,6 +27,7 @@ from .runfolder import resume_hint
 
 USER_ERROR_EXIT = 2
 PEER_LOST_EXIT = 3  # a peer (rank, node, the job's store) stopped answering for cluster.timeout_s
+QUIET_RANK_GRACE_S = 15.0  # how long a quiet rank leaves rank 0 to print the error they share
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -74,11 +76,28 @@ class ErrorReport:
     def __init__(self, overrides: list[str] | tuple = ()) -> None:
         self.overrides = list(overrides)
         self.last_line: str | None = None
+        self.kept_quiet = False  # the last line reported was rank 0's to print, not this rank's
 
     def _report(self, message: str, collective: bool) -> None:
         self.last_line = message
-        if not record_worker_error(message) and not (collective and quiet_rank()):
+        self.kept_quiet = False
+        if record_worker_error(message):
+            return
+        if collective and quiet_rank():
+            self.kept_quiet = True
+        else:
             print(message if message.startswith("sparsecomm:") else f"error: {message}", file=sys.stderr, flush=True)
+
+    def leave_the_line_to_rank_zero(self, exit_code) -> None:
+        """Before a rank that kept quiet about an error ends the process with it, give rank 0 time to print it.
+
+        Under torchrun the first worker to fail ends the others (SIGTERM): a quiet rank that exited
+        first could stop rank 0 before its line, and the job would end with no word of why (seen
+        under load). Waiting at most ``QUIET_RANK_GRACE_S``; rank 0's exit ends the wait sooner
+        (torchrun, or ``srun --kill-on-bad-exit``, stops the job's other ranks).
+        """
+        if self.kept_quiet and exit_code == USER_ERROR_EXIT:
+            time.sleep(QUIET_RANK_GRACE_S)
 
     @contextlib.contextmanager
     def guard(self, quiet: bool = False):

@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         _run(hydra, cfg, app, claim, owner, multirun, options=[a for a in argv if a not in args.overrides],
              checkpoint_cfg=job.checkpoint)
         return None  # the console script's exit code 0 (the summary is in the run folder)
+    except SystemExit as e:
+        app.errors.leave_the_line_to_rank_zero(e.code)
+        raise
     finally:
         GlobalHydra.instance().clear()
 
