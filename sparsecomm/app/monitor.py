@@ -80,6 +80,13 @@ def log_skipped(log, guard, step: int) -> None:
              f"({guard.in_a_row} in a row, {guard.skipped} in all)")
 
 
+def timed(fn, *args):
+    """``fn(*args)`` and the seconds it took: ``(result, seconds)``."""
+    began = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - began
+
+
 def log_mask(log, kind: str, mask, digest: str, step: int, seconds: float) -> None:
     """A new mask: its record in ``metrics.jsonl`` and its log line."""
     log.log("mask", step, kind=kind, k=mask.num_selected, numel=mask.numel, density=mask.density, digest=digest,
@@ -100,9 +107,10 @@ def log_resume(log, step: int, path: str, header, notes: list[str]) -> None:
     log.info(f"resumed from {path} at step {step} (written by {saved_world} ranks)")
 
 
-def log_eval(log, done: int, result) -> None:
-    """An evaluation after ``done`` steps: its record and line."""
-    log.log("eval", done, **result)
+def log_eval(log, done: int, result, seconds: float) -> None:
+    """An evaluation after ``done`` steps that took ``seconds``: its record and line (the record's
+    ``seconds`` let a reader take evaluation out of the run's clock: time to an accuracy)."""
+    log.log("eval", done, **result, seconds=round(seconds, 3))
     log.info(f"step {done}: test accuracy {result['test_acc']:.4f}, loss {result['test_loss']:.4f}")
 
 

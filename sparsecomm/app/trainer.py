@@ -42,7 +42,7 @@ from .engine import StepEngine
 from .masks import Setting, build_mask_kind
 from .masks.base import Comparison
 from .metrics import make_logger
-from .monitor import TrainMonitor, log_checkpoint, log_eval, log_resume, log_skipped, log_start
+from .monitor import TrainMonitor, log_checkpoint, log_eval, log_resume, log_skipped, log_start, timed
 from .nonfinite import NonFiniteGuard
 from .report import publish
 from .run_state import Progress, RankBuffers, components, resume_notes
@@ -117,9 +117,8 @@ class Trainer:
 
     def save_checkpoint(self) -> str | None:
         """Collective: every rank calls it at the same step; rank 0 writes. Returns the path on rank 0."""
-        t = time.perf_counter()
-        path = self.checkpoints.save(self.step)
-        log_checkpoint(self.log, self.step, path, time.perf_counter() - t)
+        path, seconds = timed(self.checkpoints.save, self.step)
+        log_checkpoint(self.log, self.step, path, seconds)
         return path
 
     def resume(self) -> bool:
@@ -166,8 +165,9 @@ class Trainer:
 
     def evaluate(self, done: int) -> dict[str, float]:
         """Test accuracy and loss over every rank's slice (one all-reduce of 3 float64), logged."""
-        result = evaluate_run(self.model, self.data, self.task.loss_fn, self.device, self.buffer_bytes_per_step > 0)
-        log_eval(self.log, done, result)
+        result, seconds = timed(evaluate_run, self.model, self.data, self.task.loss_fn, self.device,
+                                self.buffer_bytes_per_step > 0)
+        log_eval(self.log, done, result, seconds)
         self.callbacks.on_eval(self.state, done, result)
         return result
 
