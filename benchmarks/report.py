@@ -164,11 +164,11 @@ def publish(out: str, name: str, title: str, result: dict, text: str) -> None:
 
 def publish_measurements(out: str, name: str, title: str, script: str, argv: Sequence[str] | None, rows: list[dict],
                          columns: Sequence[Column], verdicts: list[dict], conditions: str = "",
-                         explanation: str = "") -> dict:
-    """Publish a one-table benchmark: ``{command, environment, rows, verdicts}`` as ``<name>.json``, and
-    ``<name>.md``: the command with the date and ``conditions``, the table, ``explanation``, the verdicts."""
+                         explanation: str = "", extra: dict | None = None) -> dict:
+    """Publish a one-table benchmark: ``{command, environment, rows, verdicts, **extra}`` as ``<name>.json``,
+    and ``<name>.md``: the command with the date and ``conditions``, the table, ``explanation``, the verdicts."""
     result = {"command": command_line(script, argv), "environment": environment(), "rows": rows,
-              "verdicts": verdicts}
+              "verdicts": verdicts, **(extra or {})}
     text = (f"Command: `{result['command']}` ({result['environment']['date']}{conditions})\n\n"
             + md_table(rows, columns) + "\n\n" + (explanation + "\n\n" if explanation else "") + verdicts_md(verdicts))
     publish(out, name, title, result, text)
