@@ -103,3 +103,19 @@ def test_every_rank_evaluates_the_saved_model(tmp_path):
 
     for name, b in r0["buffers"].items():
         assert torch.equal(b, r1["buffers"][name]) and torch.equal(b, saved[name]), name
+
+
+def _rng_after_evaluating(rank, world, cfg, run_dir):
+    import torch
+
+    t = trainer.Trainer(cfg, run_dir, torch.device("cpu"))
+    before = torch.get_rng_state()
+    t.evaluate(0)
+    return torch.equal(before, torch.get_rng_state())
+
+
+def test_evaluating_leaves_the_training_random_stream_alone(tmp_path):
+    """An evaluation must not move torch's global random stream: the dropout of the steps after it
+    (a pretrained encoder's) would differ, and a run's result would depend on ``eval_every``."""
+    cfg = compose_cfg("steps=2", "schedule=fish_fixed", "mask=random", "mask.density=0.5")
+    assert run_ranks(_rng_after_evaluating, 2, cfg, str(tmp_path), timeout=120) == [True, True]

@@ -57,8 +57,11 @@ class ShardedData:
                                            drop_last=True, collate_fn=task.collate_fn, num_workers=num_workers,
                                            pin_memory=pin, generator=self._worker_seeds)
         test_slice = Subset(task.test_set, range(rank, len(task.test_set), world))  # no padding: exact counts
+        # its own generator: each pass over a loader draws a base seed, from torch's global stream
+        # without one, and evaluating would then change the dropout the next training steps draw
         self.test_loader = DataLoader(test_slice, batch_size=eval_batch_size, shuffle=False,
-                                      collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin)
+                                      collate_fn=task.collate_fn, num_workers=num_workers, pin_memory=pin,
+                                      generator=torch.Generator())
         self.epoch, self.batch = 0, 0
         self._it: Iterator | None = None
 
