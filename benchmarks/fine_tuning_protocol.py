@@ -39,7 +39,7 @@ LRS = {"dense": [3e-5, 1e-4, 3e-4], "powersgd": [1e-4, 3e-4, 1e-3], "random": [1
        "fisher_scaled": [1e-3, 3e-3, 1e-2], "token_rows": [1e-3, 3e-3, 1e-2]}
 # methods that are a comm option (every entry trains, at optim.dense_lr); any other is a mask kind
 COMM_METHODS = {"dense": ["comm=dense"], "powersgd": ["comm=powersgd", "comm.rank=4"]}
-FISHER_FAMILY = ("fisher", "fisher_scaled", "token_rows", "learned", "lottery")
+FISHER_FAMILY = ("fisher", "fisher_scaled", "token_rows", "learned")  # scores built on squared gradients
 NAME = re.compile(r"(?P<task>\w+?)-(?P<method>\w+)-lr(?P<lr>[0-9.e+-]+)-s(?P<seed>\d+)-d(?P<density>[0-9.]+)"
                   r"(?:-at(?P<rate>\w+))?")
 OF_DENSE = 0.95  # the time-to-accuracy threshold: this fraction of dense's mean test accuracy
