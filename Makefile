@@ -6,9 +6,9 @@ VENV ?= .venv
 PYTHON ?= python3
 # The CPU wheel; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
-# pytest-xdist workers (3 on 2 cores: many tests wait on processes, timeouts and links); tests that share a fixture or the network namespaces stay on one (tests/conftest.py).
+# pytest-xdist workers; tests that share a fixture or the network namespaces stay on one (tests/conftest.py).
 # JOBS=0 runs in this process, one test after another.
-JOBS ?= 3
+JOBS ?= 2
 PYTEST = $(VENV)/bin/pytest -q -n $(JOBS) --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml
