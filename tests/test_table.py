@@ -58,6 +58,28 @@ def test_a_field_that_differs_within_an_option_becomes_a_column(tmp_path):
     assert [r[4] for r in body] == ["100", "200", "400"]
 
 
+def with_mask_seed(folder, value) -> None:
+    path = folder / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["mask"]["seed"] = value
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_a_mask_seed_that_follows_the_seed_shares_the_row(tmp_path):
+    """mask=random's ``mask.seed`` is ``${seed}``: resolved in each run's config, it differs with the
+    seed and must not split the seeds of one config into rows. A mask seed of its own still does."""
+    for seed, acc in ((0, 0.90), (1, 0.94)):
+        write_run(tmp_path / "follows" / str(seed), mask="random", seed=seed, acc=acc)
+        with_mask_seed(tmp_path / "follows" / str(seed), seed)
+    (body, head) = rows(table.table([str(tmp_path / "follows")]))
+    assert "mask.seed" not in head and len(body) == 1 and body[0][4:6] == ["2", "0.9200 ± 0.0283"]
+    for mask_seed in (5, 6):
+        write_run(tmp_path / "own" / str(mask_seed), mask="random", seed=0)
+        with_mask_seed(tmp_path / "own" / str(mask_seed), mask_seed)
+    (body, head) = rows(table.table([str(tmp_path / "own")]))
+    assert "| mask.seed |" in head and len(body) == 2
+
+
 def test_a_folder_without_a_summary_is_named_in_a_warning(tmp_path, capsys):
     write_run(tmp_path / "0")
     (tmp_path / "1").mkdir()

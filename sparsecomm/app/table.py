@@ -100,7 +100,14 @@ def varying_fields(runs: list[dict[str, Any]]) -> list[str]:
     """Training config fields whose values differ between runs of the same group option (seed and
     bookkeeping aside): ``comm.rank`` when PowerSGD runs differ in it, not because one run is dense."""
     keys = sorted({k for r in runs for k in r["config"]})
-    return [k for k in keys if _training(k) and any(len(values) > 1 for values in _values_by_option(runs, k))]
+    return [k for k in keys if _training(k) and not _follows_seed(runs, k)
+            and any(len(values) > 1 for values in _values_by_option(runs, k))]
+
+
+def _follows_seed(runs: list[dict[str, Any]], key: str) -> bool:
+    """A ``*.seed`` field that holds its run's own ``seed`` wherever it is set (``mask.seed: ${seed}``,
+    resolved in the saved config): it varies with the seeds, which share a row, so it is no column."""
+    return key.endswith(".seed") and all(r["config"][key] == r["config"].get("seed") for r in runs if key in r["config"])
 
 
 def _values_by_option(runs: list[dict[str, Any]], key: str) -> list[set[str]]:
