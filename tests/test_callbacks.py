@@ -52,6 +52,7 @@ def _fit_with_recorder(rank, world, cfg, run_dir):
     return {"summary": summary, "started_at": rec.started_at, "steps": rec.steps, "evals": rec.evals}
 
 
+@pytest.mark.slow  # 2-rank app runs with evaluations: 7 s
 def test_callbacks_see_every_step_eval_and_add_summary_fields(tmp_path):
     cfg = compose_app(*TINY, "mask=random", "mask.density=0.3", "schedule=fish_fixed", "steps=6", "eval_every=3",
                       "logging.log_every=1")

@@ -104,6 +104,7 @@ def _refuse(header, source):
     raise CheckpointError(f"{source} is not for this run")
 
 
+@pytest.mark.slow  # 2-rank runs over damaged checkpoints: 4 s
 def test_unusable_checkpoints_are_one_line_on_every_rank_and_load_nothing(tmp_path):
     good = {"format": 2, "step": 4, "world_size": 2, "model": "m", "state": {"a": {"value": torch.zeros(2)}}}
     cases = {  # name: (payload, the message's end, what was prepared, validated and loaded before it)

@@ -94,6 +94,7 @@ def check(results, expected_full):
                 assert moved == 0, f"step {step}: a core step changed {moved} non-core entries"
 
 
+@pytest.mark.slow  # a 2-rank run of every phase: 6 s
 def test_pattern_3_to_1_switches_bytes_per_step():
     results = run_ranks(core_full_run, 2, "3:1", 0)
     check(results, [False, False, False, True] * 2)

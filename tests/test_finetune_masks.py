@@ -191,6 +191,7 @@ def test_lottery_resumed_inside_and_after_its_dense_phase_is_the_uninterrupted_r
             assert_same_params(a["params"], b["params"])
 
 
+@pytest.mark.slow  # two 2-rank runs: 4 s
 def test_learned_mask_normalised_sums_choose_other_entries(tmp_path):
     plain = run(tmp_path / "a", *LEARNED)
     flat = run(tmp_path / "b", *LEARNED, "mask.normalise=rows_and_columns")

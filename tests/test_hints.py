@@ -42,6 +42,7 @@ def test_an_override_the_app_reads_back_as_the_same_string_after_the_shell(value
     assert as_the_app_reads(arg) == value, word
 
 
+@pytest.mark.slow  # a bash and an app process per word: 4 s
 def test_bash_hands_the_app_the_same_argument():
     words = " ".join(hints.override("run_id", v) for v in AWKWARD)
     out = subprocess.run(["bash", "-c", f"printf '%s\\0' {words}"], capture_output=True, check=True).stdout

@@ -349,6 +349,7 @@ def _run_with_crash(rank, world, cfg, run_dir, crash_at=None):
     return {"summary": summary, "state": {k: v.clone() for k, v in t.model.state_dict().items()}}
 
 
+@pytest.mark.slow  # crashed and resumed 2-rank runs: 4 s each
 @pytest.mark.parametrize("crash_at", [4, 7])  # checkpoints at 2 (inside the L0 phase, steps 1..4) / at 6 (after)
 def test_diff_pruning_resumes_bit_exactly_inside_and_after_the_l0_phase(tmp_path, crash_at):
     cfg = compose_cfg("mask=diff_pruning", "schedule.dense_steps=1", "mask.l0_steps=4", "steps=8", "mask.density=0.1",
