@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         link = stack.enter_context(netem.Link(args.rate, allow_fallback=False)) if args.rate else None
         protocol = Protocol(runs, BUDGET if args.budget is None else args.budget, link, args.eval_every)
         chosen = run_protocol(protocol, args)
+    if not chosen:  # nothing to publish: the results page stays as it was
+        print(f"error: no method finished a run (logs in {runs})", file=sys.stderr)
+        return 1
     found = collect(runs)
     rows = rows_of(found, chosen)
     timed = timed_rows(found, rows)
@@ -313,7 +316,7 @@ def run_protocol(protocol: Protocol, args) -> dict[tuple[str, str], float]:
         for method in args.methods:
             lr = protocol.best_lr(task, method, args.lrs or LRS.get(method, LRS["random"]))
             if lr is None:
-                print(f"{task} {method}: every sweep run failed (logs in {runs})", file=sys.stderr)
+                print(f"{task} {method}: every sweep run failed (logs in {protocol.runs})", file=sys.stderr)
                 continue
             chosen[(task, method)] = lr
             for seed in range(1, args.seeds):

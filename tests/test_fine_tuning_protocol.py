@@ -38,6 +38,18 @@ def test_run_names_read_back():
         assert (m["task"], m["method"], float(m["lr"]), int(m["seed"]), float(m["density"]), m["rate"]) == args
 
 
+def test_a_method_whose_runs_all_fail_is_named_and_nothing_is_published(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--tasks", "synthetic", "--methods", "nosuchkind", "--lrs", "0.1", "--seeds", "1", "--runs", str(runs),
+            "--out", str(out), "--budget", *BUDGET]
+    assert ftp.main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"synthetic nosuchkind: every sweep run failed (logs in {runs})",
+                   f"error: no method finished a run (logs in {runs})"]
+    assert "mask=nosuchkind" in (runs / "synthetic-nosuchkind-lr0.1-s0-d0.005.log").read_text()
+    assert not out.exists()
+
+
 @pytest.mark.slow  # 10 one-rank app runs
 def test_sweep_seeds_density_and_resume(tmp_path, capsys):
     runs, out = tmp_path / "runs", tmp_path / "out"
