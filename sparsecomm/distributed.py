@@ -6,6 +6,7 @@ then the world has one rank and every check passes trivially.
 from __future__ import annotations
 
 import atexit
+import gc
 import time
 from typing import Any
 
@@ -102,9 +103,11 @@ _exit_pause_registered = False
 
 
 def leave_process_group() -> None:
-    """Destroy the default process group, its last reference kept until the exit pause.
+    """Free what reference cycles hold, then destroy the default process group, its last reference
+    kept until the exit pause.
 
-    A Gloo worker thread can hold the last reference to its own process group: a comm hook's
+    DDP wrappers and their comm hooks' states sit in reference cycles: collected first, they are
+    freed while their group is still alive, not by a later collection. A Gloo worker thread can hold the last reference to its own process group: a comm hook's
     ``.then`` callback that captured the group (PowerSGD's does) lives in the work item the worker
     drops after the future completed, possibly after ``destroy_process_group`` has returned. The
     group's destructor then joins its worker threads from one of them and the process aborts
@@ -112,6 +115,7 @@ def leave_process_group() -> None:
     75 PowerSGD runs of 2 ranks here). Held here, it is freed on the main thread by the exit pause
     (:func:`let_comm_threads_finish_at_exit`), after the workers had time to finish.
     """
+    gc.collect()
     if not dist.is_initialized():
         return
     _groups_left.append(dist.group.WORLD)

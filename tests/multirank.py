@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -56,9 +55,8 @@ def _entry(fn, rank, world_size, init_file, queue, leave, args, backend="gloo", 
             # plain pickle: torch's shared-memory reductions would die with this process
             out = pickle.dumps(fn(rank, world_size, *args))
         finally:
-            gc.collect()  # DDP wrappers and their hooks sit in reference cycles: free them before their group
-            # the group itself is held to the end (os._exit): a Gloo worker that dropped its last
-            # reference would destroy it on that worker and abort the rank (PowerSGD's callbacks hold it)
+            # DDP wrappers freed before their group, the group itself held to the end (os._exit): a
+            # Gloo worker that dropped its last reference would destroy it there and abort the rank
             sdist.leave_process_group()
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - report everything to the parent

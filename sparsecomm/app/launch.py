@@ -231,8 +231,7 @@ def leave_process_group() -> None:
     process group is still alive, and only then is it destroyed (held until the exit pause:
     :func:`sparsecomm.distributed.leave_process_group`).
     """
-    gc.collect()
-    sdist.leave_process_group()  # held until the exit pause: no Gloo worker thread frees it
+    sdist.leave_process_group()
     gc.collect()
 
 
