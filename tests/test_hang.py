@@ -102,6 +102,33 @@ def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
     print(f"torchrun ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
 
 
+# What torch 2.x's Gloo and TCPStore raise when a peer is silent or gone (first lines, as raised).
+PEER_ERRORS = [
+    "Application timeout caused pair closure",  # DDP's buffer broadcast while the peer was SIGSTOPped
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41934: Connection reset by peer",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 10000ms for recv operation",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection closed by peer [10.7.0.2]:27617",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:446] Socket closed [10.7.0.2]:46071",
+    "Socket Timeout",
+    "failed to recv, got 0 bytes: Socket unexpectedly closed",
+]
+
+
+@pytest.mark.parametrize("message", PEER_ERRORS)
+def test_every_way_gloo_says_a_peer_is_gone_is_a_lost_peer(message):
+    from sparsecomm.app.peers import is_peer_failure
+
+    assert is_peer_failure(RuntimeError(message))
+    assert is_peer_failure(RuntimeError(f"Got the following error when running the callback: {message}"))
+
+
+def test_an_error_of_the_model_is_not_a_lost_peer():
+    from sparsecomm.app.peers import is_peer_failure
+
+    assert not is_peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (32x64 and 16x32)"))
+    assert not is_peer_failure(ValueError("Timed out waiting"))  # not torch's exception type
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "abc"])
 def test_a_bad_timeout_is_one_line(tmp_path, value):
     proc = subprocess.run([str(APP), "--check", f"cluster.timeout_s={value}", f"out_dir={tmp_path}"], cwd=tmp_path,

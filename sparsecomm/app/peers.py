@@ -29,8 +29,14 @@ import torch.distributed as dist
 
 # What Gloo, the TCPStore and NCCL say when a peer is gone or silent (their exceptions are plain
 # RuntimeErrors in some versions, torch.distributed.DistError subclasses in others).
-_PEER_MARKERS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                 "Socket Timeout", "connectFullMesh", "NCCL", "timed out", "Connection refused")
+# Gloo's transport errors (gloo/transport/tcp/pair.cc): "Timed out waiting", "Application timeout caused
+# pair closure" (a timeout on another operation of the same pair), "Connection closed by peer",
+# "Socket closed", "Read error"; the TCPStore's: "Socket Timeout", "Read timeout", "Write timeout",
+# "Socket unexpectedly closed".
+_PEER_MARKERS = ("Timed out waiting", "pair closure", "Connection closed by peer", "Socket closed", "Read error",
+                 "Socket unexpectedly closed", "Read timeout", "Write timeout", "Socket Timeout",
+                 "Connection reset by peer", "Broken pipe", "connectFullMesh", "NCCL", "timed out",
+                 "Connection refused")
 
 PEER_LOST_RECORD = "peer-lost: "  # how a worker of our launcher marks this line for the launcher
 
