@@ -76,3 +76,26 @@ def torch_env(tmp_path_factory) -> Path:
     ``freshenv.make_venv`` seeds fresh environments from (tests/freshenv.py)."""
     return freshenv.torch_env(tmp_path_factory.mktemp("torch-env") / "env")
 
+
+REPO = Path(__file__).resolve().parents[1]
+# What a build must not see: local environments, caches and outputs.
+NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "outputs", "multirun", "runs",
+              "wandb", ".pytest_cache", "benchmarks", "tests")
+
+
+@pytest.fixture(scope="session")
+def dists(tmp_path_factory) -> dict[str, Path]:
+    """The wheel and the sdist, built from a copy of the tree (``python -m build``)."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("src") / "sparsecomm"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    return freshenv.build(src, tmp_path_factory.mktemp("dist"))
+
+
+@pytest.fixture(scope="session")
+def wheel_env(dists, torch_env, tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the wheel and every dependency it declares, as pip
+    resolved them (torch seeded from ``torch_env``)."""
+    return freshenv.install(dists["wheel"], tmp_path_factory.mktemp("wheel-env") / "env", torch_env)
+

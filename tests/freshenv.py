@@ -8,6 +8,10 @@ interpreter. pip then sees exactly what ``pip install torch==X`` would have left
 installs everything else (the wheel's other dependencies, the app itself) from scratch.
 
     make_venv(path, seed_from=torch_env)   # python -m venv path, then seed(path, torch_env)
+
+The built wheel is installed once the same way, with every dependency it declares resolved by pip
+(:func:`install`, the ``wheel_env`` fixture); the Dockerfile replays seed from that environment
+less the app (``leave_out=APP_NAMES``), so their ``pip install .`` installs the app alone.
 """
 from __future__ import annotations
 
@@ -45,15 +49,21 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def seed(venv: Path, source: Path) -> list[str]:
-    """Give ``venv`` (fresh) every package of ``source`` it lacks; the names added, sorted.
+# What the app itself installs: its package, its .dist-info, its console scripts.
+APP_NAMES = ("sparsecomm",)
+
+
+def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """Give ``venv`` (fresh) every package of ``source`` it lacks, but those whose name starts with one
+    of ``leave_out``; the names added, sorted.
 
     Packages are hard links (a copy across file systems); console scripts are rewritten so that
     their ``#!`` line names ``venv``'s own interpreter.
     """
     src_site, dst_site = site_packages(source), site_packages(venv)
     have = set(os.listdir(dst_site))
-    added = sorted(n for n in os.listdir(src_site) if n not in have and n != "__pycache__")
+    added = sorted(n for n in os.listdir(src_site)
+                   if n not in have and n != "__pycache__" and not n.startswith(leave_out))
     for name in added:
         src = src_site / name
         if src.is_dir() and not src.is_symlink():
@@ -64,7 +74,7 @@ def seed(venv: Path, source: Path) -> list[str]:
     python = venv / "bin" / "python"
     for script in sorted((source / "bin").iterdir()):
         target = venv / "bin" / script.name
-        if target.exists() or script.is_symlink() or not script.is_file():
+        if target.exists() or script.is_symlink() or not script.is_file() or script.name.startswith(leave_out):
             continue
         lines = script.read_bytes().split(b"\n", 1)
         if lines[0].startswith(b"#!") and len(lines) == 2:
@@ -73,9 +83,30 @@ def seed(venv: Path, source: Path) -> list[str]:
     return added
 
 
-def make_venv(path: Path, seed_from: Path) -> Path:
+def make_venv(path: Path, seed_from: Path, leave_out: tuple[str, ...] = ()) -> Path:
     """A fresh virtual environment at ``path`` (``python -m venv``), seeded from ``seed_from``."""
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
-    added = seed(path, seed_from)
+    added = seed(path, seed_from, leave_out)
     assert any(n.startswith("torch-") and n.endswith(".dist-info") for n in added), added
     return path
+
+
+def build(tree: Path, out: Path) -> dict[str, Path]:
+    """``python -m build`` of ``tree`` into ``out`` (the wheel from the sdist, as pip does):
+    ``{"wheel": path, "sdist": path}``."""
+    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(tree)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels, sdists = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
+    assert len(wheels) == 1 and len(sdists) == 1, sorted(os.listdir(out))
+    return {"wheel": wheels[0], "sdist": sdists[0]}
+
+
+def install(wheel: Path, venv: Path, torch_env: Path) -> Path:
+    """A fresh virtual environment at ``venv`` holding ``wheel`` and the dependencies it declares
+    (pip resolves them; torch is there already, seeded from ``torch_env``)."""
+    make_venv(venv, seed_from=torch_env)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel), TORCH_PIN],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return venv

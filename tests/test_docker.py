@@ -11,11 +11,13 @@ replay does not know fails the test, so a new step can never be skipped silently
 need a GPU, so its job runs on the CPU with ``cluster=local_cpu``).
 
 Each virtual environment of the replay (the stand-in base Python, and any a ``RUN`` step creates)
-holds this machine's torch before the next step: hard links to one pip install of it
-(tests/freshenv.py), so the Dockerfile's ``pip install $TORCH_SPEC`` finds it installed, and
-``pip install .`` installs the app and its other dependencies from scratch.
+holds, before the next step, hard links to the packages of the built wheel's environment less the
+app itself (tests/freshenv.py: this machine's torch, and the wheel's other dependencies as pip
+resolved them for tests/test_wheel.py). So the Dockerfile's ``pip install $TORCH_SPEC`` finds torch
+installed, and ``pip install .`` builds and installs the app from the image's own copy of the tree.
 
-What this does not check: the base images themselves, and the CUDA build of torch.
+What this does not check: the base images themselves, the CUDA build of torch, and pip's resolution
+of the app's dependencies (the same ``pyproject.toml``: tests/test_wheel.py installs them from scratch).
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from freshenv import TORCH_PIN, make_venv, seed
+from freshenv import APP_NAMES, TORCH_PIN, make_venv, seed
 
-# each Dockerfile's steps replayed into a fresh venv: minutes; one worker builds the torch environment
+# each Dockerfile's steps replayed into a fresh venv: minutes; one worker builds the environments (conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("freshenv")]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +56,9 @@ def instructions(dockerfile: Path) -> list[tuple[str, str]]:
 class Replay:
     """The image being built: its root folder, environment, working directory and entry point."""
 
-    def __init__(self, root: Path, base_python: Path, torch_env: Path):
+    def __init__(self, root: Path, base_python: Path, packages: Path):
         self.root = root
-        self.torch_env = torch_env
+        self.packages = packages
         self.venvs: set[Path] = set()
         self.args: dict[str, str] = {}
         self.env = {k: v for k, v in os.environ.items()
@@ -120,21 +122,22 @@ class Replay:
             self.cmd = json.loads(rest)
 
     def seed_new_venvs(self) -> None:
-        """Torch into every virtual environment a ``RUN`` step created inside the image."""
+        """Torch and the app's dependencies into every virtual environment a ``RUN`` step created."""
         for cfg in (c for pattern in ("*/pyvenv.cfg", "*/*/pyvenv.cfg", "*/*/*/pyvenv.cfg")
                     for c in self.root.glob(pattern)):
             if cfg.parent not in self.venvs:
                 self.venvs.add(cfg.parent)
-                seed(cfg.parent, self.torch_env)
+                seed(cfg.parent, self.packages, leave_out=APP_NAMES)
 
     def run(self, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         return subprocess.run([*self.entrypoint, *args], cwd=self.cwd, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
 
-def build(dockerfile: Path, tmp_path: Path, torch_env: Path) -> Replay:
-    base = make_venv(tmp_path / "base-python", seed_from=torch_env)
-    image = Replay(tmp_path / "image", base / "bin", torch_env)
+def build(dockerfile: Path, tmp_path: Path, packages: Path) -> Replay:
+    """The image of ``dockerfile``, its Python environments seeded from ``packages`` less the app."""
+    base = make_venv(tmp_path / "base-python", seed_from=packages, leave_out=APP_NAMES)
+    image = Replay(tmp_path / "image", base / "bin", packages)
     image.root.mkdir()
     for word, rest in instructions(dockerfile):
         image.step(word, rest, {"TORCH_SPEC": TORCH_PIN})
@@ -152,8 +155,8 @@ def test_instructions_are_read_from_the_files():
 
 @pytest.mark.timeout(1800)  # a fresh environment: pip installs torch and the app's dependencies
 @pytest.mark.parametrize("name,job_args", [("Dockerfile.cpu", []), ("Dockerfile.cuda", ["cluster=local_cpu"])])
-def test_dockerfile_steps_install_a_working_app(name, job_args, tmp_path, torch_env):
-    image = build(REPO / "docker" / name, tmp_path, torch_env)
+def test_dockerfile_steps_install_a_working_app(name, job_args, tmp_path, wheel_env):
+    image = build(REPO / "docker" / name, tmp_path, wheel_env)
     where = subprocess.run(["python", "-c", "import sparsecomm.app.trainer, sparsecomm.conf; print(sparsecomm.__file__)"],
                            cwd=image.cwd, env=image.env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]

@@ -6,30 +6,25 @@ of ``conf/`` (the latter as ``sparsecomm/conf/``), so a new subpackage or config
 left out again. The wheel is then installed, with its declared dependencies, into a fresh virtual
 environment (not editable) and run from a folder outside the checkout: ``--version``, ``--check``
 and a short default job. The fresh environment gets torch as hard links to one pip install of it
-(tests/freshenv.py): pip installs everything else the wheel declares.
+(tests/freshenv.py): pip installs everything else the wheel declares. The wheel and that environment
+are session fixtures (conftest.py): the Dockerfile replays reuse them (tests/test_docker.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-from freshenv import TORCH_PIN, make_venv
 
-# One worker builds the torch environment they share; the fixtures run pip and python -m build (minutes).
+# One worker builds the environments they share (conftest.py: dists, wheel_env): pip and python -m build, minutes.
 pytestmark = [pytest.mark.xdist_group("freshenv"), pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
-# What a build must not see: local environments, caches and outputs.
-NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "outputs", "multirun", "runs",
-              "wandb", ".pytest_cache", "benchmarks", "tests")
 
 
 def _tree_files(root: Path) -> set[str]:
@@ -41,19 +36,6 @@ def _tree_files(root: Path) -> set[str]:
 def _version() -> str:
     text = (REPO / "sparsecomm" / "__init__.py").read_text()
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
-
-
-@pytest.fixture(scope="module")
-def dists(tmp_path_factory) -> dict[str, Path]:
-    src = tmp_path_factory.mktemp("src") / "sparsecomm"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
-    out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(src)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    wheels, sdists = list(out.glob("*.whl")), list(out.glob("*.tar.gz"))
-    assert len(wheels) == 1 and len(sdists) == 1, sorted(os.listdir(out))
-    return {"wheel": wheels[0], "sdist": sdists[0]}
 
 
 def test_version_is_written_once():
@@ -91,17 +73,6 @@ def test_sdist_carries_the_tree(dists):
     assert expected <= names, f"missing from the sdist: {sorted(expected - names)}"
 
 
-@pytest.fixture(scope="module")
-def installed(dists, torch_env, tmp_path_factory) -> Path:
-    """A fresh virtual environment holding the wheel and the dependencies it declares (pip resolves
-    them; torch is there already, seeded from one pip install of it: tests/freshenv.py)."""
-    venv = make_venv(tmp_path_factory.mktemp("venv") / "env", seed_from=torch_env)
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(dists["wheel"]),
-                           TORCH_PIN], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return venv
-
-
 def _run(venv: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith(("TORCHELASTIC_", "SLURM_"))
@@ -111,7 +82,8 @@ def _run(venv: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.Co
 
 
 @pytest.mark.slow
-def test_installed_wheel_runs_outside_the_checkout(installed, tmp_path):
+def test_installed_wheel_runs_outside_the_checkout(wheel_env, tmp_path):
+    installed = wheel_env
     app = str(installed / "bin" / "sparsecomm-train")
     where = _run(installed, tmp_path, str(installed / "bin" / "python"), "-c",
                  "import sparsecomm, sparsecomm.app.trainer, sparsecomm.conf; print(sparsecomm.__file__)")
