@@ -118,3 +118,41 @@ def main_in_process(args, capsys) -> tuple[int, str, str]:
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
 
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` (any of its threads) started that are alive."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:  # gone meanwhile
+        pass
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``: its children, theirs, and so on."""
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def launcher_workers(launcher: int) -> list[int]:
+    """The training workers the app's own launcher ``launcher`` started: spawned (``spawn_main``) or
+    forked by its forkserver (``cluster.start_method``); not the forkserver or multiprocessing's
+    resource tracker."""
+    return sorted(p for p in descendants(launcher)
+                  if b"spawn_main" in _cmdline(p) or any(b"forkserver" in _cmdline(q) and p in children(q)
+                                                         for q in descendants(launcher)))

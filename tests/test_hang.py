@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from apptest import APP, app_env, read_events, torchrun_app_cmd, worker_pid
+from apptest import APP, app_env, launcher_workers, read_events, torchrun_app_cmd, worker_pid
 
 TIMEOUT_S = 10
 MARGIN_S = 60  # the silent-rank check (3 heartbeat intervals), the launcher's shutdown, interpreter exits
@@ -29,14 +29,9 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
         time.sleep(0.2)
 
 
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 def a_worker_of(launcher: int) -> int:
-    """A training worker our launcher spawned (not multiprocessing's resource tracker)."""
-    workers = [p for p in children(launcher) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    """A training worker our launcher started (not its forkserver or multiprocessing's resource tracker)."""
+    workers = launcher_workers(launcher)
     assert len(workers) == 2, workers
     return max(workers)
 

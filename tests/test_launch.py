@@ -93,6 +93,46 @@ def test_a_workers_user_error_reaches_the_launcher_as_one_line():
     assert str(info.value) == "task.data_dir='/nope' does not exist (rank 1)"
 
 
+def test_only_a_processes_first_launch_uses_the_forkserver(monkeypatch):
+    preloads = []
+    monkeypatch.setattr(launch, "_launched", False)
+    monkeypatch.setattr(launch.multiprocessing, "set_forkserver_preload", preloads.append)
+    assert launch._start_method("forkserver", ["sparsecomm.app.tasks.digits"]) == "forkserver"
+    assert preloads == [[*launch.WORKER_IMPORTS, "sparsecomm.app.tasks.digits"]]
+    assert launch._start_method("forkserver", []) == "spawn"  # the server keeps its first environment
+    assert launch._start_method("fork", []) == "fork" and len(preloads) == 1
+
+
+FORKSERVER_TWICE = """
+import json, os
+from omegaconf import OmegaConf
+from sparsecomm.app import launch
+cluster = OmegaConf.create(json.loads(os.environ["CLUSTER"]))
+first = launch.launch_workers(cluster, launch.plan(cluster, {}), os.getppid)
+os.environ["SPARSECOMM_TEST_VALUE"] = "changed"
+second = launch.launch_workers(cluster, launch.plan(cluster, {}), os.getenv, "SPARSECOMM_TEST_VALUE")
+print(json.dumps({"launcher": os.getpid(), "first": list(first.values()), "second": list(second.values())}))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter launching twice: ~7 s
+def test_forkserver_workers_fork_from_one_server_and_a_second_launch_sees_the_new_environment():
+    """In a fresh process: the first launch's workers are children of one forkserver (not of the
+    launcher); the second launch spawns, and its workers see the environment as changed since."""
+    import json
+    import subprocess
+    import sys
+
+    cluster = {**OmegaConf.to_container(CPU2), "start_method": "forkserver"}
+    env = {**os.environ, "CLUSTER": json.dumps(cluster), "SPARSECOMM_TEST_VALUE": "first"}
+    proc = subprocess.run([sys.executable, "-c", FORKSERVER_TWICE], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(set(out["first"])) == 1 and out["first"][0] != out["launcher"], out  # one server, their parent
+    assert out["second"] == ["changed", "changed"], out
+
+
 def test_one_line_condenses_hydra_errors():
     from hydra.errors import ConfigCompositionException, MissingConfigException
 

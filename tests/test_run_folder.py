@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from apptest import (APP, TINY, app_env, clean_launcher_env, crash_runs_before, error_lines, main_in_process,
-                     read_events, torchrun_app, worker_pid)
+from apptest import (APP, TINY, app_env, clean_launcher_env, crash_runs_before, descendants, error_lines,
+                     launcher_workers, main_in_process, read_events, torchrun_app, worker_pid)
 from sparsecomm.app import rundir
 
 pytestmark = pytest.mark.slow  # concurrent, killed and resumed app runs: 10-30 s each
@@ -54,14 +54,6 @@ def assert_each_step_once(run_dir: Path, last: int) -> None:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # every line a whole record
     assert train_steps(run_dir) == list(range(1, last + 1))
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found += [int(c) for c in f.read().split()]
-    return found
 
 
 # --- case: one live run per folder -----------------------------------------------------------------
@@ -104,7 +96,8 @@ def test_a_sigkilled_run_resumes_and_its_workers_end_with_it(tmp_path):
     run_dir = tmp_path / "killed"
     wait_until(first, lambda: (run_dir / "checkpoints" / "step-00000020.ckpt").exists()
                and max([0, *[r["step"] for r in read_events(run_dir, live=True)]]) > 22, "a checkpoint")
-    workers = children(first.pid)
+    workers = descendants(first.pid)  # the workers, and their forkserver if it started them
+    assert len(launcher_workers(first.pid)) == 2, workers
     first.send_signal(signal.SIGKILL)  # the launcher alone: its lock goes with it, and so must its workers
     first.wait(timeout=60)
     deadline = time.time() + 60

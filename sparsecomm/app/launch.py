@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +57,15 @@ ERROR_DIR_ENV = "SPARSECOMM_ERROR_DIR"  # set for our own workers: where they le
 # spinning; a resumed run never sends a full bucket). With PASSIVE both run at the fresh speed.
 # libgomp reads it once, when torch is imported: it must be in the worker's environment.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+# What every worker imports before its first step (DDP's constructor imports torch._dynamo, ~2 s of
+# CPU). With ``cluster.start_method=forkserver`` (cluster=local_cpu's) one server process imports
+# them, the entry point's module and the task's, and forks each worker from there: N workers cost
+# one import instead of N. The server keeps the environment it started with, so only a process's
+# first launch uses it; a later launch of the same process (a sweep's next job, a second in-process
+# run) spawns, and its workers see the environment as it is then (:func:`_start_method`).
+WORKER_IMPORTS = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo")
+_launched = False  # a launch of this process started its workers already
 
 
 class WorkerUserError(ValueError):
@@ -272,6 +282,19 @@ def _quiet_elastic_logs():
             logging.getLogger(n).setLevel(level)
 
 
+def _start_method(wanted: str, preload: Sequence[str]) -> str:
+    """The start method of this launch: ``wanted``, except a forkserver after the process's first
+    launch (see :data:`WORKER_IMPORTS`); the forkserver's imports set on first use."""
+    global _launched
+    first, _launched = not _launched, True
+    if wanted != "forkserver":
+        return wanted
+    if not first:
+        return "spawn"
+    multiprocessing.set_forkserver_preload([*WORKER_IMPORTS, *preload])
+    return "forkserver"
+
+
 def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
     """torch's ``LaunchConfig`` for this node: c10d rendezvous per ``cluster``."""
     endpoint = cluster["rdzv_endpoint"] or "localhost:0"
@@ -295,8 +318,11 @@ def launch_config(cluster: Mapping, plan_: Plan, run_id: str | None = None):
 
 
 def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: Any,
-                   run_id: str | None = None) -> dict[int, Any]:
+                   run_id: str | None = None, preload: Sequence[str] = ()) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` in ``plan_.nproc_per_node`` workers here; their results by rank.
+
+    ``preload``: modules a forkserver imports for the workers beyond :data:`WORKER_IMPORTS` and
+    ``entrypoint``'s module (the task's); only those that import without side effects.
 
     A worker that stops on a user error leaves its one-line message in
     ``$SPARSECOMM_ERROR_DIR/rank<N>`` (:func:`record_worker_error`); the lowest rank's is raised
@@ -307,6 +333,7 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     shutdown timeout; their line comes back as :class:`sparsecomm.app.signals.Interrupted`.
     """
     config = launch_config(cluster, plan_, run_id)
+    config.start_method = _start_method(config.start_method, [entrypoint.__module__, *preload])
     # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)

@@ -2,7 +2,7 @@
 
 The process that owns the run folder takes it (:func:`acquire`) before it judges what the folder
 holds, and keeps it until it exits: the bare app's launching process (its workers are its
-children), or global rank 0 under torchrun or Slurm (the other ranks never touch the lock, so none
+children, or its forkserver's, and end with it: :func:`die_with`), or global rank 0 under torchrun or Slurm (the other ranks never touch the lock, so none
 of them can wait on it). The kernel drops an ``flock`` when the last descriptor of its holder is
 closed, which a SIGKILL, an OOM kill or a lost node also does: a dead run never blocks its resume.
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
 import signal
 import socket
+import threading
 import time
 
 LOCK_NAME = ".lock"
@@ -104,13 +106,47 @@ def is_live(folder: str) -> bool:
         os.close(fd)
 
 
-def die_with_parent() -> None:
-    """In a worker of the bare app: be killed (SIGKILL) when the launching process dies, as its
-    lock does, so that no orphaned worker goes on writing into a folder nobody holds (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+def die_with(launcher: int) -> None:
+    """In a worker of the bare app: be killed (SIGKILL) when the launching process ``launcher`` dies,
+    as its lock does, so that no orphaned worker goes on writing into a folder nobody holds.
+
+    A spawned worker is the launcher's child: the kernel's parent-death signal does it (Linux). A
+    worker forked by the launcher's forkserver is the server's child, and the server lives as long
+    as its children: a daemon thread waits on the launcher's pidfd (Linux), else checks every second.
+    """
+    if launcher == os.getppid():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != launcher:  # the launcher died before the call above
+            os._exit(1)
         return
-    if os.getppid() == 1:  # the launcher died before the call above
+    try:
+        pidfd = os.pidfd_open(launcher)
+    except ProcessLookupError:
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here: look once a second
+        pidfd = None
+    threading.Thread(target=_kill_self_when_gone, args=(launcher, pidfd), name="sparsecomm-launcher-watch",
+                     daemon=True).start()
+
+
+def _kill_self_when_gone(launcher: int, pidfd: int | None) -> None:
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the launcher has exited
+    else:
+        while _alive(launcher):
+            time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

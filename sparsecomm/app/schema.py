@@ -66,7 +66,7 @@ class ClusterConfig(Option):
     rdzv_id: Optional[str] = None  # run id shared by all nodes; null: a fresh one per run (one node only)
     socket_ifname: Optional[str] = None  # interface between nodes (GLOO_/NCCL_SOCKET_IFNAME); null: netif.py picks
     max_restarts: int = 0  # elastic restarts of failed workers
-    start_method: str = "spawn"  # how the bare app starts its workers: spawn | fork | forkserver
+    start_method: str = "spawn"  # how the bare app starts its workers: spawn | fork | forkserver (docs/clusters.md)
     num_threads: Optional[int] = None  # torch threads per process; null: this node's cores / nproc_per_node
     timeout_s: float = 300.0  # a collective (or the rendezvous) waiting longer on a peer stops every rank, one line
     link: LinkConfig = field(default_factory=LinkConfig)

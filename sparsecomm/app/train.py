@@ -46,11 +46,18 @@ from .peers import PeerLost
 _T0 = time.time()
 
 
-def _worker(container: dict, run_dir: str, t0: float) -> dict[str, Any]:
+def _worker(container: dict, run_dir: str, t0: float, launcher: int) -> dict[str, Any]:
     """Entry point of each worker the bare app starts (torch elastic sets RANK etc.)."""
-    runlock.die_with_parent()  # the launching process holds the run folder's lock: its workers end with it
+    runlock.die_with(launcher)  # the launching process holds the run folder's lock: its workers end with it
     with exit_on_user_error():
         return trainer.run(OmegaConf.create(container), run_dir, t0)
+
+
+def _task_modules(cfg: DictConfig) -> list[str]:
+    """The task's module, for the workers' forkserver to import (the app's own tasks only: a user's
+    module may do anything on import)."""
+    module = str(cfg.task.get("_target_", "")).rpartition(".")[0]
+    return [module] if module.startswith("sparsecomm.") else []
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -61,8 +68,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return trainer.run(cfg, run_dir, _T0)
     container = OmegaConf.to_container(cfg, resolve=True)  # resolved here, where ${hydra:...} works
     try:
-        results = launch.launch_workers(cfg.cluster, plan, _worker, container, run_dir, _T0,
-                                        run_id=os.path.basename(run_dir))
+        results = launch.launch_workers(cfg.cluster, plan, _worker, container, run_dir, _T0, os.getpid(),
+                                        run_id=os.path.basename(run_dir), preload=_task_modules(cfg))
     except PeerLost as e:
         e.run_dir, e.checkpoint = run_dir, cfg.checkpoint
         raise
