@@ -142,7 +142,8 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
+    """``/proc/<pid>/cmdline`` (empty once the process is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -154,5 +155,5 @@ def launcher_workers(launcher: int) -> list[int]:
     forked by its forkserver (``cluster.start_method``); not the forkserver or multiprocessing's
     resource tracker."""
     return sorted(p for p in descendants(launcher)
-                  if b"spawn_main" in _cmdline(p) or any(b"forkserver" in _cmdline(q) and p in children(q)
+                  if b"spawn_main" in cmdline(p) or any(b"forkserver" in cmdline(q) and p in children(q)
                                                          for q in descendants(launcher)))

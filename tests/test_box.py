@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from apptest import cmdline
 from benchmarks import comm_results  # ring prediction and the 10% check of the communication benchmark
 from cluster import box
 
@@ -468,13 +469,6 @@ def finish(procs: dict, timeout: float, enough=lambda took: False) -> dict[str, 
             p.wait()
         out[n] = (p.returncode if n in took else None, log.read_text(), took.get(n, float("nan")))
     return out
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def node_worker(st, node: str, rid: str, rank: int) -> int:
