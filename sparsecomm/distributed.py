@@ -107,12 +107,13 @@ def leave_process_group() -> None:
     kept until the exit pause.
 
     DDP wrappers and their comm hooks' states sit in reference cycles: collected first, they are
-    freed while their group is still alive, not by a later collection. A Gloo worker thread can hold the last reference to its own process group: a comm hook's
-    ``.then`` callback that captured the group (PowerSGD's does) lives in the work item the worker
-    drops after the future completed, possibly after ``destroy_process_group`` has returned. The
-    group's destructor then joins its worker threads from one of them and the process aborts
-    ("terminate called ... std::system_error: Resource deadlock avoided", exit code -6; about 1 in
-    75 PowerSGD runs of 2 ranks here). Held here, it is freed on the main thread by the exit pause
+    freed while their group is still alive, not by a later collection. A Gloo worker thread can hold
+    the last reference to its own process group: a comm hook's ``.then`` callback that captured the
+    group (PowerSGD's does) lives in the work item the worker drops after the future completed,
+    possibly after ``destroy_process_group`` has returned. The group's destructor then joins its
+    worker threads from one of them and the process aborts ("terminate called ... std::system_error:
+    Resource deadlock avoided", exit code -6; about 1 in 75 PowerSGD runs of 2 ranks here). Held
+    here, it is freed on the main thread by the exit pause
     (:func:`let_comm_threads_finish_at_exit`), after the workers had time to finish.
     """
     gc.collect()

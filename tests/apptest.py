@@ -119,7 +119,6 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error: ")]
 
 
-
 def children(pid: int) -> list[int]:
     """The processes ``pid`` (any of its threads) started that are alive."""
     found = []
@@ -154,6 +153,6 @@ def launcher_workers(launcher: int) -> list[int]:
     """The training workers the app's own launcher ``launcher`` started: spawned (``spawn_main``) or
     forked by its forkserver (``cluster.start_method``); not the forkserver or multiprocessing's
     resource tracker."""
-    return sorted(p for p in descendants(launcher)
-                  if b"spawn_main" in cmdline(p) or any(b"forkserver" in cmdline(q) and p in children(q)
-                                                         for q in descendants(launcher)))
+    tree = descendants(launcher)
+    forked = {c for q in tree if b"multiprocessing.forkserver" in cmdline(q) for c in children(q)}
+    return sorted(p for p in tree if p in forked or b"spawn_main" in cmdline(p))

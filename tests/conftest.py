@@ -10,6 +10,7 @@ together (same worker, one after another) when they
 * carry their own ``@pytest.mark.xdist_group(name)``.
 """
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,8 +87,6 @@ NOT_SOURCE = (".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "ou
 @pytest.fixture(scope="session")
 def dists(tmp_path_factory) -> dict[str, Path]:
     """The wheel and the sdist, built from a copy of the tree (``python -m build``)."""
-    import shutil
-
     src = tmp_path_factory.mktemp("src") / "sparsecomm"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*NOT_SOURCE))
     return freshenv.build(src, tmp_path_factory.mktemp("dist"))
@@ -98,4 +97,3 @@ def wheel_env(dists, torch_env, tmp_path_factory) -> Path:
     """A fresh virtual environment holding the wheel and every dependency it declares, as pip
     resolved them (torch seeded from ``torch_env``)."""
     return freshenv.install(dists["wheel"], tmp_path_factory.mktemp("wheel-env") / "env", torch_env)
-

@@ -1,10 +1,11 @@
 """One live run per folder: an exclusive ``flock`` on ``<folder>/.lock`` for as long as the run lives.
 
 The process that owns the run folder takes it (:func:`acquire`) before it judges what the folder
-holds, and keeps it until it exits: the bare app's launching process (its workers are its
-children, or its forkserver's, and end with it: :func:`die_with`), or global rank 0 under torchrun or Slurm (the other ranks never touch the lock, so none
-of them can wait on it). The kernel drops an ``flock`` when the last descriptor of its holder is
-closed, which a SIGKILL, an OOM kill or a lost node also does: a dead run never blocks its resume.
+holds, and keeps it until it exits: the bare app's launching process (its workers, its children or
+its forkserver's, end with it: :func:`die_with`), or global rank 0 under torchrun or Slurm (the
+other ranks never touch the lock, so none of them can wait on it). The kernel drops an ``flock``
+when the last descriptor of its holder is closed, which a SIGKILL, an OOM kill or a lost node also
+does: a dead run never blocks its resume.
 
 The file holds one line about its holder (pid, host, start time) for the message of a refused
 second command (:class:`FolderInUse`); the lock itself, not the line, decides. Nothing crosses the
