@@ -10,6 +10,9 @@ import time
 
 from cluster.nodes import CTL_ADDR, BoxError, empty, netns, popen, run, save, sh, tool
 
+# The scheduling loops run every second (sched_interval, bf_interval; Slurm's defaults are 60 s and
+# 30 s): a job that becomes eligible without an event that wakes the scheduler, such as a requeued
+# job once its credential's expiry has passed (cred_expire), starts within a second, not up to 30 s later.
 SLURM_CONF = """\
 # slurm.conf of the box {name} (written by cluster/box.py; one host, emulated nodes)
 ClusterName={name}
@@ -35,7 +38,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 MailProg=/bin/true
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1
 SlurmdParameters=config_overrides
 JobRequeue=1
 KillWait=5
