@@ -17,7 +17,6 @@ A process running the app is in one of three situations, told apart by its envir
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import multiprocessing
 import os
@@ -36,7 +35,6 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from .. import distributed as sdist
 from .config import ClusterError, check_cluster, visible_gpus
 from .signals import Interrupted
 from .fields import whole_number
@@ -227,22 +225,6 @@ def default_threads(environ: Mapping[str, str], local_world: int) -> int:
         if "TORCHELASTIC_RUN_ID" not in environ:  # one Slurm task per process: the task's CPUs are its own
             share = 1
     return max(1, cores // share)
-
-
-def leave_process_group() -> None:
-    """Leave the default process group so that nothing of it outlives the interpreter.
-
-    The trainer's objects form reference cycles (DDP -> its comm hook's state -> ...), which only
-    Python's cyclic GC frees: when that happens during interpreter shutdown, the DDP reducer and
-    Gloo's work objects are destroyed while Python is finalising, a Gloo thread that drops a
-    tensor's Python reference can no longer take the GIL, and the process dies with "terminate
-    called without an active exception" (SIGABRT) after the run finished, so torchrun reports a
-    failure (and with --max-restarts, trains again). Here they are collected first, while the
-    process group is still alive, and only then is it destroyed (held until the exit pause:
-    :func:`sparsecomm.distributed.leave_process_group`).
-    """
-    sdist.leave_process_group()
-    gc.collect()
 
 
 def elastic_attempt_store(environ: Mapping[str, str], timeout: timedelta = timedelta(minutes=5)):

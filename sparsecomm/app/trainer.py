@@ -240,5 +240,5 @@ def run(cfg: DictConfig, run_dir: str, t0: float | None = None, callbacks: Itera
         if trainer is not None:
             trainer.close()
         del trainer
-        launch.leave_process_group()
+        sdist.leave_process_group()
         stop.restore()
