@@ -24,10 +24,6 @@ fi
 # OpenMP threads that wait sleep instead of spinning (spinning threads starve the working ones).
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-# A fresh rendezvous store per restart attempt: with the shared one, restarted ranks can read
-# the previous attempt's Gloo/NCCL addresses (pytorch/pytorch#135712).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-
 # Check the config once before torchrun starts: a bad value is one line, never retried by restarts.
 "$python" -m sparsecomm.app.train --check "cluster.nproc_per_node=$nproc" "$@"
 

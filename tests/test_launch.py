@@ -87,6 +87,18 @@ def test_launch_workers_returns_every_ranks_result():
     assert launch.launch_workers(CPU2, launch.plan(CPU2, {}), _rank_entry, "r") == {0: "r0", 1: "r1"}
 
 
+def _uses_agent_store():
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+
+
+def test_one_node_workers_share_the_agents_store(monkeypatch):
+    """No second store on a port chosen by binding port 0 and closing it (another job on the host can
+    take it in between: that job's store, or a rank of this one talking to the wrong job)."""
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    assert launch.launch_workers(CPU2, launch.plan(CPU2, {}), _uses_agent_store) == {0: "True", 1: "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ
+
+
 def test_a_workers_user_error_reaches_the_launcher_as_one_line():
     with pytest.raises(WorkerUserError) as info:
         launch.launch_workers(CPU2, launch.plan(CPU2, {}), _failing_entry, 1)

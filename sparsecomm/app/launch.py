@@ -316,8 +316,12 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     """
     config = launch_config(cluster, plan_, run_id)
     config.start_method = _start_method(config.start_method, [entrypoint.__module__, *preload])
-    # A fresh rendezvous store per restart attempt (see elastic_attempt_store), read by our agent.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if plan_.nnodes > 1:
+        # Across nodes, a fresh rendezvous store per restart attempt (see elastic_attempt_store), read
+        # by our agent. On one node the agent's own store serves every attempt under its own prefix:
+        # a fresh store would listen on a port the agent chose by binding port 0 and closing it, and
+        # another process on the host (a second job's store) can take that port in between.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
