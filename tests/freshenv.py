@@ -91,6 +91,16 @@ def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]
     return added
 
 
+def outside_env(bin_dir: Path) -> dict[str, str]:
+    """This process's environment as a fresh shell would have it, ``bin_dir`` first on ``PATH``:
+    no virtual environment or ``PYTHONPATH`` of the checkout, no launcher's rank variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith(("TORCHELASTIC_", "SLURM_"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def make_venv(path: Path, seed_from: Path, leave_out: tuple[str, ...] = ()) -> Path:
     """A fresh virtual environment at ``path``, seeded from ``seed_from``: ``python -m venv
     --without-pip``, then pip comes with the other packages (the same pip ``ensurepip`` installs,

@@ -22,7 +22,6 @@ of the app's dependencies (the same ``pyproject.toml``: tests/test_wheel.py inst
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -30,7 +29,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from freshenv import APP_NAMES, TORCH_PIN, make_venv, seed
+from freshenv import APP_NAMES, TORCH_PIN, make_venv, outside_env, seed
 
 # each Dockerfile's steps replayed into a fresh venv: minutes; one worker builds the environments (conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("freshenv")]
@@ -61,10 +60,7 @@ class Replay:
         self.packages = packages
         self.venvs: set[Path] = set()
         self.args: dict[str, str] = {}
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith(("TORCHELASTIC_", "SLURM_"))
-                    and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        self.env["PATH"] = f"{base_python}{os.pathsep}{self.env['PATH']}"
+        self.env = outside_env(base_python)
         self.cwd = root
         self.entrypoint: list[str] = []
         self.cmd: list[str] = []

@@ -12,7 +12,6 @@ are session fixtures (conftest.py): the Dockerfile replays reuse them (tests/tes
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import tarfile
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from freshenv import outside_env
 
 # One worker builds the environments they share (conftest.py: dists, wheel_env): pip and python -m build, minutes.
 pytestmark = [pytest.mark.xdist_group("freshenv"), pytest.mark.timeout(1800)]
@@ -74,11 +74,8 @@ def test_sdist_carries_the_tree(dists):
 
 
 def _run(venv: Path, cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith(("TORCHELASTIC_", "SLURM_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(list(args), cwd=cwd, env=outside_env(venv / "bin"), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.mark.slow
