@@ -75,10 +75,11 @@ def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]
             _link_or_copy(str(src), str(dst_site / name))
     # the byte code of the one-file modules added (site-packages/__pycache__/<module>.cpython-3X.pyc)
     modules = {n[:-3] for n in added if n.endswith(".py")}
-    for pyc in sorted((src_site / "__pycache__").glob("*.pyc")) if modules else ():
-        if pyc.name.split(".")[0] in modules:
-            (dst_site / "__pycache__").mkdir(exist_ok=True)
-            _link_or_copy(str(pyc), str(dst_site / "__pycache__" / pyc.name))
+    pycs = [p for p in sorted((src_site / "__pycache__").glob("*.pyc")) if p.name.split(".")[0] in modules]
+    if pycs:
+        (dst_site / "__pycache__").mkdir(exist_ok=True)
+    for pyc in pycs:
+        _link_or_copy(str(pyc), str(dst_site / "__pycache__" / pyc.name))
     python = venv / "bin" / "python"
     for script in sorted((source / "bin").iterdir()):
         target = venv / "bin" / script.name
