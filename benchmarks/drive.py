@@ -44,9 +44,17 @@ def meters(spec: dict, variant: dict) -> list:
     return [StepMeter(int(variant["warmup"]), int(variant["steps"]), link)]
 
 
+def run_folder(spec: dict, variant: dict, launch_rank: int) -> str:
+    """The run folder this process's run writes (its rank 0 does), removed once the row is made: one
+    per launch (the launching agent's pid), and per process for ``"alone"``, where every process is
+    rank 0 of a world of its own (a shared folder would be removed under a process still writing it)."""
+    name = f"run-{variant['id']}-{os.getppid()}" + (f"-{launch_rank}" if variant.get("alone") else "")
+    return os.path.join(spec["workdir"], name)
+
+
 def run_variant(spec: dict, variant: dict, launch_rank: int, launch_world: int) -> dict:
     """The app's run of ``variant`` on this rank; returns its row (every rank)."""
-    run_dir = os.path.join(spec["workdir"], f"run-{variant['id']}-{os.getppid()}")
+    run_dir = run_folder(spec, variant, launch_rank)
     cfg = compose_config([*variant["overrides"], f"cluster.num_threads={int(spec.get('threads', 1))}"])
     summary = trainer.run(cfg, run_dir, callbacks=meters(spec, variant))
     row = {k: v for k, v in variant.items() if k not in ("overrides", "alone")}
@@ -57,7 +65,7 @@ def run_variant(spec: dict, variant: dict, launch_rank: int, launch_world: int) 
     if variant.get("alone"):  # every process alone: the launch's size, and the compute of a step only
         phases = row.get("phases_s", {})
         row.update(world_size=launch_world, step_s=phases.get("forward", 0.0) + phases.get("backward", 0.0))
-    if launch_rank == 0:
+    if launch_rank == 0 or variant.get("alone"):  # whoever wrote the folder
         shutil.rmtree(run_dir, ignore_errors=True)
     return row
 

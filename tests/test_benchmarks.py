@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 
 
-from benchmarks import comm, comm_results, report
+from benchmarks import comm, comm_results, drive, report
 from cluster import netem
 
 NO_NETNS = netem.why_no_namespace()
@@ -91,6 +92,17 @@ def test_table_json_and_plots_written(tiny_run):
         for name in ("comm_step_time.png", "comm_wire_bytes.png"):
             assert (out / name).stat().st_size > 1000
     assert not (out / "tmp").exists()
+
+
+def test_every_process_of_an_alone_launch_has_a_run_folder_of_its_own(tmp_path):
+    """``"alone"`` (the compute floor): every process of the launch is rank 0 of a world of its own
+    and writes a run folder; a folder shared by the launch would be removed by one process while
+    another still writes it (files were left in the workers' scratch folder)."""
+    spec = {"workdir": str(tmp_path)}
+    alone = [drive.run_folder(spec, {"id": "floor", "alone": True}, r) for r in range(4)]
+    shared = [drive.run_folder(spec, {"id": "dense"}, r) for r in range(4)]
+    assert len(set(alone)) == 4 and len(set(shared)) == 1
+    assert all(os.path.dirname(p) == str(tmp_path) for p in alone + shared)
 
 
 @pytest.mark.slow
