@@ -73,8 +73,9 @@ def _warm_lazy_imports():
 
 @pytest.fixture(scope="session")
 def torch_env(tmp_path_factory) -> Path:
-    """One virtual environment with this machine's torch installed by pip, the source that
-    ``freshenv.make_venv`` seeds fresh environments from (tests/freshenv.py)."""
+    """One fresh virtual environment holding this environment's torch (and what it requires, and
+    pip) by hard links, the source that ``freshenv.make_venv`` seeds fresh environments from
+    (tests/freshenv.py)."""
     return freshenv.torch_env(tmp_path_factory.mktemp("torch-env") / "env")
 
 

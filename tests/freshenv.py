@@ -1,10 +1,11 @@
 """Fresh virtual environments that already hold this machine's torch (tests/test_wheel.py, tests/test_docker.py).
 
-pip installing torch unpacks about 750 MB: the longest step of every fresh environment. So pip
-installs the pinned torch once, into :func:`torch_env` (a session fixture in conftest.py), and
-:func:`seed` gives every fresh environment a test makes hard links to that install: torch and the
-packages it depends on, with their ``.dist-info``, and their console scripts rewritten for the fresh
-interpreter. pip then sees exactly what ``pip install torch==X`` would have left there, and
+pip installing torch unpacks about 750 MB: the longest step of every fresh environment. The
+environment running the tests holds that install already (``make setup``: ``pip install torch==X``),
+so :func:`torch_env` (a session fixture in conftest.py) is a fresh environment holding hard links to
+it: torch and the distributions it requires, pip, with their ``.dist-info``, and their console
+scripts rewritten for the fresh interpreter. :func:`seed` gives every fresh environment a test makes
+the same links from there. pip then sees exactly what ``pip install torch==X`` would have left, and
 installs everything else (the wheel's other dependencies, the app itself) from scratch.
 
     make_venv(path, seed_from=torch_env)   # python -m venv --without-pip path, then seed(path, torch_env)
@@ -19,9 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # The CPU torch this machine has on disk, so pip never chooses a CUDA build for ``torch>=2.3``.
 TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"
@@ -33,12 +37,36 @@ def site_packages(venv: Path) -> Path:
     return found[0]
 
 
+def requirement_closure(*names: str) -> list[metadata.Distribution]:
+    """The installed distributions ``names`` and every one they require, transitively (markers
+    evaluated for this interpreter, no extras)."""
+    found: dict[str, metadata.Distribution] = {}
+    todo = list(names)
+    while todo:
+        key = canonicalize_name(todo.pop())
+        if key in found:
+            continue
+        found[key] = dist = metadata.distribution(key)
+        for text in dist.requires or ():
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return [found[k] for k in sorted(found)]
+
+
 def torch_env(venv: Path) -> Path:
-    """``venv`` created, with :data:`TORCH_PIN` installed by pip (the source :func:`seed` links from)."""
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", TORCH_PIN],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """``venv`` created (``python -m venv --without-pip``), holding this environment's torch, the
+    distributions it requires and pip, linked: what ``pip install torch==X`` leaves in a fresh
+    environment (the source :func:`seed` links from)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    dists = requirement_closure("torch", "pip")
+    files = [str(f) for d in dists for f in d.files or ()]
+    names = {f.split("/")[0] for f in files if not f.startswith("..")}
+    scripts = {f.rsplit("/", 1)[1] for f in files if f.startswith("../") and "/bin/" in f}
+    source = Path(sys.prefix)
+    elsewhere = [d.name for d in dists if Path(d.locate_file("")) != site_packages(source)]
+    assert not elsewhere, f"{elsewhere}: not installed in this environment ({source}), so not linked from it"
+    seed(venv, source, only=names | scripts)
     return venv
 
 
@@ -53,9 +81,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 APP_NAMES = ("sparsecomm",)
 
 
-def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
+def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = (), only: set[str] | None = None) -> list[str]:
     """Give ``venv`` (fresh) every package of ``source`` it lacks, but those whose name starts with one
-    of ``leave_out``; the names added, sorted.
+    of ``leave_out``, or all but those named in ``only`` (site-packages entries and console scripts);
+    the names added, sorted.
 
     Packages are hard links (a copy across file systems), their byte code included, as pip compiled
     it when it installed them (a link keeps the source's mtime, so the byte code stays valid; without
@@ -65,8 +94,9 @@ def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]
     """
     src_site, dst_site = site_packages(source), site_packages(venv)
     have = set(os.listdir(dst_site))
+    wanted = (lambda name: name in only) if only is not None else (lambda name: True)
     added = sorted(n for n in os.listdir(src_site)
-                   if n not in have and n != "__pycache__" and not n.startswith(leave_out))
+                   if n not in have and n != "__pycache__" and not n.startswith(leave_out) and wanted(n))
     for name in added:
         src = src_site / name
         if src.is_dir() and not src.is_symlink():
@@ -83,7 +113,8 @@ def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = ()) -> list[str]
     python = venv / "bin" / "python"
     for script in sorted((source / "bin").iterdir()):
         target = venv / "bin" / script.name
-        if target.exists() or script.is_symlink() or not script.is_file() or script.name.startswith(leave_out):
+        if target.exists() or script.is_symlink() or not script.is_file() or script.name.startswith(leave_out) \
+                or not wanted(script.name):
             continue
         lines = script.read_bytes().split(b"\n", 1)
         if lines[0].startswith(b"#!") and len(lines) == 2:
