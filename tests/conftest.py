@@ -57,6 +57,10 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item)
         if group is not None and not item.nodeid.endswith(f"@{group}"):
             in_group(item, group)
+    # Workers take tests in this order: the slow ones and the groups first, so that the short tests
+    # fill the workers at the end instead of one long test running on alone (stable: a group's and
+    # a module's tests keep their order).
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or xdist_group_of(item)))
 
 
 @pytest.fixture(scope="session", autouse=True)
