@@ -83,8 +83,8 @@ def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
 def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
     run_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
     cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id=run_id)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**app_env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     wait_for_step(tmp_path / run_id, proc, 25)
     pid = worker_pid(run_id, 1)
     err, took = stop_and_wait(proc, pid)

@@ -99,6 +99,25 @@ def test_one_node_workers_share_the_agents_store(monkeypatch):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ
 
 
+def test_a_multi_node_launch_asks_for_fresh_stores_for_its_own_length(monkeypatch):
+    """Across nodes each restart attempt gets a fresh store; the launching process's later one-node
+    launches (a sweep's next job, its subprocesses) must not inherit the variable that asks for it."""
+    seen = {}
+
+    def elastic_launch(config, entrypoint):
+        def run(*args):
+            seen["during"] = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+            return {0: "done"}
+        return run
+
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setattr(launch, "elastic_launch", elastic_launch)
+    two = {**CPU2, "nnodes": 2, "rdzv_endpoint": "node1:29500", "rdzv_id": "job7"}
+    assert launch.launch_workers(two, Plan("launch", "bare", 2, 2), _rank_entry, "r") == {0: "done"}
+    assert seen["during"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in os.environ
+
+
 def test_a_workers_user_error_reaches_the_launcher_as_one_line():
     with pytest.raises(WorkerUserError) as info:
         launch.launch_workers(CPU2, launch.plan(CPU2, {}), _failing_entry, 1)

@@ -316,15 +316,14 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     """
     config = launch_config(cluster, plan_, run_id)
     config.start_method = _start_method(config.start_method, [entrypoint.__module__, *preload])
-    if plan_.nnodes > 1:
-        # Across nodes, a fresh rendezvous store per restart attempt (see elastic_attempt_store), read
-        # by our agent. On one node the agent's own store serves every attempt under its own prefix:
-        # a fresh store would listen on a port the agent chose by binding port 0 and closing it, and
-        # another process on the host (a second job's store) can take that port in between.
-        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)
         os.environ.setdefault(key, value)
-    with tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
+    # Across nodes, a fresh rendezvous store per restart attempt (see elastic_attempt_store), read by
+    # our agent, for this launch only. On one node the agent's own store serves every attempt under
+    # its own prefix: a fresh store would listen on a port the agent chose by binding port 0 and
+    # closing it, and another process on the host (a second job's store) can take that port in between.
+    fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if plan_.nnodes > 1 else {}
+    with _environ_defaults(fresh_store), tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:
             with _quiet_elastic_logs():
@@ -345,6 +344,18 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
             raise Interrupted(line.removeprefix("sparsecomm: "), int(e.sigval)) from None
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
+
+
+@contextlib.contextmanager
+def _environ_defaults(values: Mapping[str, str]):
+    """``os.environ.setdefault`` for each of ``values``, undone when the block ends."""
+    added = [key for key in values if key not in os.environ]
+    os.environ.update({key: values[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def record_worker_error(message: str) -> bool:
