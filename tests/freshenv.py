@@ -64,7 +64,8 @@ def torch_env(venv: Path) -> Path:
     names = {f.split("/")[0] for f in files if not f.startswith("..")}
     scripts = {f.rsplit("/", 1)[1] for f in files if f.startswith("../") and "/bin/" in f}
     source = Path(sys.prefix)
-    elsewhere = [d.name for d in dists if Path(d.locate_file("")) != site_packages(source)]
+    here = site_packages(source)
+    elsewhere = [d.name for d in dists if Path(d.locate_file("")) != here]
     assert not elsewhere, f"{elsewhere}: not installed in this environment ({source}), so not linked from it"
     seed(venv, source, only=names | scripts)
     return venv
@@ -83,8 +84,8 @@ APP_NAMES = ("sparsecomm",)
 
 def seed(venv: Path, source: Path, leave_out: tuple[str, ...] = (), only: set[str] | None = None) -> list[str]:
     """Give ``venv`` (fresh) every package of ``source`` it lacks, but those whose name starts with one
-    of ``leave_out``, or all but those named in ``only`` (site-packages entries and console scripts);
-    the names added, sorted.
+    of ``leave_out`` and, if ``only`` is given, those it does not name (site-packages entries and
+    console scripts); the names added, sorted.
 
     Packages are hard links (a copy across file systems), their byte code included, as pip compiled
     it when it installed them (a link keeps the source's mtime, so the byte code stays valid; without

@@ -316,14 +316,14 @@ def launch_workers(cluster: Mapping, plan_: Plan, entrypoint: Callable, *args: A
     """
     config = launch_config(cluster, plan_, run_id)
     config.start_method = _start_method(config.start_method, [entrypoint.__module__, *preload])
-    for key, value in WORKER_ENV.items():  # the spawned workers inherit it (see WORKER_ENV)
-        os.environ.setdefault(key, value)
-    # Across nodes, a fresh rendezvous store per restart attempt (see elastic_attempt_store), read by
-    # our agent, for this launch only. On one node the agent's own store serves every attempt under
-    # its own prefix: a fresh store would listen on a port the agent chose by binding port 0 and
-    # closing it, and another process on the host (a second job's store) can take that port in between.
+    # For this launch only: what the workers inherit (see WORKER_ENV) and, across nodes, a fresh
+    # rendezvous store per restart attempt (see elastic_attempt_store), read by our agent. On one node
+    # the agent's own store serves every attempt under its own prefix: a fresh store would listen on a
+    # port the agent chose by binding port 0 and closing it, and another process on the host (a second
+    # job's store) can take that port in between.
     fresh_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if plan_.nnodes > 1 else {}
-    with _environ_defaults(fresh_store), tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
+    with _environ_defaults({**WORKER_ENV, **fresh_store}), \
+            tempfile.TemporaryDirectory(prefix="sparsecomm-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         try:
             with _quiet_elastic_logs():
