@@ -11,7 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 # machine: make test 3 (many of its tests wait part of the time, on Slurm, a timeout they check or a
 # launch's start-up, and a third worker keeps both cores busy then), make check 2 (its tests only compute).
 JOBS ?=
-PYTEST = $(VENV)/bin/pytest -q --dist loadgroup
+# The suite starts hundreds of interpreters that import the project: they share its byte code, written
+# by the first (where the environment says PYTHONDONTWRITEBYTECODE=1, each would compile it again).
+PYTEST = env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q --dist loadgroup
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

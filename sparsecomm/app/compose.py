@@ -216,6 +216,10 @@ def _refused(cfg: DictConfig, key: str, text: str) -> bool:
     return False
 
 
+# The bases composed so far in this process (_Explainer.base): the configs' files do not change under a run.
+_BASES: dict[tuple, DictConfig] = {}
+
+
 class _Explainer:
     """Why a composition failed, in one line: composes what it needs only when asked."""
 
@@ -231,9 +235,18 @@ class _Explainer:
         return self.hydra.compose_config(self.config_name, overrides, run_mode=RunMode.RUN)
 
     def base(self) -> DictConfig:
-        """The config of the same group choices, no value overridden (its fields say their types)."""
+        """The config of the same group choices, no value overridden (its fields say their types):
+        composed once per process for each search path, config and choices (read-only, shared by
+        every explanation that needs it: a process that composes many configs, a sweep's or a
+        test's, pays for each base once)."""
         if self._base is None:
-            self._base = self.compose(self.choices)
+            search_path = tuple((e.provider, e.path) for e in self.hydra.config_loader.get_search_path().get_path())
+            key = (search_path, self.config_name, tuple(self.choices))
+            if key not in _BASES:
+                base = self.compose(self.choices)
+                OmegaConf.set_readonly(base, True)
+                _BASES[key] = base
+            self._base = _BASES[key]
         return self._base
 
     def failure(self, exc: BaseException) -> BaseException:
