@@ -16,7 +16,8 @@ PKG = ROOT / "sparsecomm"
 PACKAGES = ("sparsecomm", "benchmarks", "cluster")  # the project's importable packages
 SCRIPT_DIRS = ("sparsecomm", "benchmarks", "cluster", "tests", "examples")  # every Python file of the project
 OPTIONAL = ("transformers", "wandb", "submitit", "hydra_plugins", "matplotlib",  # may be imported where used
-            "accelerate", "lightning")  # (sparsecomm/integrations/: each module needs its stack)
+            "accelerate", "lightning",  # (sparsecomm/integrations/: each module needs its stack)
+            "sklearn")  # prepares the digits split only when it is not cached (tasks/cache.py)
 MAX_MODULE_LINES = 400
 TRAINER_MAX_LINES = 150  # the Trainer class of sparsecomm/app/trainer.py, first line to last
 

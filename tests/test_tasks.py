@@ -1,8 +1,11 @@
 """Tasks: each builds from its config; loaders read the real file layouts (written small into tmp_path);
 bad inputs raise errors naming the field and the fix."""
 import importlib.util
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,84 @@ def test_digits_trains_to_high_accuracy_quickly():
     finally:
         torch.set_num_threads(threads)
     assert acc > 0.93, f"100 steps of batch 32 reached only {acc:.3f}"
+
+
+def sklearn_split(test_fraction=0.2, seed=0):
+    """The reference: scikit-learn's own digits and stratified split, as its docs show them."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(d.images[:, None] / 16.0, d.target, test_size=test_fraction,
+                                              stratify=d.target, random_state=seed)
+    return x_tr, y_tr, x_te, y_te
+
+
+def assert_split_equals(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, torch.as_tensor(w).to(g.dtype)), "the split differs from scikit-learn's"
+
+
+def cached_files(folder: Path):
+    return sorted(p.name for p in folder.glob("digits-*.npz"))
+
+
+def test_digits_split_is_cached_and_equals_sklearns(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path))
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    assert_split_equals(digits.load(0.25, 3), sklearn_split(0.25, 3))
+    assert len(cached_files(tmp_path)) == 1
+    digits.load(0.25, 4)
+    assert len(cached_files(tmp_path)) == 2, "another seed is another split: another file"
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file was renamed into place"
+    # A fresh interpreter reads the cached split without importing scikit-learn at all.
+    code = ("import sys, torch; from sparsecomm.app.tasks import digits; "
+            "torch.save(digits.load(0.25, 3), sys.argv[1]); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "split.pt")], capture_output=True,
+                         text=True, check=True, env={**os.environ, "SPARSECOMM_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.strip() == "False", out.stderr
+    assert_split_equals(torch.load(tmp_path / "split.pt"), sklearn_split(0.25, 3))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_arrays"])
+def test_digits_damaged_cache_is_prepared_again_and_replaced(tmp_path, monkeypatch, caplog, damage):
+    monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path))
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    digits.load()
+    (path,) = tmp_path.glob("digits-*.npz")
+    if damage == "garbage":
+        path.write_bytes(b"not a zip file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:4000])
+    else:
+        np.savez(path, x_train=np.zeros((3, 1, 8, 8), np.float32), y_train=np.zeros(3, np.int64),
+                 x_test=np.zeros((2, 1, 8, 8), np.float32), y_test=np.zeros(2, np.int64))
+    with caplog.at_level("WARNING"):
+        assert_split_equals(digits.load(), sklearn_split())
+    assert str(path) in caplog.text and "preparing them again" in caplog.text
+    with np.load(path) as npz:  # replaced by the good split
+        assert torch.equal(torch.from_numpy(npz["y_test"]), digits.load()[3])
+
+
+def test_digits_cache_written_by_rank_zero_only_and_optional(tmp_path, monkeypatch):
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path / "ranks"))
+    for rank_var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.setenv(rank_var, "1")
+        assert_split_equals(digits.load(), sklearn_split())
+        assert not (tmp_path / "ranks").exists() or not cached_files(tmp_path / "ranks"), rank_var
+        monkeypatch.delenv(rank_var)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(blocked / "sub"))
+    assert_split_equals(digits.load(), sklearn_split()), "a cache that cannot be written: no cache, no error"
+    monkeypatch.delenv("SPARSECOMM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    digits.load()
+    assert cached_files(tmp_path / "xdg" / "sparsecomm")
 
 
 # ----------------------------------------------------------------------------------------- CIFAR-10
