@@ -8,7 +8,12 @@ together (same worker, one after another) when they
 * use the host's network namespaces (marker ``box``): one group, ``netns``, since two boxes at
   once would compete for the same Slurm and namespace names and halve each other's CPU;
 * carry their own ``@pytest.mark.xdist_group(name)``.
+
+Workers take the groups first (xdist hands out the largest first), then the other tests longest
+first, as ``tests/durations.json`` records them (``make test ARGS=--store-durations`` rewrites
+it): the short tests fill the workers at the end instead of a long one running on alone.
 """
+import json
 import os
 import shutil
 from pathlib import Path
@@ -57,10 +62,56 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item)
         if group is not None and not item.nodeid.endswith(f"@{group}"):
             in_group(item, group)
-    # Workers take tests in this order: the slow ones and the groups first, so that the short tests
-    # fill the workers at the end instead of one long test running on alone (stable: a group's and
-    # a module's tests keep their order).
-    items.sort(key=lambda item: not (item.get_closest_marker("slow") or xdist_group_of(item)))
+    # Longest first (stable: a group's and a module's tests keep their order; xdist itself hands
+    # out the groups before single tests, largest first).
+    seconds = recorded_durations()
+    items.sort(key=lambda item: -seconds.get(without_group(item.nodeid),
+                                             UNRECORDED_SLOW_S if item.get_closest_marker("slow") else 0.0))
+
+
+DURATIONS = Path(__file__).with_name("durations.json")
+RECORD_FROM_S = 2.0  # tests shorter than this are left out of the file: their order does not matter
+UNRECORDED_SLOW_S = 10.0  # a test marked slow that the file does not hold yet
+
+
+def without_group(nodeid: str) -> str:
+    """``nodeid`` without the ``@group`` suffix that grouping adds."""
+    return nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
+def recorded_durations() -> dict[str, float]:
+    try:
+        return json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"record each test's seconds (setup, call, teardown) in {DURATIONS.name}, "
+                          "the order in which the workers take the tests")
+
+
+def pytest_configure(config):
+    if config.getoption("store_durations") and not hasattr(config, "workerinput"):  # not on an xdist worker
+        config.pluginmanager.register(DurationRecorder(), "durations-recorder")
+
+
+class DurationRecorder:
+    """Each test's seconds, from the reports (on the controller, the workers' reports): written to
+    ``DURATIONS`` at the end, keeping the entries of the tests that did not run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        key = without_group(report.nodeid)
+        self.seconds[key] = self.seconds.get(key, 0.0) + report.duration
+
+    def pytest_sessionfinish(self) -> None:
+        kept = {k: v for k, v in recorded_durations().items() if k not in self.seconds}
+        kept.update({k: round(v, 1) for k, v in self.seconds.items() if v >= RECORD_FROM_S})
+        DURATIONS.write_text(json.dumps(dict(sorted(kept.items(), key=lambda kv: -kv[1])), indent=0) + "\n")
 
 
 @pytest.fixture(scope="session", autouse=True)

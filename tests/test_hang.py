@@ -15,6 +15,10 @@ import pytest
 from apptest import APP, app_env, launcher_workers, read_events, torchrun_app_cmd, worker_pid
 
 TIMEOUT_S = 10
+# The stopped-worker tests mostly wait (cluster.timeout_s, then torch elastic's 30 s before it SIGKILLs
+# the stopped worker): one after the other on one xdist worker, so that they never wait together
+# while the CPU stands idle.
+STOPPED = "stopped_worker"
 MARGIN_S = 60  # the silent-rank check (3 heartbeat intervals), the launcher's shutdown, interpreter exits
 JOB = ["steps=100000", "batch_size=32", "eval_every=0", "logging.progress=false", "logging.log_every=5",
        "mask.num_samples=32", "schedule.dense_steps=5", "checkpoint.every=20", "cluster.num_threads=1",
@@ -58,6 +62,7 @@ def stopped_lines(err: str) -> list[str]:
 
 
 @pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank run
+@pytest.mark.xdist_group(STOPPED)
 def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     proc = subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}", "run_id=stop"],
                             cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,6 +85,7 @@ def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
 
 
 @pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank torchrun job
+@pytest.mark.xdist_group(STOPPED)
 def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
     run_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
     cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id=run_id)

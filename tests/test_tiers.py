@@ -38,13 +38,14 @@ def test_make_test_runs_everything_and_make_check_leaves_out_slow_and_box():
 
 
 GROUPED = '''
-import json, os
+import json, os, time
 
 import pytest
 
 def record(name):
     with open(os.path.join(os.environ["RECORD_DIR"], name), "w") as f:
-        json.dump({"worker": os.environ.get("PYTEST_XDIST_WORKER"), "pid": os.getpid()}, f)
+        json.dump({"worker": os.environ.get("PYTEST_XDIST_WORKER"), "pid": os.getpid(),
+                   "at": time.monotonic_ns()}, f)
 
 @pytest.fixture(scope="module")
 def shared():
@@ -62,7 +63,14 @@ def test_box(i):
 @pytest.mark.parametrize("i", range(8))
 def test_free(i):
     record(f"free-{i}")
+
+def test_sleeps():
+    time.sleep(2.2)
 '''
+# What the inner suite's durations file says before the run: two free tests long (they take the
+# order 7, 6, then the rest), and a test that no longer runs (its entry is kept).
+RECORDED = {"tests/test_grouped.py::test_free[6]": 50.0, "tests/test_grouped.py::test_free[7]": 60.0,
+            "tests/test_gone.py::test_elsewhere": 5.0}
 
 
 @pytest.mark.slow
@@ -73,12 +81,13 @@ def test_tests_sharing_a_module_fixture_or_the_box_stay_on_one_worker(tmp_path):
     for name in ("conftest.py", "freshenv.py"):
         shutil.copy(REPO / "tests" / name, root / "tests" / name)
     (root / "tests" / "test_grouped.py").write_text(GROUPED)
+    (root / "tests" / "durations.json").write_text(json.dumps(RECORDED))
     (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    box: cluster in a box\n    slow: slow\n")
     records = tmp_path / "records"
     records.mkdir()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2",
-                           "--dist", "loadgroup", "tests"], cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RECORD_DIR": str(records)})
+                           "--dist", "loadgroup", "--store-durations", "tests"], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "RECORD_DIR": str(records)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = {p.name: json.loads(p.read_text()) for p in records.iterdir()}
     assert len([n for n in seen if n.startswith("fixture-") and not n.startswith("fixture-user")]) == 1, sorted(seen)
@@ -86,3 +95,13 @@ def test_tests_sharing_a_module_fixture_or_the_box_stay_on_one_worker(tmp_path):
     boxes = {seen[f"box-{i}"]["worker"] for i in range(4)}
     assert len(users) == 1 and len(boxes) == 1, (users, boxes)
     assert {r["worker"] for r in seen.values()} <= {"gw0", "gw1"}, seen  # every test ran on a worker
+    # Each worker took the free tests longest first, by the file: 7, 6, then 0-5 in order.
+    for worker in ("gw0", "gw1"):
+        mine = sorted((r["at"], int(n.split("-")[1])) for n, r in seen.items()
+                      if n.startswith("free-") and r["worker"] == worker)
+        ran = [i for _, i in mine]
+        assert ran == [i for i in (7, 6, 0, 1, 2, 3, 4, 5) if i in ran], (worker, ran)
+    # --store-durations: the tests of 2 s or more measured now, the others' entries kept.
+    stored = json.loads((root / "tests" / "durations.json").read_text())
+    assert set(stored) == {"tests/test_grouped.py::test_sleeps", "tests/test_gone.py::test_elsewhere"}, stored
+    assert 2.2 <= stored["tests/test_grouped.py::test_sleeps"] < 60 and stored["tests/test_gone.py::test_elsewhere"] == 5
