@@ -13,6 +13,7 @@ the seeded combinations (default 12).
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -90,16 +91,38 @@ def leaves(node, prefix: str) -> Iterator[str]:
             yield path
 
 
+Option = tuple[str, tuple[str, ...], tuple[str, ...] | None]  # (choice, overrides it needs to run, fields)
+
+
+@functools.cache
+def fields() -> tuple[tuple[str, ...], tuple[tuple[str, tuple[Option, ...]], ...]]:
+    """What the cases fuzz, composed once per process: the top-level fields, and per group its
+    options as (choice, the overrides it needs to run, its fields); a preset's fields are None (a
+    global-package option that sets other groups' fields, fuzzed there)."""
+    options = groups_and_options()
+    base = compose_app(*TINY)
+    top = tuple(k for k in leaves(base, "") if k.split(".")[0] not in {g.split("/")[0] for g in options})
+    groups = []
+    for group, names in options.items():
+        package = group.replace("/", ".")
+        per_option = []
+        for name in names:
+            choice = f"{group}={name}"
+            node = OmegaConf.select(compose_app(*TINY, choice), package)
+            keys = None if node is None else tuple(leaves(node, package))
+            per_option.append((choice, RUNNABLE_WITH.get(choice, ()), keys))
+        groups.append((group, tuple(per_option)))
+    return top, tuple(groups)
+
+
 def field_cases(full: bool = FULL) -> list[tuple[str, ...]]:
     """(group choice, override) for every field of every option, and every top-level field.
 
     ``full``: every mutation of every field; else one per field, the kind rotating from field to
     field (so that every kind meets many fields), plus every unknown option and unknown key.
     """
-    options = groups_and_options()
+    top, groups = fields()
     cases: list[tuple[str, ...]] = []
-    base = compose_app(*TINY)
-    top = [k for k in leaves(base, "") if k.split(".")[0] not in {g.split("/")[0] for g in options}]
     turn = iter(range(10**9))
 
     def mutate(key: str) -> list[str]:
@@ -107,18 +130,14 @@ def field_cases(full: bool = FULL) -> list[tuple[str, ...]]:
 
     for key in top:
         cases += [(o,) for o in mutate(key)]
-    for group, names in options.items():
+    for group, per_option in groups:
         package = group.replace("/", ".")
         cases.append((f"{group}=nope",))
-        for name in names:
-            choice = f"{group}={name}"
-            cfg = compose_app(*TINY, choice)
-            node = OmegaConf.select(cfg, package)
-            if node is None:  # a preset: a global-package option that sets other groups' fields (fuzzed there)
+        for choice, fixes, keys in per_option:
+            if keys is None:
                 continue
-            fixes = RUNNABLE_WITH.get(choice, ())
             cases += [(choice, f"{package}.nosuchkey=1"), (choice, f"+{package}.nosuchkey=1")]
-            for key in leaves(node, package):
+            for key in keys:
                 cases += [(choice, *fixes, o) for o in mutate(key)]
     return cases
 
