@@ -77,14 +77,19 @@ def assert_split_equals(got, want):
         assert torch.equal(g, torch.as_tensor(w).to(g.dtype)), "the split differs from scikit-learn's"
 
 
+def no_launcher(monkeypatch):
+    """This process outside any launch: global rank 0, the one that writes the cache."""
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def cached_files(folder: Path):
     return sorted(p.name for p in folder.glob("digits-*.npz"))
 
 
 def test_digits_split_is_cached_and_equals_sklearns(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path))
-    for var in ("RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
+    no_launcher(monkeypatch)
     assert_split_equals(digits.load(0.25, 3), sklearn_split(0.25, 3))
     assert len(cached_files(tmp_path)) == 1
     digits.load(0.25, 4)
@@ -102,8 +107,7 @@ def test_digits_split_is_cached_and_equals_sklearns(tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_arrays"])
 def test_digits_damaged_cache_is_prepared_again_and_replaced(tmp_path, monkeypatch, caplog, damage):
     monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path))
-    for var in ("RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
+    no_launcher(monkeypatch)
     digits.load()
     (path,) = tmp_path.glob("digits-*.npz")
     if damage == "garbage":
@@ -121,14 +125,14 @@ def test_digits_damaged_cache_is_prepared_again_and_replaced(tmp_path, monkeypat
 
 
 def test_digits_cache_written_by_rank_zero_only_and_optional(tmp_path, monkeypatch):
-    for var in ("RANK", "SLURM_PROCID"):
-        monkeypatch.delenv(var, raising=False)
+    no_launcher(monkeypatch)
     monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(tmp_path / "ranks"))
-    for rank_var in ("RANK", "SLURM_PROCID"):
-        monkeypatch.setenv(rank_var, "1")
+    for launcher in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}):
+        for var, value in launcher.items():
+            monkeypatch.setenv(var, value)
         assert_split_equals(digits.load(), sklearn_split())
-        assert not (tmp_path / "ranks").exists() or not cached_files(tmp_path / "ranks"), rank_var
-        monkeypatch.delenv(rank_var)
+        assert not (tmp_path / "ranks").exists() or not cached_files(tmp_path / "ranks"), launcher
+        no_launcher(monkeypatch)
     blocked = tmp_path / "a_file"
     blocked.write_text("a file where the cache folder would be")
     monkeypatch.setenv("SPARSECOMM_CACHE_DIR", str(blocked / "sub"))

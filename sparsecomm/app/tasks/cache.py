@@ -25,6 +25,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch.distributed as dist
 
+from ..launch import env_rank
+
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
@@ -44,10 +46,7 @@ def _global_rank() -> int:
     """This process's global rank: the process group's if one is up, else the launcher's, else 0."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    return env_rank() or 0
 
 
 def cache_path(name: str, key: Mapping) -> Path:
