@@ -9,9 +9,10 @@ together (same worker, one after another) when they
   once would compete for the same Slurm and namespace names and halve each other's CPU;
 * carry their own ``@pytest.mark.xdist_group(name)``.
 
-Workers take the groups first (xdist hands out the largest first), then the other tests longest
-first, as ``tests/durations.json`` records them (``make test ARGS=--store-durations`` rewrites
-it): the short tests fill the workers at the end instead of a long one running on alone.
+Workers take the groups first (xdist hands out the largest first; a group's tests in their order),
+then the other tests longest first, as ``tests/durations.json`` records them (``make test
+ARGS=--store-durations`` rewrites it): the short tests fill the workers at the end instead of a
+long one running on alone.
 """
 import json
 import os
@@ -62,11 +63,18 @@ def pytest_collection_modifyitems(config, items):
         group = xdist_group_of(item)
         if group is not None and not item.nodeid.endswith(f"@{group}"):
             in_group(item, group)
-    # Longest first (stable: a group's and a module's tests keep their order; xdist itself hands
-    # out the groups before single tests, largest first).
+    # The tests outside groups longest first. xdist hands out the groups before them, largest first;
+    # a group's tests keep their order (by module: a module-scoped fixture is torn down when the
+    # worker moves to another module, and would be set up again if the module came back).
     seconds = recorded_durations()
-    items.sort(key=lambda item: -seconds.get(without_group(item.nodeid),
-                                             UNRECORDED_SLOW_S if item.get_closest_marker("slow") else 0.0))
+
+    def longest_first(item: pytest.Item) -> float:
+        name = without_group(item.nodeid)
+        if name != item.nodeid:  # in a group
+            return 0.0
+        return -seconds.get(name, UNRECORDED_SLOW_S if item.get_closest_marker("slow") else 0.0)
+
+    items.sort(key=longest_first)
 
 
 DURATIONS = Path(__file__).with_name("durations.json")

@@ -16,9 +16,9 @@ from apptest import APP, app_env, launcher_workers, read_events, torchrun_app_cm
 
 TIMEOUT_S = 10
 # The stopped-worker tests mostly wait (cluster.timeout_s, then torch elastic's 30 s before it SIGKILLs
-# the stopped worker): one after the other on one xdist worker, so that they never wait together
-# while the CPU stands idle.
-STOPPED = "stopped_worker"
+# the stopped worker), as do the box's tests (its own stopped worker among them): all on the box's
+# xdist worker, one after the other, so that no two of them wait at once while the cores stand idle.
+STOPPED = "netns"
 MARGIN_S = 60  # the silent-rank check (3 heartbeat intervals), the launcher's shutdown, interpreter exits
 JOB = ["steps=100000", "batch_size=32", "eval_every=0", "logging.progress=false", "logging.log_every=5",
        "mask.num_samples=32", "schedule.dense_steps=5", "checkpoint.every=20", "cluster.num_threads=1",

@@ -55,9 +55,13 @@ def shared():
 def test_uses_module_fixture(shared, i):
     record(f"fixture-user-{i}")
 
+@pytest.fixture(scope="module")
+def box_state():
+    record(f"box-fixture-{time.monotonic_ns()}")
+
 @pytest.mark.box
 @pytest.mark.parametrize("i", range(4))
-def test_box(i):
+def test_box(i, box_state):
     record(f"box-{i}")
 
 @pytest.mark.parametrize("i", range(8))
@@ -67,9 +71,22 @@ def test_free(i):
 def test_sleeps():
     time.sleep(2.2)
 '''
+# A box test in another module: the group holds two modules.
+OTHER_MODULE = '''
+import pytest
+
+from test_grouped import record
+
+@pytest.mark.box
+def test_box_elsewhere():
+    record("box-elsewhere")
+'''
 # What the inner suite's durations file says before the run: two free tests long (they take the
-# order 7, 6, then the rest), and a test that no longer runs (its entry is kept).
+# order 7, 6, then the rest); a group's tests long enough to interleave its two modules if groups
+# were sorted too (the box module's fixture would then be set up twice); a test that no longer
+# runs (its entry is kept).
 RECORDED = {"tests/test_grouped.py::test_free[6]": 50.0, "tests/test_grouped.py::test_free[7]": 60.0,
+            "tests/test_grouped.py::test_box[3]": 40.0, "tests/test_other.py::test_box_elsewhere": 30.0,
             "tests/test_gone.py::test_elsewhere": 5.0}
 
 
@@ -81,6 +98,7 @@ def test_tests_sharing_a_module_fixture_or_the_box_stay_on_one_worker(tmp_path):
     for name in ("conftest.py", "freshenv.py"):
         shutil.copy(REPO / "tests" / name, root / "tests" / name)
     (root / "tests" / "test_grouped.py").write_text(GROUPED)
+    (root / "tests" / "test_other.py").write_text(OTHER_MODULE)
     (root / "tests" / "durations.json").write_text(json.dumps(RECORDED))
     (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    box: cluster in a box\n    slow: slow\n")
     records = tmp_path / "records"
@@ -92,7 +110,8 @@ def test_tests_sharing_a_module_fixture_or_the_box_stay_on_one_worker(tmp_path):
     seen = {p.name: json.loads(p.read_text()) for p in records.iterdir()}
     assert len([n for n in seen if n.startswith("fixture-") and not n.startswith("fixture-user")]) == 1, sorted(seen)
     users = {seen[f"fixture-user-{i}"]["worker"] for i in range(6)}
-    boxes = {seen[f"box-{i}"]["worker"] for i in range(4)}
+    boxes = {seen[f"box-{i}"]["worker"] for i in [*range(4), "elsewhere"]}
+    assert len([n for n in seen if n.startswith("box-fixture-")]) == 1, sorted(seen)  # its module's tests together
     assert len(users) == 1 and len(boxes) == 1, (users, boxes)
     assert {r["worker"] for r in seen.values()} <= {"gw0", "gw1"}, seen  # every test ran on a worker
     # Each worker took the free tests longest first, by the file: 7, 6, then 0-5 in order.
