@@ -7,23 +7,25 @@ arrays in one ``.npz`` per key under the cache folder:
     $SPARSECOMM_CACHE_DIR, else $XDG_CACHE_HOME/sparsecomm, else ~/.cache/sparsecomm
 
 The key names everything the arrays depend on (library versions included), so a changed input is a new
-file, never a stale one. The global rank 0 alone writes (to a temporary file, then ``os.replace``: a
-reader sees the old file, the new one, or none); the other ranks prepare the arrays themselves until
+file, never a stale one. The global rank 0 alone writes (atomically, as checkpoints are: a reader
+sees the old file, the new one, or none); the other ranks prepare the arrays themselves until
 it exists. A file that cannot be read or does not pass the caller's check is prepared again and
 replaced; a folder that cannot be written only means no cache.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
 import torch.distributed as dist
+
+from sparsecomm.checkpoint import write_atomic
 
 from ..launch import env_rank
 
@@ -68,19 +70,13 @@ def _read(path: Path, valid: Callable[[Arrays], bool]) -> tuple[Arrays | None, s
 
 
 def _write(path: Path, arrays: Arrays) -> None:
+    """``arrays`` as ``path`` (:func:`sparsecomm.checkpoint.write_atomic`); a write that fails leaves no cache."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        write_atomic(str(path), buffer.getvalue())
     except OSError as e:
         log.debug("no cache for %s: %s", path, e)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("no cache for %s: %s", path, e)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def cached_arrays(name: str, key: Mapping, prepare: Callable[[], Arrays],
