@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,10 @@ import pytest
 from apptest import APP, app_env, launcher_workers, read_events, torchrun_app_cmd, worker_pid
 
 TIMEOUT_S = 10
-# The stopped-worker tests mostly wait (cluster.timeout_s, then torch elastic's 30 s before it SIGKILLs
-# the stopped worker), as do the box's tests (its own stopped worker among them): all on the box's
-# xdist worker, one after the other, so that no two of them wait at once while the cores stand idle.
+# The stopped-worker runs mostly wait (cluster.timeout_s, then torch elastic's 30 s before it SIGKILLs
+# the stopped worker), as do the box's tests (its own stopped worker among them). Both runs wait
+# together (one fixture), on the box's xdist worker, so that no two waits on different workers
+# leave the cores idle.
 STOPPED = "netns"
 MARGIN_S = 60  # the silent-rank check (3 heartbeat intervals), the launcher's shutdown, interpreter exits
 JOB = ["steps=100000", "batch_size=32", "eval_every=0", "logging.progress=false", "logging.log_every=5",
@@ -31,6 +34,10 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"no train record at step {step} after {timeout} s"
         time.sleep(0.2)
+
+
+def last_step(run_dir: Path) -> int:
+    return max(e["step"] for e in read_events(run_dir, live=True) if e["event"] == "train")
 
 
 def a_worker_of(launcher: int) -> int:
@@ -61,16 +68,54 @@ def stopped_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if "stopped answering" in line]
 
 
+@dataclass
+class Stopped:
+    """A 2-rank run whose worker ``pid`` was SIGSTOPped after step ``last`` was logged."""
+    proc: subprocess.Popen
+    run_id: str
+    pid: int
+    last: int
+    err: str
+    took: float
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> dict[str, Stopped]:
+    """Two runs started together, our launcher's (``ours``) and torchrun's (``torchrun``), each with one
+    worker SIGSTOPped once it has logged step 25; both launchers are then waited for at once."""
+    ours_out, torchrun_out = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("torchrun")
+    torchrun_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
+    procs = {
+        "ours": (subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={ours_out}", "run_id=stop"],
+                                  cwd=ours_out, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True), "stop", ours_out),
+        "torchrun": (subprocess.Popen(torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={torchrun_out}"],
+                                                       nproc=2, run_id=torchrun_id),
+                                      cwd=torchrun_out, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True), torchrun_id, torchrun_out),
+    }
+    try:
+        for proc, run_id, out in procs.values():
+            wait_for_step(out / run_id, proc, 25)
+        pids = {"ours": a_worker_of(procs["ours"][0].pid), "torchrun": worker_pid(torchrun_id, 1)}
+        lasts = {k: last_step(out / run_id) for k, (_, run_id, out) in procs.items()}
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            waited = {k: pool.submit(stop_and_wait, procs[k][0], pid) for k, pid in pids.items()}
+            results = {k: f.result() for k, f in waited.items()}
+    finally:
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return {k: Stopped(procs[k][0], procs[k][1], pids[k], lasts[k], *results[k]) for k in procs}
+
+
 @pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank run
 @pytest.mark.xdist_group(STOPPED)
-def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
-    proc = subprocess.Popen([str(APP), *JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}", "run_id=stop"],
-                            cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "stop", proc, 25)
-    last = max(e["step"] for e in read_events(tmp_path / "stop", live=True) if e["event"] == "train")
-    pid = a_worker_of(proc.pid)
-    err, took = stop_and_wait(proc, pid)
-    assert proc.returncode not in (0, None), err[-3000:]
+def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(stopped):
+    run = stopped["ours"]
+    err, pid = run.err, run.pid
+    assert run.proc.returncode not in (0, None), err[-3000:]
     lines = stopped_lines(err)
     assert len(lines) == 1, err[-3000:]
     line = lines[0]
@@ -78,29 +123,24 @@ def test_our_launcher_a_stopped_worker_ends_the_run_with_one_line(tmp_path):
     assert re.search(rf": rank [01] \([^)]*, pid {pid}\) stopped answering", line), line
     assert f"cluster.timeout_s={TIMEOUT_S}" in line, line
     step = int(re.search(r"at step (\d+) of", line).group(1))
-    assert step > last, (step, last)
+    assert step > run.last, (step, run.last)
     assert "resume with: sparsecomm-train " in line and "run_id=stop" in line, line
     assert "Traceback" not in err, err[-3000:]
-    print(f"launcher ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {line}")
+    print(f"launcher ended {run.took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {line}")
 
 
 @pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank torchrun job
 @pytest.mark.xdist_group(STOPPED)
-def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(tmp_path):
-    run_id = f"tr{os.getpid()}"  # unique on this host: worker_pid finds the worker by it
-    cmd = torchrun_app_cmd([*JOB, "cluster.nproc_per_node=2", f"out_dir={tmp_path}"], nproc=2, run_id=run_id)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    wait_for_step(tmp_path / run_id, proc, 25)
-    pid = worker_pid(run_id, 1)
-    err, took = stop_and_wait(proc, pid)
-    assert proc.returncode not in (0, None), err[-3000:]
+def test_torchrun_a_stopped_worker_ends_both_ranks_and_torchrun(stopped):
+    run = stopped["torchrun"]
+    err, pid = run.err, run.pid
+    assert run.proc.returncode not in (0, None), err[-3000:]
     lines = stopped_lines(err)
     assert len(lines) == 1, err[-3000:]  # rank 0 survives; rank 1 is the stopped one
-    assert f"rank 1 (" in lines[0] and f"pid {pid})" in lines[0], lines[0]
-    assert f"resume with the same torchrun options (rdzv id {run_id})" in lines[0], lines[0]
-    assert lines[0].endswith(f" run_id={run_id}"), lines[0]
-    print(f"torchrun ended {took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
+    assert "rank 1 (" in lines[0] and f"pid {pid})" in lines[0], lines[0]
+    assert f"resume with the same torchrun options (rdzv id {run.run_id})" in lines[0], lines[0]
+    assert lines[0].endswith(f" run_id={run.run_id}"), lines[0]
+    print(f"torchrun ended {run.took:.1f} s after SIGSTOP (timeout {TIMEOUT_S} s): {lines[0]}")
 
 
 # What torch 2.x's Gloo and TCPStore raise when a peer is silent or gone (first lines, as raised).
