@@ -63,7 +63,11 @@ def test_leaving_the_group_holds_it_until_the_exit_pause(tmp_path):
     sdist.leave_process_group()  # outside a group: nothing to do
 
 
-LAUNCHES = 8  # with the README test's 4 launches: a 1-in-5 exit abort (seen before the fix) goes unseen 7% of the time
+# The exit abort seen before the fix came about once in five launches. Its cause is checked directly
+# above; these launches, the README script's 4 (tests/test_docs.py) and every other torchrun job of
+# the suite that must exit 0 (test_app, test_run_folder, test_elastic, the examples, the benchmarks'
+# runs: dozens) are its statistical guard.
+LAUNCHES = 4
 
 
 @pytest.mark.timeout(1200)
