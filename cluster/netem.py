@@ -102,15 +102,17 @@ def signal_pids(pids: list[int], sig: int) -> None:
 
 
 def _kill_inside(name: str) -> None:
-    """Kill the processes inside our namespace ``name`` (workers we started), by pid."""
-    pids = namespace_pids(name)
+    """Kill the processes inside our namespace ``name`` (workers we started), by pid: SIGTERM, then
+    SIGKILL, each for up to 5 s. The namespace's processes are read again each round, so one that
+    enters while this runs (a launcher's worker starting, ``ip netns exec`` reaching its command)
+    is signalled too."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in pids if pid_alive(p)]
-        signal_pids(alive, sig)
         deadline = time.monotonic() + 5
+        alive = namespace_pids(name)
         while alive and time.monotonic() < deadline:
+            signal_pids(alive, sig)
             time.sleep(0.1)
-            alive = [p for p in alive if pid_alive(p)]
+            alive = namespace_pids(name)
         if not alive:
             return
 

@@ -217,6 +217,10 @@ def test_namespace_removed_on_failure_with_processes_inside():
         with netem.Link("unshaped") as link:
             name = link.name
             sleeper = subprocess.Popen(link.wrap(["sleep", "60"]))
+            deadline = time.monotonic() + 30
+            while sleeper.pid not in netem.namespace_pids(name):  # inside (ip netns exec has reached sleep)
+                assert sleeper.poll() is None and time.monotonic() < deadline, "the sleeper never entered"
+                time.sleep(0.05)
             raise RuntimeError("boom")
     assert name not in netem.list_namespaces()
     assert sleeper.wait(timeout=10) != 0  # killed by the teardown
