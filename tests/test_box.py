@@ -288,6 +288,17 @@ def scontrol(st, *args: str) -> None:
     assert res.returncode == 0, f"scontrol {' '.join(args)}: {res.stderr}"
 
 
+def slurm_state(st) -> str:
+    """What Slurm says of the box's jobs and nodes, and the end of slurmctld's log: why a job waits."""
+    out = []
+    for cmd in (["squeue", "-a", "-o", "%i %j %T %r %N"], ["sinfo", "-N", "-o", "%N %T %E"]):
+        res = box.run(st, "node1", cmd, capture_output=True, text=True, timeout=30)
+        out.append(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    log = Path(st["dir"], "slurmctld.log")
+    out.append("slurmctld.log:\n" + (log.read_text()[-3000:] if log.exists() else "(none)"))
+    return "\n".join(out)
+
+
 def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
@@ -295,8 +306,9 @@ def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, 
         if j.get("JobState") in until:
             return j
         if time.monotonic() > deadline:
+            state = slurm_state(st)
             box.run(st, "node1", ["scancel", jobid], timeout=30)
-            pytest.fail(f"job {jobid} not done after {timeout:.0f} s: {j.get('JobState')} ({j.get('Reason')})")
+            pytest.fail(f"job {jobid} not done after {timeout:.0f} s: {j.get('JobState')} ({j.get('Reason')})\n{state}")
         time.sleep(0.5)
 
 
@@ -328,7 +340,13 @@ def test_submitit_sweep_every_job_completes(cluster, tmp_path):
            "cluster=slurm", f"mask.density={','.join(densities)}", "hydra.launcher.nodes=2",
            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "cluster.master_port=null", *slurm_job_args(tmp_path / "out", 30, density=None), "run_id=sweep"]
-    res = box.run(cluster, "node1", cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    try:
+        res = box.run(cluster, "node1", cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:  # the sweep waits for its jobs: say why they did not end, free the nodes
+        state = slurm_state(cluster)
+        box.run(cluster, "node1", ["scancel", "--user", "root"], timeout=30)
+        said = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout or "", e.stderr or ""))
+        pytest.fail(f"the sweep did not end in 240 s (about 15 s when it works):\n{said[-4000:]}\n{state}")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     sweep = tmp_path / "out" / "multirun" / "sweep"
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
