@@ -13,6 +13,10 @@ from cluster.nodes import CTL_ADDR, BoxError, empty, netns, popen, run, save, sh
 # The scheduling loops run every second (sched_interval, bf_interval; Slurm's defaults are 60 s and
 # 30 s): a job that becomes eligible without an event that wakes the scheduler, such as a requeued
 # job once its credential's expiry has passed (cred_expire), starts within a second, not up to 30 s later.
+# cred_expire (Slurm's default: 120 s) is also how long a launch may take from slurmctld signing the
+# job's credential to slurmd checking it; a launch that takes longer fails, and the job is requeued
+# and held (pending for good). 30 s leaves room on a busy host (the box's nodes share its cores with
+# whatever else runs); a requeued job waits that long before it starts again.
 SLURM_CONF = """\
 # slurm.conf of the box {name} (written by cluster/box.py; one host, emulated nodes)
 ClusterName={name}
@@ -20,7 +24,7 @@ SlurmctldHost=ctl({ctl})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket},cred_expire=10
+AuthInfo=socket={munge_socket},cred_expire=30
 CredType=cred/munge
 StateSaveLocation={dir}/slurmctld
 SlurmdSpoolDir={dir}/slurmd-%n
