@@ -101,19 +101,26 @@ def signal_pids(pids: list[int], sig: int) -> None:
             pass
 
 
-def _kill_inside(name: str) -> None:
-    """Kill the processes inside our namespace ``name`` (workers we started), by pid: SIGTERM, then
-    SIGKILL, each for up to 5 s. The namespace's processes are read again each round, so one that
-    enters while this runs (a launcher's worker starting, ``ip netns exec`` reaching its command)
-    is signalled too."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + 5
-        alive = namespace_pids(name)
-        while alive and time.monotonic() < deadline:
-            signal_pids(alive, sig)
-            time.sleep(0.1)
-            alive = namespace_pids(name)
+def signal_until_empty(name: str, sig: int, timeout: float) -> bool:
+    """Send ``sig`` to every process inside namespace ``name`` until none is left or ``timeout``
+    seconds have passed; True if none is left. The processes are read again each round, so one that
+    enters meanwhile (a child forked, ``ip netns exec`` reaching its command) is signalled too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in namespace_pids(name) if pid_alive(p)]
         if not alive:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        signal_pids(alive, sig)
+        time.sleep(0.05)
+
+
+def _kill_inside(name: str) -> None:
+    """Kill the processes inside our namespace ``name`` (workers we started): SIGTERM, then SIGKILL,
+    each for up to 5 s (:func:`signal_until_empty`)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if signal_until_empty(name, sig, 5):
             return
 
 

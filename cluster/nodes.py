@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from cluster import netem
 
@@ -179,11 +178,5 @@ def kill_node(st: dict, node: str, sig: int = signal.SIGKILL) -> list[int]:
 
 def empty(ns: str, timeout: float = 10.0) -> None:
     """SIGKILL every process in ``ns`` by pid until none is left (children forked meanwhile too)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in ns_pids(ns) if netem.pid_alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return
-        netem.signal_pids(alive, signal.SIGKILL)
-        time.sleep(0.05)
+    netem.signal_until_empty(ns, signal.SIGKILL, timeout)
 
