@@ -299,6 +299,14 @@ def slurm_state(st) -> str:
     return "\n".join(out)
 
 
+def give_up(st, message: str, *scancel: str) -> None:
+    """Fail with ``message`` and why Slurm's jobs wait (:func:`slurm_state`), after ``scancel *scancel``
+    has freed the nodes for the next test."""
+    state = slurm_state(st)
+    box.run(st, "node1", ["scancel", *scancel], timeout=30)
+    pytest.fail(f"{message}\n{state}")
+
+
 def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
@@ -306,9 +314,7 @@ def wait_job(st, jobid: str, timeout: float = 300, until=TERMINAL) -> dict[str, 
         if j.get("JobState") in until:
             return j
         if time.monotonic() > deadline:
-            state = slurm_state(st)
-            box.run(st, "node1", ["scancel", jobid], timeout=30)
-            pytest.fail(f"job {jobid} not done after {timeout:.0f} s: {j.get('JobState')} ({j.get('Reason')})\n{state}")
+            give_up(st, f"job {jobid} not done after {timeout:.0f} s: {j.get('JobState')} ({j.get('Reason')})", jobid)
         time.sleep(0.5)
 
 
@@ -331,6 +337,9 @@ def test_sbatch_two_nodes_completes_with_one_run_dir(cluster, reference, tmp_pat
     assert_same_params(params(tmp_path / "out" / jobid), params(reference(40)), "sbatch 2 x 2 vs 1 node x 4")
 
 
+SWEEP_TIMEOUT_S = 240
+
+
 def test_submitit_sweep_every_job_completes(cluster, tmp_path):
     """The sweep config as documented; on the box: 2 nodes x 1 task per job, no GPUs, small memory.
     cluster.master_port=null: both jobs share the head node, so each takes a port from its job id."""
@@ -341,12 +350,12 @@ def test_submitit_sweep_every_job_completes(cluster, tmp_path):
            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
            "cluster.master_port=null", *slurm_job_args(tmp_path / "out", 30, density=None), "run_id=sweep"]
     try:
-        res = box.run(cluster, "node1", cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:  # the sweep waits for its jobs: say why they did not end, free the nodes
-        state = slurm_state(cluster)
-        box.run(cluster, "node1", ["scancel", "--user", "root"], timeout=30)
+        res = box.run(cluster, "node1", cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                      timeout=SWEEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # the sweep waits for its jobs: say why they did not end
         said = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout or "", e.stderr or ""))
-        pytest.fail(f"the sweep did not end in 240 s (about 15 s when it works):\n{said[-4000:]}\n{state}")
+        give_up(cluster, f"the sweep did not end in {SWEEP_TIMEOUT_S} s (10-15 s when it works):\n{said[-4000:]}",
+                "--user", "root")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     sweep = tmp_path / "out" / "multirun" / "sweep"
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())

@@ -100,14 +100,14 @@ def stopped(tmp_path_factory) -> dict[str, Stopped]:
         pids = {"ours": a_worker_of(procs["ours"][0].pid), "torchrun": worker_pid(torchrun_id, 1)}
         lasts = {k: last_step(out / run_id) for k, (_, run_id, out) in procs.items()}
         with ThreadPoolExecutor(max_workers=2) as pool:
-            waited = {k: pool.submit(stop_and_wait, procs[k][0], pid) for k, pid in pids.items()}
+            waited = {k: pool.submit(stop_and_wait, proc, pids[k]) for k, (proc, _, _) in procs.items()}
             results = {k: f.result() for k, f in waited.items()}
     finally:
         for proc, _, _ in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    return {k: Stopped(procs[k][0], procs[k][1], pids[k], lasts[k], *results[k]) for k in procs}
+    return {k: Stopped(proc, run_id, pids[k], lasts[k], *results[k]) for k, (proc, run_id, _) in procs.items()}
 
 
 @pytest.mark.slow  # waits out cluster.timeout_s after 25 steps of a 2-rank run
